@@ -1,0 +1,264 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+import traced_tasks
+from tests.conftest import Telemetry
+from traced_tasks import BackgroundTask, BackgroundTasks
+
+
+class PaymentDeclined(Exception):
+    pass
+
+
+def record_current_span(seen: list[trace.SpanContext]) -> None:
+    seen.append(trace.get_current_span().get_span_context())
+
+
+async def record_current_span_async(seen: list[trace.SpanContext]) -> None:
+    seen.append(trace.get_current_span().get_span_context())
+
+
+def charge(card_number: str, amount: int) -> None:
+    raise PaymentDeclined(f"card {card_number} declined for {amount}")
+
+
+def app_with(endpoint: Any, telemetry: Telemetry) -> Starlette:
+    """A Starlette app whose requests get a server span, as OpenTelemetry's ASGI middleware makes it."""
+    app = Starlette(routes=[Route("/", endpoint)])
+    app.add_middleware(OpenTelemetryMiddleware, tracer_provider=telemetry.provider)  # type: ignore[arg-type]
+    return app
+
+
+def server_span(telemetry: Telemetry) -> ReadableSpan:
+    (span,) = [span for span in telemetry.spans() if span.kind is SpanKind.SERVER]
+    return span
+
+
+def test_task_span_is_child_of_request_span(telemetry: Telemetry) -> None:
+    """A task scheduled in an async endpoint gets one INTERNAL span in the request's trace, under its server span."""
+
+    async def endpoint(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(record_current_span_async, [])
+        return PlainTextResponse("ok", background=tasks)
+
+    TestClient(app_with(endpoint, telemetry)).get("/")
+
+    (task,) = telemetry.task_spans()
+    request = server_span(telemetry)
+    assert task.name == "BackgroundTask tests.test_spans.record_current_span_async"
+    assert task.kind is SpanKind.INTERNAL
+    assert task.parent is not None
+    assert task.parent.span_id == request.context.span_id
+    assert task.context.trace_id == request.context.trace_id
+    assert task.status.status_code is StatusCode.UNSET
+
+
+@pytest.mark.parametrize("sync_endpoint", [False, True], ids=["async-endpoint", "sync-endpoint"])
+def test_parent_is_span_current_at_add_task(telemetry: Telemetry, sync_endpoint: bool) -> None:
+    """The span current when add_task runs, a handler's own child span, is the parent, in async and sync endpoints."""
+    tracer = telemetry.provider.get_tracer("handler")
+
+    def schedule() -> Response:
+        tasks = BackgroundTasks()
+        with tracer.start_as_current_span("handler work"):
+            tasks.add_task(record_current_span, [])
+        return PlainTextResponse("ok", background=tasks)
+
+    async def async_endpoint(request: Request) -> Response:
+        return schedule()
+
+    def sync_endpoint_(request: Request) -> Response:
+        return schedule()
+
+    TestClient(app_with(sync_endpoint_ if sync_endpoint else async_endpoint, telemetry)).get("/")
+
+    (task,) = telemetry.task_spans()
+    (handler,) = [span for span in telemetry.spans() if span.name == "handler work"]
+    assert task.parent is not None
+    assert task.parent.span_id == handler.context.span_id
+    # The handler span ended before the task ran: the parent was captured, not looked up at run time.
+    assert handler.end_time is not None and task.start_time is not None
+    assert handler.end_time <= task.start_time
+
+
+@pytest.mark.parametrize("func", [record_current_span, record_current_span_async], ids=["sync", "async"])
+def test_task_span_is_current_inside_task(telemetry: Telemetry, func: Any) -> None:
+    """Inside the task, in the threadpool too, the current span is the task's own span."""
+    seen: list[trace.SpanContext] = []
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(func, seen))
+
+    TestClient(app_with(endpoint, telemetry)).get("/")
+
+    (task,) = telemetry.task_spans()
+    assert [context.span_id for context in seen] == [task.context.span_id]
+
+
+def test_spans_made_in_a_sync_task_nest_under_it(telemetry: Telemetry) -> None:
+    """A span started inside a sync task, in a worker thread, is a child of the task span."""
+    tracer = telemetry.provider.get_tracer("task code")
+    threads: list[int] = []
+
+    def send_email() -> None:
+        threads.append(threading.get_ident())
+        with tracer.start_as_current_span("smtp send"):
+            pass
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(send_email))
+
+    TestClient(app_with(endpoint, telemetry)).get("/")
+
+    (task,) = telemetry.task_spans()
+    (inner,) = [span for span in telemetry.spans() if span.name == "smtp send"]
+    assert inner.parent is not None and inner.parent.span_id == task.context.span_id
+    assert threads and threads[0] != threading.get_ident()
+
+
+def test_code_attributes(telemetry: Telemetry) -> None:
+    """The span carries the fully qualified function name, its file and its first line, and nothing else."""
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(record_current_span, []))
+
+    TestClient(app_with(endpoint, telemetry)).get("/")
+
+    (task,) = telemetry.task_spans()
+    assert dict(task.attributes or {}) == {
+        "code.function.name": "tests.test_spans.record_current_span",
+        "code.file.path": __file__,
+        "code.line.number": record_current_span.__code__.co_firstlineno,
+    }
+
+
+def test_failure_is_recorded_and_reraised(telemetry: Telemetry) -> None:
+    """A failing task's span has ERROR status, error.type and the exception event; the same exception propagates."""
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(charge, "4111111111111111", amount=42))
+
+    with pytest.raises(PaymentDeclined, match="card 4111111111111111 declined"):
+        TestClient(Starlette(routes=[Route("/", endpoint)])).get("/")
+
+    (task,) = telemetry.task_spans()
+    assert task.status.status_code is StatusCode.ERROR
+    assert task.status.description is None
+    assert (task.attributes or {})["error.type"] == "PaymentDeclined"
+    (event,) = task.events
+    assert event.name == "exception"
+    assert (event.attributes or {})["exception.type"].endswith("PaymentDeclined")
+
+
+def test_arguments_never_become_attributes(telemetry: Telemetry) -> None:
+    """Neither positional nor keyword arguments of a task, nor the exception message, appear in span attributes."""
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(charge, "4111111111111111", amount=42))
+
+    with pytest.raises(PaymentDeclined):
+        TestClient(Starlette(routes=[Route("/", endpoint)])).get("/")
+
+    (task,) = telemetry.task_spans()
+    values = [str(value) for value in (task.attributes or {}).values()]
+    assert not any("4111111111111111" in value or "42" == value for value in values)
+    assert not any("declined" in value for value in values)
+
+
+def test_cancellation_is_its_own_outcome(telemetry: Telemetry) -> None:
+    """A task cancelled while it runs is marked cancelled, not as an error, and the CancelledError propagates."""
+    started = asyncio.Event()
+
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    async def main() -> None:
+        tasks = BackgroundTasks()
+        tasks.add_task(slow)
+        tasks.add_task(record_current_span_async, [])
+        running = asyncio.ensure_future(tasks())
+        await started.wait()
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+
+    asyncio.run(main())
+
+    (task,) = telemetry.task_spans()
+    assert task.status.status_code is StatusCode.UNSET
+    assert (task.attributes or {})["background_task.status"] == "cancelled"
+    assert telemetry.value("background_task_duration_seconds_count", task="tests.test_spans.test_cancellation_is_its_own_outcome.<locals>.slow", status="cancelled") == 1
+    assert telemetry.value("background_task_skipped_total", task="tests.test_spans.record_current_span_async") == 1
+
+
+def test_link_mode_starts_a_new_trace_linked_to_the_request(telemetry: Telemetry) -> None:
+    """With use_span_links, a task span is a root span in its own trace, with a link to the request span."""
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=CollectorRegistry(), use_span_links=True)
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(record_current_span_async, []))
+
+    TestClient(app_with(endpoint, telemetry)).get("/")
+
+    (task,) = telemetry.task_spans()
+    request = server_span(telemetry)
+    assert task.parent is None
+    assert task.context.trace_id != request.context.trace_id
+    (link,) = task.links
+    assert link.context.span_id == request.context.span_id
+    assert link.context.trace_id == request.context.trace_id
+
+
+def test_baggage_set_before_add_task_reaches_the_task(telemetry: Telemetry) -> None:
+    """Baggage current at add_task is current inside the task, as the rest of the captured context is."""
+    seen: list[object] = []
+
+    def read_baggage() -> None:
+        seen.append(baggage.get_baggage("tenant"))
+
+    async def main() -> None:
+        token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+        tasks = BackgroundTasks()
+        tasks.add_task(read_baggage)
+        otel_context.detach(token)
+        await tasks()
+
+    asyncio.run(main())
+    assert seen == ["acme"]
+
+
+def test_each_task_of_a_batch_gets_its_own_span(telemetry: Telemetry) -> None:
+    """Three tasks in one batch give three sibling spans with the same parent, ended in order."""
+
+    async def endpoint(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        for _ in range(3):
+            tasks.add_task(record_current_span, [])
+        return PlainTextResponse("ok", background=tasks)
+
+    TestClient(app_with(endpoint, telemetry)).get("/")
+
+    spans = telemetry.task_spans()
+    request = server_span(telemetry)
+    assert len(spans) == 3
+    assert {span.parent.span_id for span in spans if span.parent} == {request.context.span_id}
+    ends = [span.end_time or 0 for span in spans]
+    assert ends == sorted(ends)

@@ -1,0 +1,31 @@
+"""Traced and counted Starlette and FastAPI background tasks.
+
+from traced_tasks import BackgroundTasks      # instead of fastapi's or starlette's
+app.mount("/metrics", traced_tasks.metrics_app)
+"""
+
+from traced_tasks import _fastapi
+from traced_tasks._background import BackgroundTask, BackgroundTasks
+from traced_tasks._config import configure
+from traced_tasks._exposition import make_metrics_app
+from traced_tasks._metrics import DEFAULT_BUCKETS
+from traced_tasks._names import OVERFLOW
+from traced_tasks._setup import setup_tracing
+from traced_tasks._version import __version__
+
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "OVERFLOW",
+    "BackgroundTask",
+    "BackgroundTasks",
+    "__version__",
+    "configure",
+    "make_metrics_app",
+    "metrics_app",
+    "setup_tracing",
+]
+
+metrics_app = make_metrics_app()
+"""The /metrics ASGI app for the configuration in force: `app.mount("/metrics", traced_tasks.metrics_app)`."""
+
+_fastapi.install()

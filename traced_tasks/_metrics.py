@@ -1,0 +1,142 @@
+"""The Prometheus metric families, and the labelled children of one task name."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from traced_tasks import _names as names
+
+logger = logging.getLogger("traced_tasks")
+
+# Background work runs from milliseconds (a cache write) to many minutes (a report): the client's
+# default buckets stop at 10 s.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
+
+MAX_EXCEPTION_TYPES = 100
+
+
+class TaskMetrics:
+    """The children of every family for one `task` label value, resolved once and reused."""
+
+    __slots__ = (
+        "cancelled",
+        "error",
+        "exceptions",
+        "in_progress",
+        "last_success",
+        "name",
+        "scheduled",
+        "skipped",
+        "success",
+        "wait",
+    )
+
+    def __init__(self, families: Metrics, name: str) -> None:
+        self.name = name
+        self.scheduled = families.scheduled.labels(name)
+        self.wait = families.wait.labels(name)
+        self.in_progress = families.in_progress.labels(name)
+        self.skipped = families.skipped.labels(name)
+        self.last_success = families.last_success.labels(name)
+        self.success = families.duration.labels(name, names.STATUS_SUCCESS)
+        self.error = families.duration.labels(name, names.STATUS_ERROR)
+        self.cancelled = families.duration.labels(name, names.STATUS_CANCELLED)
+        self.exceptions: dict[type[BaseException], Any] = {}
+
+
+class Metrics:
+    """The seven metric families of one configuration, registered in one registry."""
+
+    def __init__(self, registry: CollectorRegistry, namespace: str, buckets: Sequence[float]) -> None:
+        task = [names.LABEL_TASK]
+        common: dict[str, Any] = {"namespace": namespace, "registry": registry}
+        self.scheduled = Counter(names.SCHEDULED, "Background tasks scheduled (add_task calls).", task, **common)
+        self.wait = Histogram(
+            names.WAIT,
+            "Time from scheduling a background task to the start of its run, in seconds.",
+            task,
+            buckets=buckets,
+            **common,
+        )
+        self.duration = Histogram(
+            names.DURATION,
+            "Run time of background tasks by outcome, in seconds.",
+            [names.LABEL_TASK, names.LABEL_STATUS],
+            buckets=buckets,
+            **common,
+        )
+        self.in_progress = Gauge(
+            names.IN_PROGRESS, "Background tasks running now.", task, multiprocess_mode="livesum", **common
+        )
+        self.exceptions = Counter(
+            names.EXCEPTIONS,
+            "Background tasks that failed, by exception class.",
+            [names.LABEL_TASK, names.LABEL_EXCEPTION],
+            **common,
+        )
+        self.skipped = Counter(
+            names.SKIPPED,
+            "Background tasks never started because an earlier task of their batch failed.",
+            task,
+            **common,
+        )
+        self.last_success = Gauge(
+            names.LAST_SUCCESS,
+            "Unix time of the last successful run of a background task.",
+            task,
+            multiprocess_mode="max",
+            **common,
+        )
+        self._families = (
+            self.scheduled,
+            self.wait,
+            self.duration,
+            self.in_progress,
+            self.exceptions,
+            self.skipped,
+            self.last_success,
+        )
+        self._registry = registry
+        self._lock = threading.Lock()
+        self._exception_names: set[str] = set()
+
+    def for_task(self, name: str) -> TaskMetrics:
+        return TaskMetrics(self, name)
+
+    def exception(self, task: TaskMetrics, kind: type[BaseException]) -> Any:
+        """The exceptions counter child of one task and exception class, with the class names capped."""
+        child = task.exceptions.get(kind)
+        if child is not None:
+            return child
+        with self._lock:
+            label = kind.__qualname__
+            if label not in self._exception_names:
+                if len(self._exception_names) < MAX_EXCEPTION_TYPES:
+                    self._exception_names.add(label)
+                else:
+                    if len(self._exception_names) == MAX_EXCEPTION_TYPES:
+                        self._exception_names.add(names.OVERFLOW)
+                        logger.warning(
+                            "traced_tasks: more than %d exception classes seen; further ones are counted as %r",
+                            MAX_EXCEPTION_TYPES,
+                            names.OVERFLOW,
+                        )
+                    label = names.OVERFLOW
+            child = task.exceptions[kind] = self.exceptions.labels(task.name, label)
+            return child
+
+    def register(self) -> None:
+        for family in self._families:
+            self._registry.register(family)
+
+    def unregister(self) -> None:
+        for family in self._families:
+            self._registry.unregister(family)

@@ -1,0 +1,206 @@
+"""One configuration's tracer and metrics, and what they do around each task run."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from traced_tasks import _names as names
+from traced_tasks._metrics import DEFAULT_BUCKETS, Metrics, TaskMetrics
+from traced_tasks._naming import cache_key, identify
+from traced_tasks._version import __version__
+
+logger = logging.getLogger("traced_tasks")
+
+_ROOT = Context()
+
+DEFAULT_MAX_TASK_NAMES = 1000
+
+
+class TaskTelemetry:
+    """What every run of one callable shares: its span name, span attributes and metric children."""
+
+    __slots__ = ("attributes", "metrics", "span_name")
+
+    def __init__(self, span_name: str, attributes: dict[str, str | int], metrics: TaskMetrics) -> None:
+        self.span_name = span_name
+        self.attributes = attributes
+        self.metrics = metrics
+
+
+class Telemetry:
+    """The tracer, the metric families and the per-callable cache of one `configure()` call."""
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: trace.TracerProvider | None = None,
+        registry: CollectorRegistry = REGISTRY,
+        namespace: str = "",
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+        max_task_names: int = DEFAULT_MAX_TASK_NAMES,
+        use_span_links: bool = False,
+    ) -> None:
+        # With no provider this is the API's proxy tracer, which follows the global provider whenever it is set.
+        self.tracer = trace.get_tracer(names.INSTRUMENTATION_NAME, __version__, tracer_provider=tracer_provider)
+        self.metrics = Metrics(registry, namespace, buckets)
+        self.registry = registry
+        self.use_span_links = use_span_links
+        self.max_task_names = max_task_names
+        self._tasks: dict[object, TaskTelemetry] = {}
+        self._by_name: dict[str, TaskMetrics] = {}
+        self._overflow: TaskMetrics | None = None
+        self._lock = threading.Lock()
+        self._reported: set[str] = set()
+
+    def task(self, func: Callable[..., Any]) -> TaskTelemetry:
+        key: object = getattr(func, "__code__", None)
+        if key is None or hasattr(func, "__wrapped__"):
+            key = cache_key(func)
+        task = self._tasks.get(key)
+        if task is None:
+            task = self._resolve(func, key)
+        return task
+
+    def _resolve(self, func: Callable[..., Any], key: object) -> TaskTelemetry:
+        with self._lock:
+            task = self._tasks.get(key)
+            if task is not None:
+                return task
+            identity = identify(func)
+            metrics = self._by_name.get(identity.name)
+            if metrics is None:
+                if len(self._by_name) < self.max_task_names:
+                    metrics = self._by_name[identity.name] = self.metrics.for_task(identity.name)
+                else:
+                    metrics = self._overflow_metrics()
+            attributes: dict[str, str | int] = {names.ATTR_FUNCTION: identity.name}
+            if identity.file is not None and identity.line is not None:
+                attributes[names.ATTR_FILE] = identity.file
+                attributes[names.ATTR_LINE] = identity.line
+            task = TaskTelemetry(names.SPAN_NAME_PREFIX + identity.name, attributes, metrics)
+            # Only code generated at run time (exec, eval) makes new keys without end; past this, resolve each time.
+            if len(self._tasks) < 4 * self.max_task_names:
+                self._tasks[key] = task
+            return task
+
+    def _overflow_metrics(self) -> TaskMetrics:
+        if self._overflow is None:
+            logger.warning(
+                "traced_tasks: more than %d task names; further ones are counted as task=%r (spans keep their names)",
+                self.max_task_names,
+                names.OVERFLOW,
+            )
+            self._overflow = self.metrics.for_task(names.OVERFLOW)
+        return self._overflow
+
+    def report(self, part: str) -> None:
+        """Log the exception being handled, once per part, so a broken exporter cannot flood the logs."""
+        if part in self._reported:
+            return
+        self._reported.add(part)
+        logger.exception("traced_tasks: %s failed; tasks run on without it, and later failures are not logged", part)
+
+    def start(self, task: TaskTelemetry, parent: Context, scheduled_ns: int) -> Run:
+        """Open the span and count the start; never raises."""
+        started_ns = time.perf_counter_ns()
+        span: Span | None = None
+        token: object = None
+        try:
+            if self.use_span_links:
+                request = trace.get_current_span(parent).get_span_context()
+                links = [Link(request)] if request.is_valid else None
+                span = self.tracer.start_span(
+                    task.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=task.attributes, links=links
+                )
+            else:
+                span = self.tracer.start_span(
+                    task.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=task.attributes
+                )
+            # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+        except Exception:
+            self.report("tracing")
+        metrics = task.metrics
+        try:
+            metrics.wait.observe((started_ns - scheduled_ns) / 1e9)
+            metrics.in_progress.inc()
+        except Exception:
+            self.report("metrics")
+        return Run(self, metrics, span, token, time.perf_counter_ns())
+
+    def skip(self, task: TaskTelemetry) -> None:
+        try:
+            task.metrics.skipped.inc()
+        except Exception:
+            self.report("metrics")
+
+    def schedule(self, task: TaskTelemetry) -> None:
+        try:
+            task.metrics.scheduled.inc()
+        except Exception:
+            self.report("metrics")
+
+
+class Run:
+    """One execution of a task, between its start and its outcome."""
+
+    __slots__ = ("metrics", "span", "started_ns", "telemetry", "token")
+
+    def __init__(
+        self, telemetry: Telemetry, metrics: TaskMetrics, span: Span | None, token: object, started_ns: int
+    ) -> None:
+        self.telemetry = telemetry
+        self.metrics = metrics
+        self.span = span
+        self.token = token
+        self.started_ns = started_ns
+
+    def finish(self, exc: BaseException | None) -> None:
+        """Close the span and count the outcome; never raises."""
+        seconds = (time.perf_counter_ns() - self.started_ns) / 1e9
+        cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
+        exemplar = None
+        span = self.span
+        if span is not None:
+            try:
+                if self.token is not None:
+                    otel_context.detach(self.token)  # type: ignore[arg-type]
+                span_context = span.get_span_context()
+                if span_context.trace_flags.sampled:
+                    exemplar = {
+                        names.EXEMPLAR_TRACE_ID: trace.format_trace_id(span_context.trace_id),
+                        names.EXEMPLAR_SPAN_ID: trace.format_span_id(span_context.span_id),
+                    }
+                if cancelled:
+                    span.set_attribute(names.ATTR_STATUS, names.STATUS_CANCELLED)
+                elif exc is not None:
+                    span.record_exception(exc, escaped=True)
+                    span.set_attribute(names.ATTR_ERROR_TYPE, type(exc).__qualname__)
+                    span.set_status(Status(StatusCode.ERROR))
+                span.end()
+            except Exception:
+                self.telemetry.report("tracing")
+        metrics = self.metrics
+        try:
+            metrics.in_progress.dec()
+            if exc is None:
+                metrics.success.observe(seconds, exemplar)
+                metrics.last_success.set(time.time())
+            elif cancelled:
+                metrics.cancelled.observe(seconds, exemplar)
+            else:
+                metrics.error.observe(seconds, exemplar)
+                self.telemetry.metrics.exception(metrics, type(exc)).inc()
+        except Exception:
+            self.telemetry.report("metrics")
