@@ -94,7 +94,8 @@ def test_parent_is_span_current_at_add_task(telemetry: Telemetry, sync_endpoint:
     assert task.parent is not None
     assert task.parent.span_id == handler.context.span_id
     # The handler span ended before the task ran: the parent was captured, not looked up at run time.
-    assert handler.end_time is not None and task.start_time is not None
+    assert handler.end_time is not None
+    assert task.start_time is not None
     assert handler.end_time <= task.start_time
 
 
@@ -129,8 +130,10 @@ def test_spans_made_in_a_sync_task_nest_under_it(telemetry: Telemetry) -> None:
 
     (task,) = telemetry.task_spans()
     (inner,) = [span for span in telemetry.spans() if span.name == "smtp send"]
-    assert inner.parent is not None and inner.parent.span_id == task.context.span_id
-    assert threads and threads[0] != threading.get_ident()
+    assert inner.parent is not None
+    assert inner.parent.span_id == task.context.span_id
+    assert threads
+    assert threads[0] != threading.get_ident()
 
 
 def test_code_attributes(telemetry: Telemetry) -> None:
@@ -178,7 +181,7 @@ def test_arguments_never_become_attributes(telemetry: Telemetry) -> None:
 
     (task,) = telemetry.task_spans()
     values = [str(value) for value in (task.attributes or {}).values()]
-    assert not any("4111111111111111" in value or "42" == value for value in values)
+    assert not any("4111111111111111" in value or value == "42" for value in values)
     assert not any("declined" in value for value in values)
 
 
@@ -205,7 +208,14 @@ def test_cancellation_is_its_own_outcome(telemetry: Telemetry) -> None:
     (task,) = telemetry.task_spans()
     assert task.status.status_code is StatusCode.UNSET
     assert (task.attributes or {})["background_task.status"] == "cancelled"
-    assert telemetry.value("background_task_duration_seconds_count", task="tests.test_spans.test_cancellation_is_its_own_outcome.<locals>.slow", status="cancelled") == 1
+    assert (
+        telemetry.value(
+            "background_task_duration_seconds_count",
+            task="tests.test_spans.test_cancellation_is_its_own_outcome.<locals>.slow",
+            status="cancelled",
+        )
+        == 1
+    )
     assert telemetry.value("background_task_skipped_total", task="tests.test_spans.record_current_span_async") == 1
 
 

@@ -19,9 +19,12 @@ TestClientFactory = Callable[..., TestClient]
 
 
 @pytest.fixture
-def test_client_factory(anyio_backend_name: Literal["asyncio", "trio"], anyio_backend_options: dict[str, Any]) -> TestClientFactory:
+def test_client_factory(
+    anyio_backend_name: Literal["asyncio", "trio"], anyio_backend_options: dict[str, Any]
+) -> TestClientFactory:
     """Starlette's conftest fixture: a TestClient bound to the anyio backend under test."""
     return functools.partial(TestClient, backend=anyio_backend_name, backend_options=anyio_backend_options)
+
 
 def test_async_task(test_client_factory: TestClientFactory) -> None:
     TASK_COMPLETE = False

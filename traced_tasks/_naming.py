@@ -45,6 +45,9 @@ def identify(func: Callable[..., Any]) -> TaskIdentity:
         owner = type(target)  # a callable object: name it by its class
         target = owner.__call__
     module = getattr(owner, "__module__", None)
+    bound_to = getattr(owner, "__self__", None)
+    if module is None and bound_to is not None:
+        module = type(bound_to).__module__  # a bound builtin method such as `some_list.append`
     qualname = owner.__qualname__
     name = f"{module}.{qualname}" if module else qualname
     code = getattr(target, "__code__", None)

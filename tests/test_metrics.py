@@ -1,0 +1,327 @@
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+import traced_tasks
+from tests.conftest import Telemetry
+from traced_tasks import BackgroundTask, BackgroundTasks
+
+PREFIX = "tests.test_metrics."
+
+
+def ok() -> None:
+    pass
+
+
+async def ok_async() -> None:
+    pass
+
+
+def fail() -> None:
+    raise KeyError("secret-customer-id")
+
+
+class Mailer:
+    def send(self) -> None:
+        pass
+
+    def __call__(self) -> None:
+        pass
+
+
+def traced_decorator(func: Callable[[], None]) -> Callable[[], None]:
+    @functools.wraps(func)
+    def wrapper() -> None:
+        func()
+
+    return wrapper
+
+
+@traced_decorator
+def decorated_one() -> None:
+    pass
+
+
+@traced_decorator
+def decorated_two() -> None:
+    pass
+
+
+def run(*tasks: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
+    """Run one batch after a real Starlette response, the way a request does."""
+
+    async def endpoint(request: Request) -> Response:
+        batch = BackgroundTasks()
+        for func, args in tasks:
+            batch.add_task(func, *args)
+        return PlainTextResponse("ok", background=batch)
+
+    TestClient(Starlette(routes=[Route("/", endpoint)]), raise_server_exceptions=False).get("/")
+
+
+def test_success_counts(telemetry: Telemetry) -> None:
+    """One successful run gives exact counts in every family it touches, and none in the others."""
+    before = time.time()
+    run((ok, ()))
+    task = PREFIX + "ok"
+    assert telemetry.value("background_task_scheduled_total", task=task) == 1
+    assert telemetry.value("background_task_wait_seconds_count", task=task) == 1
+    assert telemetry.value("background_task_duration_seconds_count", task=task, status="success") == 1
+    assert telemetry.value("background_task_duration_seconds_count", task=task, status="error") == 0
+    assert telemetry.value("background_task_in_progress", task=task) == 0
+    assert telemetry.value("background_task_skipped_total", task=task) == 0
+    last = telemetry.value("background_task_last_success_timestamp_seconds", task=task)
+    assert last is not None
+    assert before <= last <= time.time()
+
+
+def test_failure_counts_exception_and_skips_the_rest(telemetry: Telemetry) -> None:
+    """A failing task counts one error by exception class; the tasks after it count as skipped and never run."""
+    ran: list[str] = []
+    run((ok, ()), (fail, ()), (ran.append, ("never",)), (ok_async, ()))
+    assert ran == []
+    assert telemetry.value("background_task_duration_seconds_count", task=PREFIX + "ok", status="success") == 1
+    assert telemetry.value("background_task_duration_seconds_count", task=PREFIX + "fail", status="error") == 1
+    assert telemetry.value("background_task_exceptions_total", task=PREFIX + "fail", exception="KeyError") == 1
+    assert telemetry.value("background_task_skipped_total", task=PREFIX + "ok_async") == 1
+    assert telemetry.value("background_task_skipped_total", task="builtins.list.append") == 1
+    assert telemetry.value("background_task_skipped_total", task=PREFIX + "ok") == 0
+    assert telemetry.value("background_task_last_success_timestamp_seconds", task=PREFIX + "fail") == 0
+    assert telemetry.value("background_task_in_progress", task=PREFIX + "fail") == 0
+
+
+def test_in_progress_while_running(telemetry: Telemetry) -> None:
+    """The in-progress gauge is 1 while a task runs and 0 after, in the threadpool too."""
+    seen: list[float | None] = []
+
+    def look() -> None:
+        seen.append(
+            telemetry.value("background_task_in_progress", task=PREFIX + "test_in_progress_while_running.<locals>.look")
+        )
+
+    run((look, ()))
+    assert seen == [1.0]
+    assert (
+        telemetry.value("background_task_in_progress", task=PREFIX + "test_in_progress_while_running.<locals>.look")
+        == 0
+    )
+
+
+def test_wait_includes_earlier_tasks(telemetry: Telemetry) -> None:
+    """A task's wait covers the run of the tasks before it in the batch."""
+    run((time.sleep, (0.2,)), (ok, ()))
+    wait = telemetry.value("background_task_wait_seconds_sum", task=PREFIX + "ok")
+    duration = telemetry.value("background_task_duration_seconds_sum", task="time.sleep", status="success")
+    assert wait is not None
+    assert duration is not None
+    assert duration >= 0.2
+    assert wait >= duration
+
+
+def test_duration_exemplar_carries_trace_and_span_id(telemetry: Telemetry) -> None:
+    """The duration bucket of a sampled run holds an exemplar with the task span's trace and span IDs in hex."""
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    run((ok, ()))
+    (span,) = telemetry.task_spans()
+    trace_id = format(span.context.trace_id, "032x")
+    span_id = format(span.context.span_id, "016x")
+    text = generate_latest(telemetry.registry).decode()
+    (line,) = [line for line in text.splitlines() if "duration_seconds_bucket" in line and " # {" in line]
+    assert f'# {{span_id="{span_id}",trace_id="{trace_id}"}}' in line
+
+
+def test_no_exemplar_when_not_sampled(telemetry: Telemetry) -> None:
+    """With a sampler that drops everything, durations are counted but carry no exemplar."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    traced_tasks.configure(tracer_provider=TracerProvider(sampler=ALWAYS_OFF), registry=telemetry.registry)
+    run((ok, ()))
+    assert telemetry.value("background_task_duration_seconds_count", task=PREFIX + "ok", status="success") == 1
+    assert "trace_id" not in generate_latest(telemetry.registry).decode()
+
+
+def test_response_background_task_is_counted(telemetry: Telemetry) -> None:
+    """A traced BackgroundTask passed straight to a Response is scheduled, run and counted like add_task's."""
+
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(ok_async))
+
+    TestClient(Starlette(routes=[Route("/", endpoint)])).get("/")
+    assert telemetry.value("background_task_scheduled_total", task=PREFIX + "ok_async") == 1
+    assert telemetry.value("background_task_duration_seconds_count", task=PREFIX + "ok_async", status="success") == 1
+
+
+def test_scheduled_but_never_run_is_visible(telemetry: Telemetry) -> None:
+    """When the endpoint raises after add_task, the task is scheduled but never finishes: the gap shows it."""
+
+    async def endpoint(request: Request) -> Response:
+        BackgroundTasks().add_task(ok)
+        raise RuntimeError("handler bug")
+
+    TestClient(Starlette(routes=[Route("/", endpoint)]), raise_server_exceptions=False).get("/")
+    assert telemetry.value("background_task_scheduled_total", task=PREFIX + "ok") == 1
+    assert telemetry.value("background_task_duration_seconds_count", task=PREFIX + "ok", status="success") == 0
+
+
+@pytest.mark.parametrize(
+    ("func", "name"),
+    [
+        (functools.partial(functools.partial(ok)), PREFIX + "ok"),
+        (Mailer().send, PREFIX + "Mailer.send"),
+        (Mailer(), PREFIX + "Mailer"),
+        (decorated_one, PREFIX + "decorated_one"),
+        (decorated_two, PREFIX + "decorated_two"),
+        (lambda: None, PREFIX + "<lambda>"),
+        (print, "builtins.print"),
+    ],
+    ids=["partial", "bound-method", "callable-object", "decorated-1", "decorated-2", "lambda", "builtin"],
+)
+def test_task_label_is_the_qualified_function_name(telemetry: Telemetry, func: Callable[[], None], name: str) -> None:
+    """Partials are unwrapped, bound methods and callable objects are named by class, decorators by what they wrap."""
+    run((func, ()))
+    assert telemetry.value("background_task_duration_seconds_count", task=name, status="success") == 1
+    (span,) = telemetry.task_spans()
+    assert span.name == "BackgroundTask " + name
+
+
+def test_closures_made_per_request_share_one_series(telemetry: Telemetry) -> None:
+    """A closure created anew for each request is one task name, not one per closure object."""
+
+    def make() -> Callable[[], None]:
+        def notify() -> None:
+            pass
+
+        return notify
+
+    run(*[(make(), ()) for _ in range(5)])
+    name = PREFIX + "test_closures_made_per_request_share_one_series.<locals>.make.<locals>.notify"
+    assert telemetry.value("background_task_duration_seconds_count", task=name, status="success") == 5
+
+
+def test_task_names_past_the_cap_collapse_into_overflow(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
+    """Past max_task_names, new names count under the overflow label with one warning; spans keep the real name."""
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry, max_task_names=2)
+    funcs = []
+    for index in range(4):
+        namespace: dict[str, Any] = {}
+        exec(f"def task_{index}():\n    pass", namespace)
+        funcs.append(namespace[f"task_{index}"])
+    with caplog.at_level(logging.WARNING, logger="traced_tasks"):
+        run(*[(func, ()) for func in funcs + funcs])
+    assert telemetry.value("background_task_scheduled_total", task="task_0") == 2
+    assert telemetry.value("background_task_scheduled_total", task="task_1") == 2
+    assert telemetry.value("background_task_scheduled_total", task="task_2") is None
+    assert telemetry.value("background_task_scheduled_total", task=traced_tasks.OVERFLOW) == 4
+    assert len([record for record in caplog.records if "task names" in record.getMessage()]) == 1
+    assert sorted({span.name for span in telemetry.task_spans()}) == [f"BackgroundTask task_{i}" for i in range(4)]
+
+
+def test_exception_labels_are_capped(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
+    """Past 100 exception classes, further classes count under the overflow label, with one warning."""
+    from traced_tasks._metrics import MAX_EXCEPTION_TYPES
+
+    kinds = [type(f"Error{index}", (Exception,), {}) for index in range(MAX_EXCEPTION_TYPES + 5)]
+
+    def raise_(kind: type[Exception]) -> None:
+        raise kind()
+
+    async def main() -> None:
+        for kind in kinds:
+            with pytest.raises(kind):
+                await BackgroundTask(raise_, kind)()
+
+    with caplog.at_level(logging.WARNING, logger="traced_tasks"):
+        asyncio.run(main())
+    task = PREFIX + "test_exception_labels_are_capped.<locals>.raise_"
+    assert telemetry.value("background_task_exceptions_total", task=task, exception="Error0") == 1
+    assert (
+        telemetry.value("background_task_exceptions_total", task=task, exception=f"Error{MAX_EXCEPTION_TYPES}") is None
+    )
+    assert telemetry.value("background_task_exceptions_total", task=task, exception=traced_tasks.OVERFLOW) == 5
+    assert len([record for record in caplog.records if "exception classes" in record.getMessage()]) == 1
+
+
+def test_exception_message_is_never_a_label(telemetry: Telemetry) -> None:
+    """The exposition holds the exception class but not its message, which may hold personal data."""
+    from prometheus_client import generate_latest
+
+    run((fail, ()))
+    text = generate_latest(telemetry.registry).decode()
+    assert 'exception="KeyError"' in text
+    assert "secret-customer-id" not in text
+
+
+def test_namespace_and_buckets(telemetry: Telemetry) -> None:
+    """A namespace prefixes every family, and custom buckets replace the defaults."""
+    registry = CollectorRegistry()
+    traced_tasks.configure(registry=registry, namespace="shop", buckets=[0.5, 90])
+    run((ok, ()))
+    task = PREFIX + "ok"
+    assert registry.get_sample_value("shop_background_task_scheduled_total", {"task": task}) == 1
+    labels = {"task": task, "status": "success"}
+    assert registry.get_sample_value("shop_background_task_duration_seconds_bucket", {**labels, "le": "90.0"}) == 1
+    assert registry.get_sample_value("shop_background_task_duration_seconds_bucket", {**labels, "le": "10.0"}) is None
+    assert registry.get_sample_value("background_task_scheduled_total", {"task": task}) is None
+
+
+def test_default_buckets_reach_an_hour() -> None:
+    """The default buckets span 5 ms to an hour, since background work outlasts the client's 10 s default."""
+    assert traced_tasks.DEFAULT_BUCKETS[0] == 0.005
+    assert traced_tasks.DEFAULT_BUCKETS[-1] == 3600
+
+
+def test_reconfigure_on_same_registry_unregisters_previous(telemetry: Telemetry) -> None:
+    """Configuring twice with one registry replaces the metric families instead of failing on duplicates."""
+    traced_tasks.configure(registry=telemetry.registry)
+    traced_tasks.configure(registry=telemetry.registry)
+    run((ok, ()))
+    assert telemetry.value("background_task_scheduled_total", task=PREFIX + "ok") == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"namespace": "my-app"}, "namespace"),
+        ({"namespace": "a:b"}, "namespace"),
+        ({"buckets": [5, 1]}, "buckets"),
+        ({"buckets": []}, "buckets"),
+        ({"buckets": [-1, 1]}, "buckets"),
+        ({"max_task_names": 0}, "max_task_names"),
+        ({"max_task_names": True}, "max_task_names"),
+        ({"registry": object()}, "registry"),
+    ],
+)
+def test_bad_configuration_fails_clearly(telemetry: Telemetry, options: dict[str, Any], message: str) -> None:
+    """Each bad option fails at configure() with a message naming it, and the configuration in force stays."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        traced_tasks.configure(**options)
+    run((ok, ()))
+    assert telemetry.value("background_task_scheduled_total", task=PREFIX + "ok") == 1
+
+
+def test_unknown_option_is_rejected() -> None:
+    """A misspelt option raises TypeError at configure() instead of being ignored."""
+    with pytest.raises(TypeError, match="namespce"):
+        traced_tasks.configure(namespce="shop")  # type: ignore[call-arg]
+
+
+def test_non_callable_fails_at_add_task(telemetry: Telemetry) -> None:
+    """add_task with a non-callable raises TypeError naming the value at once, not after the response."""
+    with pytest.raises(TypeError, match="'send_email'"):
+        BackgroundTasks().add_task("send_email")  # type: ignore[arg-type]
