@@ -10,6 +10,7 @@ DEMO_SECONDS stops it after that many seconds; by default it runs until Ctrl-C.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import threading
@@ -22,7 +23,7 @@ from fastapi import FastAPI
 import traced_tasks
 from traced_tasks import BackgroundTasks
 
-traced_tasks.setup_tracing("traced-tasks-demo")
+tracer_provider = traced_tasks.setup_tracing("traced-tasks-demo")
 
 app = FastAPI(title="traced_tasks demo")
 app.mount("/metrics", traced_tasks.metrics_app)
@@ -69,10 +70,8 @@ def drive_traffic(base: str, stop: threading.Event) -> None:
     while not stop.wait(0.5):
         order += 1
         for method, path in (("POST", f"/orders/{order}"), ("GET", f"/users/{order % 7}")):
-            try:
+            with contextlib.suppress(OSError):  # the server is starting or stopping
                 urllib.request.urlopen(urllib.request.Request(base + path, method=method), timeout=5).read()
-            except OSError:
-                pass  # the server is starting or stopping
 
 
 def main() -> None:
@@ -82,13 +81,16 @@ def main() -> None:
     traffic = threading.Thread(target=drive_traffic, args=(f"http://{host}:{port}", stop), daemon=True)
     seconds = float(os.environ.get("DEMO_SECONDS", "0"))
     if seconds:
-        threading.Timer(seconds, lambda: setattr(server, "should_exit", True)).start()
+        timer = threading.Timer(seconds, lambda: setattr(server, "should_exit", True))
+        timer.daemon = True
+        timer.start()
     print(f"traced_tasks demo on http://{host}:{port}  (metrics: http://{host}:{port}/metrics/)", flush=True)
     traffic.start()
     try:
         server.run()
     finally:
         stop.set()
+        tracer_provider.shutdown()  # export the spans still queued
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def named_audit(spans: list[ReadableSpan]) -> list[ReadableSpan]:
 
 
 def test_annotated_parameter_gets_traced_tasks(telemetry: Telemetry) -> None:
-    """A path operation annotated with traced_tasks.BackgroundTasks receives a traced instance and its task is counted."""
+    """A path operation annotated with traced_tasks.BackgroundTasks gets a traced instance, and its task is counted."""
     app = FastAPI()
     injected: list[object] = []
 

@@ -35,7 +35,7 @@ class BackgroundTask(background.BackgroundTask):
         try:
             task = telemetry.task(func)
         except Exception:
-            telemetry.report("task naming")
+            telemetry.report("task setup")
             task = None
         else:
             telemetry.schedule(task)

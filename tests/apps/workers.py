@@ -1,0 +1,23 @@
+"""A FastAPI service for the multiprocess tests, run by `uvicorn --workers N` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import FastAPI
+
+import traced_tasks
+from traced_tasks import BackgroundTasks
+
+app = FastAPI()
+app.mount("/metrics", traced_tasks.metrics_app)
+
+
+def record_order(order_id: int) -> None:
+    pass
+
+
+@app.post("/orders/{order_id}")
+def place_order(order_id: int, tasks: BackgroundTasks) -> dict[str, int]:
+    tasks.add_task(record_order, order_id)
+    return {"pid": os.getpid()}

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.support import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_serves_traffic_spans_and_metrics() -> None:
+    """The demo behind `make demo` drives its own traffic, prints task spans and serves live task metrics."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "PROMETHEUS_"))}
+    env.update(DEMO_PORT=str(port), DEMO_SECONDS="60", PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(
+        [sys.executable, "examples/demo.py"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: dict[str, str] = {}
+
+    def skipped_after_failure() -> bool:
+        try:
+            seen["metrics"] = httpx.get(f"http://127.0.0.1:{port}/metrics/").text
+        except httpx.TransportError:
+            return False
+        return 'background_task_skipped_total{task="__main__.send_receipt"} 1.0' in seen["metrics"]
+
+    try:
+        wait_until(skipped_after_failure, timeout=60)
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        output, _ = process.communicate(timeout=30)
+    assert (
+        'background_task_exceptions_total{exception="PaymentProviderDown",task="__main__.capture_payment"}'
+        in seen["metrics"]
+    )
+    assert '"name": "BackgroundTask __main__.notify_warehouse"' in output
+    assert '"name": "BackgroundTask __main__.refresh_recommendations"' in output

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+import traced_tasks
+from tests.conftest import Telemetry
+from tests.support import free_port, require_tool, wait_until
+from traced_tasks import BackgroundTasks
+
+ROOT = Path(__file__).resolve().parent.parent
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+def ok() -> None:
+    pass
+
+
+def fail() -> None:
+    raise ValueError("boom")
+
+
+def app_with_metrics(metrics_app: object = traced_tasks.metrics_app) -> Starlette:
+    async def endpoint(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(ok)
+        tasks.add_task(fail)
+        tasks.add_task(ok)
+        return PlainTextResponse("ok", background=tasks)
+
+    return Starlette(routes=[Route("/", endpoint), Mount("/metrics", metrics_app)])  # type: ignore[arg-type]
+
+
+def test_text_format_by_default(telemetry: Telemetry) -> None:
+    """/metrics serves the configured registry in the Prometheus text format, which carries no exemplars."""
+    client = TestClient(app_with_metrics(), raise_server_exceptions=False)
+    client.get("/")
+    response = client.get("/metrics/")
+    assert response.headers["content-type"].startswith("text/plain")
+    assert 'background_task_scheduled_total{task="tests.test_exposition.ok"} 2.0' in response.text
+    assert 'background_task_skipped_total{task="tests.test_exposition.ok"} 1.0' in response.text
+    assert "trace_id" not in response.text
+
+
+def test_openmetrics_with_exemplars_when_asked(telemetry: Telemetry) -> None:
+    """A scraper that accepts OpenMetrics gets it, with the duration exemplar of the task span."""
+    client = TestClient(app_with_metrics(), raise_server_exceptions=False)
+    client.get("/")
+    response = client.get("/metrics/", headers={"accept": OPENMETRICS})
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    spans = {span.name: span for span in telemetry.task_spans()}
+    failed = spans["BackgroundTask tests.test_exposition.fail"]
+    exemplars = [
+        sample.exemplar
+        for family in parse_openmetrics(response.text)
+        for sample in family.samples
+        if sample.exemplar and sample.labels.get("status") == "error"
+    ]
+    assert [exemplar.labels for exemplar in exemplars] == [
+        {"trace_id": format(failed.context.trace_id, "032x"), "span_id": format(failed.context.span_id, "016x")}
+    ]
+    assert response.text.rstrip().endswith("# EOF")
+
+
+def test_make_metrics_app_serves_the_given_registry(telemetry: Telemetry) -> None:
+    """make_metrics_app(registry) serves that registry, not the one traced_tasks counts in."""
+    other = CollectorRegistry()
+    client = TestClient(app_with_metrics(traced_tasks.make_metrics_app(other)), raise_server_exceptions=False)
+    client.get("/")
+    assert "background_task" not in client.get("/metrics/").text
+
+
+def test_exposition_passes_promtool(telemetry: Telemetry) -> None:
+    """promtool check metrics finds no problem with any metric name, type, unit or help text."""
+    promtool = require_tool("promtool")
+    client = TestClient(app_with_metrics(), raise_server_exceptions=False)
+    client.get("/")
+    text = client.get("/metrics/").text
+    assert "background_task_exceptions_total" in text
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[str]:
+    """`uvicorn --workers 2` serving tests/apps/workers.py in multiprocess mode; yields its base URL."""
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "uvicorn", "tests.apps.workers:app", "--workers", "2", "--port", str(port)]
+    log = (tmp_path / "uvicorn.log").open("wb")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/metrics/").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(up, timeout=60)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_multiprocess_sums_every_worker(workers: str) -> None:
+    """Under uvicorn --workers 2, /metrics counts the tasks of both workers, whichever worker is scraped."""
+    pids: set[int] = set()
+    sent = 0
+    while len(pids) < 2 and sent < 5000:
+        with httpx.Client() as client:  # a new connection each time, so the kernel spreads them over workers
+            pids.add(client.post(f"{workers}/orders/{sent}").json()["pid"])
+        sent += 1
+    assert len(pids) == 2, "requests never reached the second worker"
+    name = "tests.apps.workers.record_order"
+
+    def finished() -> float:
+        text = httpx.get(workers + "/metrics/").text
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        return samples.get(("background_task_duration_seconds_count", (("status", "success"), ("task", name))), 0.0)
+
+    wait_until(lambda: finished() == sent)
+    text = httpx.get(workers + "/metrics/", headers={"accept": OPENMETRICS}).text
+    assert f'background_task_scheduled_total{{task="{name}"}} {float(sent)}' in text
+    assert f'background_task_in_progress{{task="{name}"}} 0.0' in text
+    assert "trace_id" not in text  # multiprocess mode drops exemplars

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.util.types import Attributes
+from prometheus_client import CollectorRegistry
+
+import traced_tasks
+from traced_tasks import BackgroundTasks
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "tests.test_robustness."
+
+
+class ExporterDown(SpanProcessor):
+    """A span processor that raises where the SDK calls it: on start, on end, or both."""
+
+    def __init__(self, on_start: bool, on_end: bool) -> None:
+        self.raise_on_start = on_start
+        self.raise_on_end = on_end
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        if self.raise_on_start:
+            raise ConnectionError("collector unreachable")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.raise_on_end:
+            raise ConnectionError("collector unreachable")
+
+
+class BrokenTracer(trace.Tracer):
+    """A tracer implementation whose every span start fails."""
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        raise RuntimeError("tracer bug")
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Iterator[trace.Span]:  # type: ignore[override]
+        raise RuntimeError("tracer bug")
+
+
+class BrokenTracerProvider(trace.TracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return BrokenTracer()
+
+
+def ok(calls: list[str]) -> None:
+    calls.append("ok")
+
+
+async def fail(calls: list[str]) -> None:
+    calls.append("fail")
+    raise LookupError("task bug")
+
+
+def run_batches(batches: int, calls: list[str]) -> list[BaseException | None]:
+    """Run `batches` batches of [ok, fail, ok]; returns what each batch raised."""
+
+    async def main() -> list[BaseException | None]:
+        outcomes: list[BaseException | None] = []
+        for _ in range(batches):
+            tasks = BackgroundTasks()
+            tasks.add_task(ok, calls)
+            tasks.add_task(fail, calls)
+            tasks.add_task(ok, calls)
+            try:
+                await tasks()
+            except LookupError as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+        return outcomes
+
+    return asyncio.run(main())
+
+
+def provider_with(processor: SpanProcessor) -> TracerProvider:
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    return provider
+
+
+@pytest.mark.parametrize(
+    "make_provider",
+    [
+        lambda: provider_with(ExporterDown(on_start=True, on_end=False)),
+        lambda: provider_with(ExporterDown(on_start=False, on_end=True)),
+        lambda: provider_with(ExporterDown(on_start=True, on_end=True)),
+        BrokenTracerProvider,
+    ],
+    ids=["processor-start", "processor-end", "processor-both", "tracer"],
+)
+def test_tracing_failures_never_change_a_task(
+    make_provider: Callable[[], trace.TracerProvider], caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the tracer or a span processor raises, every task runs once with its own outcome, counts are exact,
+    and the failure is logged once, not per task."""
+    registry = CollectorRegistry()
+    traced_tasks.configure(tracer_provider=make_provider(), registry=registry)
+    calls: list[str] = []
+    with caplog.at_level(logging.ERROR, logger="traced_tasks"):
+        outcomes = run_batches(3, calls)
+    assert calls == ["ok", "fail"] * 3
+    assert [type(outcome) for outcome in outcomes] == [LookupError] * 3
+    assert [str(outcome) for outcome in outcomes] == ["task bug"] * 3
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("background_task_scheduled_total", task=PREFIX + "ok") == 6
+    assert value("background_task_duration_seconds_count", task=PREFIX + "ok", status="success") == 3
+    assert value("background_task_skipped_total", task=PREFIX + "ok") == 3
+    assert value("background_task_duration_seconds_count", task=PREFIX + "fail", status="error") == 3
+    assert value("background_task_exceptions_total", task=PREFIX + "fail", exception="LookupError") == 3
+    assert value("background_task_in_progress", task=PREFIX + "fail") == 0
+    assert len([record for record in caplog.records if record.name == "traced_tasks"]) == 1
+    traced_tasks.configure(registry=CollectorRegistry())
+
+
+def test_metrics_failure_never_changes_a_task(tmp_path: Path) -> None:
+    """When Prometheus storage fails (multiprocess files gone), tasks still run once with their outcome, logged once.
+
+    Runs in a subprocess because prometheus_client picks multiprocess mode when it is first imported.
+    """
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = f"""
+import asyncio, logging, os
+logging.basicConfig(level=logging.ERROR, format="%(name)s|%(message)s")
+import traced_tasks
+from tests.test_robustness import run_batches
+os.rmdir({str(gone)!r})
+calls = []
+outcomes = run_batches(3, calls)
+print(calls)
+print([type(outcome).__name__ for outcome in outcomes])
+"""
+    env: Mapping[str, str] = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(gone), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.splitlines() == [repr(["ok", "fail"] * 3), repr(["LookupError"] * 3)]
+    logged = [line for line in result.stderr.splitlines() if line.startswith("traced_tasks|")]
+    assert len(logged) == 1, result.stderr
