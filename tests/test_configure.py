@@ -38,7 +38,8 @@ provider.add_span_processor(SimpleSpanProcessor(exporter))
 trace.set_tracer_provider(provider)
 asyncio.run(batch())  # after
 print([span.name for span in exporter.get_finished_spans()])
-print(REGISTRY.get_sample_value("background_task_duration_seconds_count", {"task": "__main__.cleanup", "status": "success"}))
+labels = {"task": "__main__.cleanup", "status": "success"}
+print(REGISTRY.get_sample_value("background_task_duration_seconds_count", labels))
 """
 
 
