@@ -1,0 +1,185 @@
+"""What traced_tasks costs per task, against bare Starlette and the alternatives, measured in one process.
+
+    make bench                                  # the full run (a few minutes)
+    make bench BENCH_ARGS="--quick"             # tiny counts, only to check that it runs
+
+Variants run interleaved, in a new random order each round, and every figure is a median over rounds;
+ratios are taken within a round, then their median is reported. Overhead is a variant's time minus bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from starlette import background
+
+import traced_tasks
+from benchmarks.variants import hand_written, span_only
+
+TasksClass = type[background.BackgroundTasks]
+
+
+class NullExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+def noop_sync() -> None:
+    pass
+
+
+async def noop_async() -> None:
+    pass
+
+
+async def time_batches(tasks_class: TasksClass, func: Callable[[], Any], iterations: int) -> float:
+    """Microseconds per task: make a batch, add one task, run it, as a request does."""
+    started = time.perf_counter_ns()
+    for _ in range(iterations):
+        tasks = tasks_class()
+        tasks.add_task(func)
+        await tasks()
+    return (time.perf_counter_ns() - started) / iterations / 1000
+
+
+def variants(sdk: bool) -> tuple[dict[str, TasksClass], TracerProvider | None]:
+    provider: TracerProvider | None = None
+    tracer_provider: trace.TracerProvider
+    if sdk:
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(NullExporter()))
+        tracer_provider = provider
+    else:
+        tracer_provider = trace.NoOpTracerProvider()
+    tracer = tracer_provider.get_tracer("benchmarks")
+    traced_tasks.configure(tracer_provider=tracer_provider, registry=CollectorRegistry())
+    return {
+        "bare": background.BackgroundTasks,
+        "span-only": span_only(tracer),
+        "hand-written": hand_written(tracer, CollectorRegistry()),
+        "traced_tasks": traced_tasks.BackgroundTasks,
+    }, provider
+
+
+def run_case(sdk: bool, func: Callable[[], Any], rounds: int, iterations: int) -> dict[str, list[float]]:
+    classes, provider = variants(sdk)
+    results: dict[str, list[float]] = {name: [] for name in classes}
+
+    async def main() -> None:
+        for tasks_class in classes.values():  # warm caches, threads and the span queue
+            await time_batches(tasks_class, func, max(iterations // 10, 10))
+        for _ in range(rounds):
+            order = list(classes)
+            random.shuffle(order)
+            for name in order:
+                gc.collect()
+                results[name].append(await time_batches(classes[name], func, iterations))
+
+    asyncio.run(main())
+    if provider is not None:
+        provider.shutdown()
+    return results
+
+
+def report_case(title: str, results: dict[str, list[float]]) -> None:
+    bare = results["bare"]
+    print(f"\n{title}")
+    print(f"  {'variant':<14}{'median µs/task':>16}{'overhead µs':>14}{'÷ bare':>9}")
+    for name, times in results.items():
+        overhead = statistics.median(t - b for t, b in zip(times, bare, strict=True))
+        ratio = statistics.median(t / b for t, b in zip(times, bare, strict=True))
+        print(f"  {name:<14}{statistics.median(times):>16.2f}{overhead:>14.2f}{ratio:>9.3f}")
+    ours = [t - b for t, b in zip(results["traced_tasks"], bare, strict=True)]
+    for other in ("span-only", "hand-written"):
+        theirs = [t - b for t, b in zip(results[other], bare, strict=True)]
+        ratio = statistics.median(o / t for o, t in zip(ours, theirs, strict=True) if t > 0)
+        print(f"  traced_tasks overhead ÷ {other} overhead: {ratio:.3f}")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory(tasks: int) -> None:
+    """RSS growth over `tasks` tasks after a warm-up, with the SDK and a batch span processor."""
+    classes, provider = variants(sdk=True)
+    traced = classes["traced_tasks"]
+
+    async def main() -> None:
+        await time_batches(traced, noop_async, min(tasks, 50_000))
+        gc.collect()
+        before = rss_mb()
+        await time_batches(traced, noop_async, tasks)
+        gc.collect()
+        print(f"\nmemory: RSS {before:.1f} MB -> {rss_mb():.1f} MB over {tasks:,} tasks ({rss_mb() - before:+.2f} MB)")
+
+    asyncio.run(main())
+    if provider is not None:
+        provider.shutdown()
+
+
+def scrape(names: int, repeats: int) -> None:
+    """Time to render /metrics with `names` task names, in both formats."""
+    registry = CollectorRegistry()
+    traced_tasks.configure(tracer_provider=trace.NoOpTracerProvider(), registry=registry, max_task_names=names)
+
+    async def main() -> None:
+        for index in range(names):
+            namespace: dict[str, Any] = {}
+            exec(f"def task_{index}():\n    pass", namespace)
+            tasks = traced_tasks.BackgroundTasks()
+            tasks.add_task(namespace[f"task_{index}"])
+            await tasks()
+
+    asyncio.run(main())
+    for label, render in (("text", generate_latest), ("OpenMetrics", generate_openmetrics)):
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            size = len(render(registry))
+            times.append((time.perf_counter() - started) * 1000)
+        print(f"scrape: {names} task names, {label}: median {statistics.median(times):.1f} ms ({size / 1024:.0f} KiB)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--iterations", type=int, default=4000, help="batches per variant per round")
+    parser.add_argument("--memory-tasks", type=int, default=1_000_000)
+    parser.add_argument("--scrape-names", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="tiny counts: check that everything runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.iterations, args.memory_tasks, args.scrape_names = 2, 20, 200, 20
+
+    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
+    print(f"rounds={args.rounds} iterations={args.iterations}")
+    for sdk in (True, False):
+        for func in (noop_async, noop_sync):
+            kind = "async" if func is noop_async else "sync"
+            title = f"{kind} no-op task, {'SDK + BatchSpanProcessor' if sdk else 'no SDK (API no-op tracer)'}"
+            report_case(title, run_case(sdk, func, args.rounds, args.iterations))
+    memory(args.memory_tasks)
+    scrape(args.scrape_names, repeats=5 if args.quick else 21)
+    traced_tasks.configure(registry=CollectorRegistry())
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

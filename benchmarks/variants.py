@@ -1,0 +1,93 @@
+"""The BackgroundTasks classes the benchmarks compare, each built the way its users would build it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, ParamSpec
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette import background
+
+import traced_tasks
+
+P = ParamSpec("P")
+
+
+def span_only(tracer: trace.Tracer) -> type[background.BackgroundTasks]:
+    """What opentelemetry-instrumentation-fastapi does: start_as_current_span around Starlette's own call."""
+
+    class SpanOnlyTask(background.BackgroundTask):
+        async def __call__(self) -> None:
+            span_name = f"BackgroundTask {getattr(self.func, '__name__', self.func.__class__.__name__)}"
+            with tracer.start_as_current_span(span_name):
+                await super().__call__()
+
+    class SpanOnlyTasks(background.BackgroundTasks):
+        def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+            self.tasks.append(SpanOnlyTask(func, *args, **kwargs))
+
+    return SpanOnlyTasks
+
+
+def hand_written(tracer: trace.Tracer, registry: CollectorRegistry) -> type[background.BackgroundTasks]:
+    """A careful user's own version: the same span and metrics, with prometheus_client's labels() per call."""
+    buckets = traced_tasks.DEFAULT_BUCKETS
+    scheduled = Counter("hand_scheduled", "", ["task"], registry=registry)
+    wait = Histogram("hand_wait_seconds", "", ["task"], buckets=buckets, registry=registry)
+    duration = Histogram("hand_duration_seconds", "", ["task", "status"], buckets=buckets, registry=registry)
+    in_progress = Gauge("hand_in_progress", "", ["task"], registry=registry)
+    exceptions = Counter("hand_exceptions", "", ["task", "exception"], registry=registry)
+    skipped = Counter("hand_skipped", "", ["task"], registry=registry)
+    last_success = Gauge("hand_last_success_timestamp_seconds", "", ["task"], registry=registry)
+
+    class HandWrittenTask(background.BackgroundTask):
+        def __init__(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+            super().__init__(func, *args, **kwargs)
+            self.name = f"{func.__module__}.{func.__qualname__}"
+            self.context = otel_context.get_current()
+            self.scheduled_at = time.perf_counter()
+            scheduled.labels(self.name).inc()
+
+        async def __call__(self) -> None:
+            start = time.perf_counter()
+            wait.labels(self.name).observe(start - self.scheduled_at)
+            in_progress.labels(self.name).inc()
+            status = "success"
+            with tracer.start_as_current_span(f"BackgroundTask {self.name}", context=self.context) as span:
+                try:
+                    await super().__call__()
+                except Exception as exc:
+                    status = "error"
+                    exceptions.labels(self.name, type(exc).__qualname__).inc()
+                    raise
+                finally:
+                    in_progress.labels(self.name).dec()
+                    span_context = span.get_span_context()
+                    exemplar = None
+                    if span_context.trace_flags.sampled:
+                        exemplar = {
+                            "trace_id": format(span_context.trace_id, "032x"),
+                            "span_id": format(span_context.span_id, "016x"),
+                        }
+                    duration.labels(self.name, status).observe(time.perf_counter() - start, exemplar)
+                    if status == "success":
+                        last_success.labels(self.name).set_to_current_time()
+
+    class HandWrittenTasks(background.BackgroundTasks):
+        def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+            self.tasks.append(HandWrittenTask(func, *args, **kwargs))
+
+        async def __call__(self) -> None:
+            for index, task in enumerate(self.tasks):
+                try:
+                    await task()
+                except Exception:
+                    for later in self.tasks[index + 1 :]:
+                        if isinstance(later, HandWrittenTask):
+                            skipped.labels(later.name).inc()
+                    raise
+
+    return HandWrittenTasks
