@@ -75,10 +75,10 @@ def drive_traffic(base: str, stop: threading.Event) -> None:
 
 
 def main() -> None:
-    host, port = "127.0.0.1", int(os.environ.get("DEMO_PORT", "8000"))
+    host, port = os.environ.get("DEMO_HOST", "127.0.0.1"), int(os.environ.get("DEMO_PORT", "8000"))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     stop = threading.Event()
-    traffic = threading.Thread(target=drive_traffic, args=(f"http://{host}:{port}", stop), daemon=True)
+    traffic = threading.Thread(target=drive_traffic, args=(f"http://127.0.0.1:{port}", stop), daemon=True)
     seconds = float(os.environ.get("DEMO_SECONDS", "0"))
     if seconds:
         timer = threading.Timer(seconds, lambda: setattr(server, "should_exit", True))

@@ -61,3 +61,52 @@ def test_taken_metric_names_fail_clearly_and_keep_the_configuration(telemetry: T
         traced_tasks.configure(registry=taken)
     run((ok, ()))
     assert telemetry.value("background_task_scheduled_total", task=PREFIX + "ok") == 1
+
+
+CLASH = """
+import asyncio, logging
+logging.basicConfig(level=logging.ERROR, format="%(name)s|%(message)s")
+from prometheus_client import REGISTRY, Counter
+from starlette.testclient import TestClient
+Counter("background_task_wait_seconds", "an older metric of the application")
+import traced_tasks
+
+def cleanup():
+    pass
+
+async def batch():
+    tasks = traced_tasks.BackgroundTasks()
+    tasks.add_task(cleanup)
+    await tasks()
+
+asyncio.run(batch())
+asyncio.run(batch())
+print(REGISTRY.get_sample_value("background_task_scheduled_total", {"task": "__main__.cleanup"}))
+text = TestClient(traced_tasks.metrics_app).get("/").text
+print([line for line in text.splitlines() if line.startswith("background_task_scheduled_total")])
+"""
+
+
+def test_default_registry_clash_never_breaks_add_task() -> None:
+    """When the default registry already holds one of the names, add_task still works, the error is logged once,
+    nothing of ours is left half-registered there, and metrics_app serves the counts."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    result = subprocess.run(
+        [sys.executable, "-c", CLASH], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert result.stdout.splitlines() == ["None", "['background_task_scheduled_total{task=\"__main__.cleanup\"} 2.0']"]
+    assert len([line for line in result.stderr.splitlines() if line.startswith("traced_tasks|")]) == 1
+
+
+def test_failed_registration_leaves_the_registry_as_it_was(telemetry: Telemetry) -> None:
+    """A clash on one name registers none of the seven families, so configure() succeeds once the clash is gone."""
+    registry = CollectorRegistry()
+    clash = Counter("background_task_skipped", "someone else's", registry=registry)
+    with pytest.raises(ValueError, match="already registered"):
+        traced_tasks.configure(registry=registry)
+    assert [metric.name for metric in registry.collect()] == ["background_task_skipped"]
+    registry.unregister(clash)
+    traced_tasks.configure(registry=registry)
+    run((ok, ()))
+    assert registry.get_sample_value("background_task_scheduled_total", {"task": PREFIX + "ok"}) == 1

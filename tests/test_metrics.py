@@ -200,6 +200,61 @@ def test_task_label_is_the_qualified_function_name(telemetry: Telemetry, func: C
     assert span.name == "BackgroundTask " + name
 
 
+def twin(module: str) -> Callable[[], None]:
+    """A function named `send` in `module`, compiled from the same source as every other twin."""
+    namespace: dict[str, Any] = {"__name__": module}
+    exec(compile("def send():\n    pass\n", "<twin>", "exec"), namespace)
+    func: Callable[[], None] = namespace["send"]
+    return func
+
+
+def renaming_decorator(func: Callable[[], None]) -> Callable[[], None]:
+    def wrapper() -> None:
+        func()
+
+    wrapper.__qualname__ = func.__qualname__  # renamed, but no __wrapped__
+    return wrapper
+
+
+@renaming_decorator
+def renamed_one() -> None:
+    pass
+
+
+@renaming_decorator
+def renamed_two() -> None:
+    pass
+
+
+def test_functions_sharing_code_keep_their_names(telemetry: Telemetry) -> None:
+    """Functions whose code objects are equal or shared still get their own names: twins from two modules,
+    functions one decorator renamed, and method descriptors of different types."""
+    emails, sms = twin("emails"), twin("sms")
+    assert emails.__code__ == sms.__code__
+    run((emails, ()), (sms, ()), (renamed_one, ()), (renamed_two, ()), (str.upper, ("a",)), (list.clear, ([],)))
+    for name in ("emails.send", "sms.send", PREFIX + "renamed_one", PREFIX + "renamed_two", "builtins.str.upper"):
+        assert telemetry.value("background_task_duration_seconds_count", task=name, status="success") == 1, name
+    assert telemetry.value("background_task_duration_seconds_count", task="builtins.list.clear", status="success") == 1
+
+
+def test_nested_batch_counts_as_skipped(telemetry: Telemetry) -> None:
+    """A traced batch nested in a batch, behind a failing task, has each of its tasks counted as skipped."""
+    inner = BackgroundTasks()
+    inner.add_task(ok)
+    inner.add_task(ok_async)
+
+    async def main() -> None:
+        outer = BackgroundTasks()
+        outer.add_task(fail)
+        outer.tasks.append(inner)
+        with pytest.raises(KeyError):
+            await outer()
+
+    asyncio.run(main())
+    assert telemetry.value("background_task_skipped_total", task=PREFIX + "ok") == 1
+    assert telemetry.value("background_task_skipped_total", task=PREFIX + "ok_async") == 1
+
+
 def test_closures_made_per_request_share_one_series(telemetry: Telemetry) -> None:
     """A closure created anew for each request is one task name, not one per closure object."""
 
@@ -233,7 +288,8 @@ def test_task_names_past_the_cap_collapse_into_overflow(telemetry: Telemetry, ca
 
 
 def test_exception_labels_are_capped(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
-    """Past 100 exception classes, further classes count under the overflow label, with one warning."""
+    """Past 100 exception classes, further classes count under the overflow label with one warning, and are
+    not cached, so classes made at run time cannot grow memory."""
     from traced_tasks._metrics import MAX_EXCEPTION_TYPES
 
     kinds = [type(f"Error{index}", (Exception,), {}) for index in range(MAX_EXCEPTION_TYPES + 5)]
@@ -255,6 +311,8 @@ def test_exception_labels_are_capped(telemetry: Telemetry, caplog: pytest.LogCap
     )
     assert telemetry.value("background_task_exceptions_total", task=task, exception=traced_tasks.OVERFLOW) == 5
     assert len([record for record in caplog.records if "exception classes" in record.getMessage()]) == 1
+    cache = traced_tasks._config.current().task(raise_).metrics.exceptions
+    assert len(cache) == MAX_EXCEPTION_TYPES
 
 
 def test_exception_message_is_never_a_label(telemetry: Telemetry) -> None:

@@ -28,9 +28,9 @@ class BackgroundTask(background.BackgroundTask):
         if not callable(func):
             raise TypeError(f"a background task must be callable, got {func!r}")
         super().__init__(func, *args, **kwargs)
-        self._telemetry = telemetry = current()
         self._context = otel_context.get_current()
         self._scheduled_ns = time.perf_counter_ns()
+        self._telemetry = telemetry = current()
         task: TaskTelemetry | None
         try:
             task = telemetry.task(func)
@@ -88,6 +88,11 @@ class BackgroundTasks(background.BackgroundTasks):
             except BaseException:
                 # Starlette stops the batch at the first failure; count what never ran.
                 for later in tasks[index + 1 :]:
-                    if isinstance(later, BackgroundTask):
+                    if isinstance(later, (BackgroundTask, BackgroundTasks)):
                         later._skip()
                 raise
+
+    def _skip(self) -> None:
+        for task in self.tasks:
+            if isinstance(task, (BackgroundTask, BackgroundTasks)):
+                task._skip()

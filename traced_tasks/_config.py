@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -14,6 +15,8 @@ from traced_tasks._metrics import DEFAULT_BUCKETS
 from traced_tasks._telemetry import DEFAULT_MAX_TASK_NAMES, Telemetry
 
 _NAMESPACE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+logger = logging.getLogger("traced_tasks")
 
 _lock = threading.Lock()
 _current: Telemetry | None = None
@@ -78,6 +81,16 @@ def current() -> Telemetry:
     if telemetry is None:
         with _lock:
             if _current is None:
-                _current = Telemetry()
+                try:
+                    _current = Telemetry()
+                except ValueError:
+                    # Names taken in the default registry: count in a registry of our own, which
+                    # metrics_app still serves, rather than fail every add_task.
+                    logger.exception(
+                        "traced_tasks: cannot register its metrics in prometheus_client's default registry; "
+                        "they are served by traced_tasks.metrics_app only. Call traced_tasks.configure() "
+                        "with another namespace or registry to choose"
+                    )
+                    _current = Telemetry(registry=CollectorRegistry())
             telemetry = _current
     return telemetry

@@ -30,6 +30,7 @@ class TaskMetrics:
         "cancelled",
         "error",
         "exceptions",
+        "exceptions_overflow",
         "in_progress",
         "last_success",
         "name",
@@ -50,6 +51,7 @@ class TaskMetrics:
         self.error = families.duration.labels(name, names.STATUS_ERROR)
         self.cancelled = families.duration.labels(name, names.STATUS_CANCELLED)
         self.exceptions: dict[type[BaseException], Any] = {}
+        self.exceptions_overflow: Any = None
 
 
 class Metrics:
@@ -57,7 +59,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, namespace: str, buckets: Sequence[float]) -> None:
         task = [names.LABEL_TASK]
-        common: dict[str, Any] = {"namespace": namespace, "registry": registry}
+        # Made unregistered, then registered together below, so a clash leaves the registry as it was.
+        common: dict[str, Any] = {"namespace": namespace, "registry": None}
         self.scheduled = Counter(names.SCHEDULED, "Background tasks scheduled (add_task calls).", task, **common)
         self.wait = Histogram(
             names.WAIT,
@@ -107,6 +110,8 @@ class Metrics:
         self._registry = registry
         self._lock = threading.Lock()
         self._exception_names: set[str] = set()
+        self._exception_overflowed = False
+        self.register()
 
     def for_task(self, name: str) -> TaskMetrics:
         return TaskMetrics(self, name)
@@ -119,23 +124,35 @@ class Metrics:
         with self._lock:
             label = kind.__qualname__
             if label not in self._exception_names:
-                if len(self._exception_names) < MAX_EXCEPTION_TYPES:
-                    self._exception_names.add(label)
-                else:
-                    if len(self._exception_names) == MAX_EXCEPTION_TYPES:
-                        self._exception_names.add(names.OVERFLOW)
-                        logger.warning(
-                            "traced_tasks: more than %d exception classes seen; further ones are counted as %r",
-                            MAX_EXCEPTION_TYPES,
-                            names.OVERFLOW,
-                        )
-                    label = names.OVERFLOW
+                if len(self._exception_names) >= MAX_EXCEPTION_TYPES:
+                    return self._exception_overflow(task)
+                self._exception_names.add(label)
             child = task.exceptions[kind] = self.exceptions.labels(task.name, label)
             return child
 
+    def _exception_overflow(self, task: TaskMetrics) -> Any:
+        # Not cached by class: classes made at run time would grow the cache without end.
+        if not self._exception_overflowed:
+            self._exception_overflowed = True
+            logger.warning(
+                "traced_tasks: more than %d exception classes seen; further ones are counted as %r",
+                MAX_EXCEPTION_TYPES,
+                names.OVERFLOW,
+            )
+        if task.exceptions_overflow is None:
+            task.exceptions_overflow = self.exceptions.labels(task.name, names.OVERFLOW)
+        return task.exceptions_overflow
+
     def register(self) -> None:
-        for family in self._families:
-            self._registry.register(family)
+        registered = []
+        try:
+            for family in self._families:
+                self._registry.register(family)
+                registered.append(family)
+        except ValueError:
+            for family in registered:
+                self._registry.unregister(family)
+            raise
 
     def unregister(self) -> None:
         for family in self._families:

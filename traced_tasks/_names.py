@@ -35,5 +35,8 @@ ATTR_FILE = "code.file.path"
 ATTR_LINE = "code.line.number"
 ATTR_ERROR_TYPE = "error.type"
 ATTR_STATUS = "background_task.status"
+EVENT_EXCEPTION = "exception"
+ATTR_EXCEPTION_TYPE = "exception.type"
+ATTR_EXCEPTION_STACKTRACE = "exception.stacktrace"
 
 INSTRUMENTATION_NAME = "traced_tasks"

@@ -1,4 +1,4 @@
-"""Turn a task's callable into a stable name, a code location and a cache key."""
+"""Turn a task's callable into a stable name and a code location."""
 
 from __future__ import annotations
 
@@ -18,25 +18,6 @@ class TaskIdentity:
     line: int | None
 
 
-def cache_key(func: Callable[..., Any]) -> object:
-    """The key under which a callable's identity is cached.
-
-    Code objects are shared by every closure made from one `def`, so closures created per request
-    do not grow the cache; decorated functions share their wrapper's code, so they are unwrapped first.
-    """
-    code: object = getattr(func, "__code__", None)
-    if code is not None and not hasattr(func, "__wrapped__"):
-        return code
-    target = _unwrap(func)
-    code = getattr(target, "__code__", None)
-    if code is not None:
-        return code
-    if isinstance(target, (type, types.BuiltinFunctionType, types.BuiltinMethodType)):
-        # Bound builtins such as `some_list.append` are new objects on every access: key them by name.
-        return identify(target).name
-    return type(target)
-
-
 def identify(func: Callable[..., Any]) -> TaskIdentity:
     """The fully qualified name and code location of what `func` runs."""
     target = _unwrap(func)
@@ -45,9 +26,10 @@ def identify(func: Callable[..., Any]) -> TaskIdentity:
         owner = type(target)  # a callable object: name it by its class
         target = owner.__call__
     module = getattr(owner, "__module__", None)
-    bound_to = getattr(owner, "__self__", None)
-    if module is None and bound_to is not None:
-        module = type(bound_to).__module__  # a bound builtin method such as `some_list.append`
+    if module is None and hasattr(owner, "__objclass__"):
+        module = owner.__objclass__.__module__  # a method of a builtin type: `str.upper`
+    elif module is None and hasattr(owner, "__self__"):
+        module = type(owner.__self__).__module__  # a bound one: `some_list.append`
     qualname = owner.__qualname__
     name = f"{module}.{qualname}" if module else qualname
     code = getattr(target, "__code__", None)

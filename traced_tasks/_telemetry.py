@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from traced_tasks import _names as names
 from traced_tasks._metrics import DEFAULT_BUCKETS, Metrics, TaskMetrics
-from traced_tasks._naming import cache_key, identify
+from traced_tasks._naming import identify
 from traced_tasks._version import __version__
 
 logger = logging.getLogger("traced_tasks")
@@ -30,12 +34,13 @@ DEFAULT_MAX_TASK_NAMES = 1000
 class TaskTelemetry:
     """What every run of one callable shares: its span name, span attributes and metric children."""
 
-    __slots__ = ("attributes", "metrics", "span_name")
+    __slots__ = ("attributes", "code", "metrics", "span_name")
 
-    def __init__(self, span_name: str, attributes: dict[str, str | int], metrics: TaskMetrics) -> None:
+    def __init__(self, span_name: str, attributes: dict[str, str | int], metrics: TaskMetrics, code: object) -> None:
         self.span_name = span_name
         self.attributes = attributes
         self.metrics = metrics
+        self.code = code  # keeps the code object, whose id() is part of the cache key, alive
 
 
 class Telemetry:
@@ -64,15 +69,21 @@ class Telemetry:
         self._reported: set[str] = set()
 
     def task(self, func: Callable[..., Any]) -> TaskTelemetry:
-        key: object = getattr(func, "__code__", None)
-        if key is None or hasattr(func, "__wrapped__"):
-            key = cache_key(func)
+        target: Any = func
+        while type(target) is functools.partial:
+            target = target.func
+        code = getattr(target, "__code__", None)
+        # Functions and bound methods are keyed by their code object, which every closure made from one `def`
+        # shares, so closures created per request stay one entry; the names tell apart functions that share
+        # code, such as those one decorator makes. id(), because equal code objects can live in different
+        # modules; the cached entry holds the code, so its id is not reused. Other callables go by name.
+        key = (id(code), target.__module__, target.__qualname__) if code is not None else identify(target).name
         task = self._tasks.get(key)
         if task is None:
-            task = self._resolve(func, key)
+            task = self._resolve(target, key, code)
         return task
 
-    def _resolve(self, func: Callable[..., Any], key: object) -> TaskTelemetry:
+    def _resolve(self, func: Callable[..., Any], key: object, code: object) -> TaskTelemetry:
         with self._lock:
             task = self._tasks.get(key)
             if task is not None:
@@ -88,7 +99,7 @@ class Telemetry:
             if identity.file is not None and identity.line is not None:
                 attributes[names.ATTR_FILE] = identity.file
                 attributes[names.ATTR_LINE] = identity.line
-            task = TaskTelemetry(names.SPAN_NAME_PREFIX + identity.name, attributes, metrics)
+            task = TaskTelemetry(names.SPAN_NAME_PREFIX + identity.name, attributes, metrics, code)
             # Only code generated at run time (exec, eval) makes new keys without end; past this, resolve each time.
             if len(self._tasks) < 4 * self.max_task_names:
                 self._tasks[key] = task
@@ -106,9 +117,10 @@ class Telemetry:
 
     def report(self, part: str) -> None:
         """Log the exception being handled, once per part, so a broken exporter cannot flood the logs."""
-        if part in self._reported:
-            return
-        self._reported.add(part)
+        with self._lock:
+            if part in self._reported:
+                return
+            self._reported.add(part)
         logger.exception("traced_tasks: %s failed; tasks run on without it, and later failures are not logged", part)
 
     def start(self, task: TaskTelemetry, parent: Context, scheduled_ns: int) -> Run:
@@ -131,6 +143,9 @@ class Telemetry:
             token = otel_context.attach(trace.set_span_in_context(span, parent))
         except Exception:
             self.report("tracing")
+            if token is None:
+                with contextlib.suppress(Exception):
+                    token = otel_context.attach(parent)
         metrics = task.metrics
         try:
             metrics.wait.observe((started_ns - scheduled_ns) / 1e9)
@@ -169,15 +184,16 @@ class Run:
     def finish(self, exc: BaseException | None) -> None:
         """Close the span and count the outcome; never raises."""
         seconds = (time.perf_counter_ns() - self.started_ns) / 1e9
-        cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
+        cancelled = exc is not None and _is_cancellation(exc)
+        if self.token is not None:
+            otel_context.detach(self.token)  # type: ignore[arg-type]  # logs, never raises
         exemplar = None
         span = self.span
         if span is not None:
             try:
-                if self.token is not None:
-                    otel_context.detach(self.token)  # type: ignore[arg-type]
                 span_context = span.get_span_context()
-                if span_context.trace_flags.sampled:
+                # Without an SDK, the API's tracer hands back the caller's span: no exemplar to a span we did not make.
+                if span_context.trace_flags.sampled and span.is_recording():
                     exemplar = {
                         names.EXEMPLAR_TRACE_ID: trace.format_trace_id(span_context.trace_id),
                         names.EXEMPLAR_SPAN_ID: trace.format_span_id(span_context.span_id),
@@ -185,7 +201,7 @@ class Run:
                 if cancelled:
                     span.set_attribute(names.ATTR_STATUS, names.STATUS_CANCELLED)
                 elif exc is not None:
-                    span.record_exception(exc, escaped=True)
+                    span.add_event(names.EVENT_EXCEPTION, _exception_attributes(exc))
                     span.set_attribute(names.ATTR_ERROR_TYPE, type(exc).__qualname__)
                     span.set_status(Status(StatusCode.ERROR))
                 span.end()
@@ -204,3 +220,29 @@ class Run:
                 self.telemetry.metrics.exception(metrics, type(exc)).inc()
         except Exception:
             self.telemetry.report("metrics")
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    # GeneratorExit: the task's coroutine was closed, as at interpreter shutdown.
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return True
+    try:
+        return isinstance(exc, anyio.get_cancelled_exc_class())  # trio's Cancelled under the trio backend
+    except Exception:  # no async library running
+        return False
+
+
+def _exception_attributes(exc: BaseException) -> dict[str, str]:
+    """The exception event's attributes, without the exception's message, which may hold personal data.
+
+    Span.record_exception would add the message twice: as exception.message and as the last line of
+    the stack trace.
+    """
+    kind = type(exc)
+    module = kind.__module__
+    name = kind.__qualname__ if module in (None, "builtins") else f"{module}.{kind.__qualname__}"
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    return {
+        names.ATTR_EXCEPTION_TYPE: name,
+        names.ATTR_EXCEPTION_STACKTRACE: f"Traceback (most recent call last):\n{stack}{name}",
+    }

@@ -1,0 +1,388 @@
+"""Write the Grafana dashboards in this folder from one description.
+
+    python dashboards/generate.py
+
+The JSON files are committed; a test fails when they differ from what this script writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+SELECTOR = 'job=~"$job", instance=~"$instance", task=~"$task"'
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+TAGS = ["traced_tasks", "background-tasks"]
+SCHEMA_VERSION = 39
+ERRORS = 'status="error"'
+
+
+def rate(metric: str, extra: str = "", window: str = "$__rate_interval", func: str = "rate") -> str:
+    selector = SELECTOR + (f", {extra}" if extra else "")
+    return f"{func}({metric}{{{selector}}}[{window}])"
+
+
+def quantile(q: float, metric: str, by: str = "le", window: str = "$__rate_interval", func: str = "rate") -> str:
+    return f"histogram_quantile({q}, sum by ({by}) ({rate(metric, window=window, func=func)}))"
+
+
+def target(expr: str, legend: str, ref: str, **extra: Any) -> dict[str, Any]:
+    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": ref, **extra}
+
+
+def panel(
+    title: str,
+    description: str,
+    unit: str,
+    targets: list[dict[str, Any]],
+    grid: tuple[int, int, int, int],
+    kind: str = "timeseries",
+    **extra: Any,
+) -> dict[str, Any]:
+    x, y, w, h = grid
+    result: dict[str, Any] = {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["mean", "max"]}},
+        "targets": targets,
+    }
+    if kind == "timeseries":
+        result["fieldConfig"]["defaults"]["custom"] = {"fillOpacity": 10, "showPoints": "never"}
+    result.update(extra)
+    return result
+
+
+def variables(extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def query(name: str, label: str, expr: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "label": label,
+            "type": "query",
+            "datasource": DATASOURCE,
+            "query": {"query": f"label_values({expr}, {name})", "refId": f"{name}-values"},
+            "definition": f"label_values({expr}, {name})",
+            "refresh": 2,
+            "multi": True,
+            "includeAll": True,
+            "allValue": ".*",
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+            "sort": 1,
+        }
+
+    return {
+        "list": [
+            {
+                "name": "datasource",
+                "label": "Data source",
+                "type": "datasource",
+                "query": "prometheus",
+                "current": {},
+                "refresh": 1,
+            },
+            query("job", "Job", "background_task_scheduled_total"),
+            query("instance", "Instance", 'background_task_scheduled_total{job=~"$job"}'),
+            query("task", "Task", 'background_task_scheduled_total{job=~"$job", instance=~"$instance"}'),
+            *(extra or []),
+        ]
+    }
+
+
+def dashboard(uid: str, title: str, description: str, panels: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    for index, item in enumerate(panels, start=1):
+        item["id"] = index
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": TAGS,
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "editable": True,
+        "graphTooltip": 1,
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "30s",
+        "timezone": "browser",
+        "templating": variables(extra.pop("extra_variables", None)),
+        "annotations": {"list": []},
+        "links": [],
+        "panels": panels,
+        **extra,
+    }
+
+
+def overview() -> dict[str, Any]:
+    runs = "background_task_duration_seconds_count"
+    duration = "background_task_duration_seconds_bucket"
+    never_started = (
+        f"sum by (task) ({rate('background_task_scheduled_total', func='increase')})"
+        f" - sum by (task) ({rate(runs, func='increase')})"
+        f" - sum by (task) ({rate('background_task_skipped_total', func='increase')})"
+        f" - sum by (task) (background_task_in_progress{{{SELECTOR}}})"
+    )
+    top_runs = f"topk(10, sum by (task) ({rate(runs, window='$__range', func='increase')}))"
+    table_targets = [
+        target(top_runs, "runs", "A", instant=True, format="table"),
+        target(
+            f"sum by (task) ({rate(runs, ERRORS, window='$__range', func='increase')})",
+            "errors",
+            "B",
+            instant=True,
+            format="table",
+        ),
+        target(
+            quantile(0.95, duration, by="task, le", window="$__range", func="increase"),
+            "p95",
+            "C",
+            instant=True,
+            format="table",
+        ),
+        target(
+            quantile(0.95, "background_task_wait_seconds_bucket", by="task, le", window="$__range", func="increase"),
+            "wait p95",
+            "D",
+            instant=True,
+            format="table",
+        ),
+    ]
+    panels = [
+        panel(
+            "Runs by status",
+            "Finished task runs per second, by outcome: success, error or cancelled.",
+            "ops",
+            [target(f"sum by (status) ({rate(runs)})", "{{status}}", "A")],
+            (0, 0, 12, 8),
+        ),
+        panel(
+            "Error ratio",
+            "Share of finished runs that raised, over all selected tasks.",
+            "percentunit",
+            [
+                target(
+                    f"sum({rate(runs, ERRORS)}) / sum({rate(runs)})",
+                    "error ratio",
+                    "A",
+                )
+            ],
+            (12, 0, 12, 8),
+        ),
+        panel(
+            "Run time percentiles",
+            "p50, p95 and p99 of task run time. Exemplars link each point to the trace of one run.",
+            "s",
+            [
+                target(quantile(0.5, duration), "p50", "A", exemplar=True),
+                target(quantile(0.95, duration), "p95", "B", exemplar=True),
+                target(quantile(0.99, duration), "p99", "C", exemplar=True),
+            ],
+            (0, 8, 12, 8),
+        ),
+        panel(
+            "Wait time p95 by task",
+            "p95 of the time from add_task to the start of the run: response sending plus earlier tasks of the batch.",
+            "s",
+            [target(quantile(0.95, "background_task_wait_seconds_bucket", by="task, le"), "{{task}}", "A")],
+            (12, 8, 12, 8),
+        ),
+        panel(
+            "In progress",
+            "Tasks running now, by task.",
+            "short",
+            [target(f"sum by (task) (background_task_in_progress{{{SELECTOR}}})", "{{task}}", "A")],
+            (0, 16, 8, 8),
+        ),
+        panel(
+            "Skipped",
+            "Tasks per second that never started because an earlier task of their batch failed.",
+            "ops",
+            [target(f"sum by (task) ({rate('background_task_skipped_total')})", "{{task}}", "A")],
+            (8, 16, 8, 8),
+        ),
+        panel(
+            "Scheduled, never started",
+            "Tasks scheduled in each interval minus those finished, skipped or running: tasks dropped because the "
+            "endpoint raised after add_task or returned its own background. Short spikes are tasks crossing an "
+            "interval boundary; a lasting positive value is lost work.",
+            "short",
+            [target(never_started, "{{task}}", "A")],
+            (16, 16, 8, 8),
+        ),
+        panel(
+            "Exceptions by type",
+            "Failed runs per second, by task and exception class.",
+            "ops",
+            [
+                target(
+                    f"sum by (task, exception) ({rate('background_task_exceptions_total')})",
+                    "{{task}}: {{exception}}",
+                    "A",
+                )
+            ],
+            (0, 24, 12, 8),
+        ),
+        panel(
+            "Top tasks over the range",
+            "The ten tasks with the most runs in the dashboard's time range, with their errors, p95 run time and "
+            "p95 wait.",
+            "short",
+            table_targets,
+            (12, 24, 12, 8),
+            kind="table",
+            transformations=[
+                {"id": "merge", "options": {}},
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {"Time": True},
+                        "renameByName": {
+                            "Value #A": "runs",
+                            "Value #B": "errors",
+                            "Value #C": "p95 run time",
+                            "Value #D": "p95 wait",
+                        },
+                    },
+                },
+                {"id": "sortBy", "options": {"sort": [{"field": "runs", "desc": True}]}},
+            ],
+        ),
+    ]
+    for item in panels:
+        if item["type"] == "table":
+            item["options"] = {"showHeader": True}
+            item["fieldConfig"]["overrides"] = [
+                {"matcher": {"id": "byRegexp", "options": "p95.*"}, "properties": [{"id": "unit", "value": "s"}]}
+            ]
+    return dashboard(
+        "traced-tasks-overview",
+        "Background tasks: overview",
+        "Every background task traced_tasks sees: runs, failures, run and wait time, skipped and lost work.",
+        panels,
+    )
+
+
+def per_task() -> dict[str, Any]:
+    runs = "background_task_duration_seconds_count"
+    duration = "background_task_duration_seconds_bucket"
+    jaeger_search = "${jaeger_url}/search?service=${service}&operation=BackgroundTask%20${task}&limit=20"
+    trace_link = {"title": "Traces of ${task} in Jaeger", "url": jaeger_search, "targetBlank": True}
+    span_link = {
+        "title": "Traces of ${__field.labels.task} in Jaeger",
+        "url": "${jaeger_url}/search?service=${service}&operation=BackgroundTask%20${__field.labels.task}&limit=20",
+        "targetBlank": True,
+    }
+    panels = [
+        panel(
+            "Runs by status",
+            "Finished runs per second of the selected tasks, by outcome.",
+            "ops",
+            [target(f"sum by (task, status) ({rate(runs)})", "{{task}} {{status}}", "A")],
+            (0, 0, 12, 8),
+            links=[trace_link],
+        ),
+        panel(
+            "Errors by exception",
+            "Failed runs per second, by exception class.",
+            "ops",
+            [
+                target(
+                    f"sum by (task, exception) ({rate('background_task_exceptions_total')})",
+                    "{{task}}: {{exception}}",
+                    "A",
+                )
+            ],
+            (12, 0, 12, 8),
+        ),
+        panel(
+            "Run time distribution",
+            "How many runs fell in each run-time bucket, per interval.",
+            "s",
+            [target(f"sum by (le) ({rate(duration)})", "{{le}}", "A", format="heatmap")],
+            (0, 8, 12, 9),
+            kind="heatmap",
+            options={
+                "calculate": False,
+                "yAxis": {"unit": "s"},
+                "color": {"scheme": "Oranges", "mode": "scheme"},
+                "cellGap": 1,
+                "exemplars": {"color": "rgba(255,0,255,0.7)"},
+            },
+        ),
+        panel(
+            "Run time percentiles",
+            "p50, p95 and p99 run time by task; exemplars open the trace of one run, the data link lists its traces.",
+            "s",
+            [
+                target(quantile(0.5, duration, by="task, le"), "{{task}} p50", "A", exemplar=True),
+                target(quantile(0.95, duration, by="task, le"), "{{task}} p95", "B", exemplar=True),
+                target(quantile(0.99, duration, by="task, le"), "{{task}} p99", "C", exemplar=True),
+            ],
+            (12, 8, 12, 9),
+        ),
+        panel(
+            "Wait time",
+            "p50 and p95 of the time from add_task to the start of the run.",
+            "s",
+            [
+                target(quantile(0.5, "background_task_wait_seconds_bucket", by="task, le"), "{{task}} p50", "A"),
+                target(quantile(0.95, "background_task_wait_seconds_bucket", by="task, le"), "{{task}} p95", "B"),
+            ],
+            (0, 17, 12, 8),
+        ),
+        panel(
+            "Skipped and in progress",
+            "Runs per second skipped after an earlier failure in their batch, and tasks running now.",
+            "short",
+            [
+                target(f"sum by (task) ({rate('background_task_skipped_total')})", "{{task}} skipped/s", "A"),
+                target(f"sum by (task) (background_task_in_progress{{{SELECTOR}}})", "{{task}} running", "B"),
+            ],
+            (12, 17, 12, 8),
+        ),
+    ]
+    panels[3]["fieldConfig"]["defaults"]["links"] = [span_link]
+    text_variable = {"type": "textbox", "current": {}, "hide": 0}
+    return dashboard(
+        "traced-tasks-task",
+        "Background tasks: per task",
+        "One or a few background tasks in detail, with links to their traces in Jaeger.",
+        panels,
+        extra_variables=[
+            {
+                **text_variable,
+                "name": "service",
+                "label": "Service (Jaeger)",
+                "query": "",
+                "description": "The service.name your spans are exported with.",
+            },
+            {
+                **text_variable,
+                "name": "jaeger_url",
+                "label": "Jaeger URL",
+                "query": "http://localhost:16686",
+                "current": {"text": "http://localhost:16686", "value": "http://localhost:16686"},
+            },
+        ],
+        links=[{"title": "Overview", "type": "dashboards", "tags": TAGS, "asDropdown": False}],
+    )
+
+
+DASHBOARDS = {"overview.json": overview, "task.json": per_task}
+
+
+def render(name: str) -> str:
+    return json.dumps(DASHBOARDS[name](), indent=2) + "\n"
+
+
+def main() -> None:
+    for name in DASHBOARDS:
+        (HERE / name).write_text(render(name))
+
+
+if __name__ == "__main__":
+    main()
