@@ -1,0 +1,226 @@
+"""Every dashboard query and rule, run against a real Prometheus scraping a real service that uses traced_tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+import traced_tasks
+from tests.conftest import Telemetry
+from tests.dashboards import RULES, concrete, queries, rules
+from tests.support import Server, free_port, require_tool, wait_until
+from traced_tasks import BackgroundTasks
+
+JOB = "traced-tasks-test"
+
+
+class ChargeFailed(Exception):
+    pass
+
+
+def send_receipt(order: int) -> None:
+    time.sleep(random.uniform(0.001, 0.02))
+
+
+async def charge(order: int) -> None:
+    await asyncio.sleep(random.uniform(0.001, 0.02))
+    if order % 3 == 0:
+        raise ChargeFailed()
+
+
+async def notify_warehouse(order: int) -> None:
+    await asyncio.sleep(0.001)
+
+
+def shop() -> Starlette:
+    async def place_order(request: Request) -> Response:
+        order = int(request.path_params["order"])
+        tasks = BackgroundTasks()
+        tasks.add_task(send_receipt, order)
+        tasks.add_task(charge, order)  # fails for every third order...
+        tasks.add_task(notify_warehouse, order)  # ...which then skips this one
+        return PlainTextResponse("ok", background=tasks)
+
+    return Starlette(
+        routes=[
+            Route("/orders/{order:int}", place_order, methods=["POST"]),
+            Mount("/metrics", traced_tasks.metrics_app),
+        ]
+    )
+
+
+class Prometheus:
+    def __init__(self, binary: str, folder: Path, target: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        rule_file = yaml.safe_load(RULES.read_text())
+        for group in rule_file["groups"]:
+            group["interval"] = "1s"  # evaluate soon enough for the test to read each rule's health
+        (folder / "rules.yml").write_text(yaml.safe_dump(rule_file))
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["rules.yml"],
+            "scrape_configs": [
+                {"job_name": JOB, "metrics_path": "/metrics/", "static_configs": [{"targets": [target]}]}
+            ],
+        }
+        (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = (folder / "prometheus.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--enable-feature=exemplar-storage",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+        def ready() -> bool:
+            try:
+                return httpx.get(self.url + "/-/ready").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, timeout=60)
+
+    def api(self, path: str, **params: Any) -> Any:
+        response = httpx.get(self.url + "/api/v1/" + path, params=params, timeout=30)
+        body = response.json()
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.api("query", query=expr)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    return require_tool("prometheus")
+
+
+def test_dashboards_and_rules_against_real_prometheus(
+    telemetry: Telemetry, serve: type[Server], prometheus_binary: str, tmp_path: Path
+) -> None:
+    """With live traffic (successes, failures, skips), every dashboard query and rule expression succeeds, every
+    panel query and recording rule returns data, every rule evaluates healthily, and Prometheus holds exemplars
+    whose trace IDs are spans the service exported."""
+    service = serve(shop())
+    target = f"127.0.0.1:{service.port}"
+    prometheus = Prometheus(prometheus_binary, tmp_path, target)
+    stop = threading.Event()
+
+    def traffic() -> None:
+        order = 0
+        # Connection: close, since uvicorn drops a kept-alive connection after a task of its request failed.
+        with httpx.Client(base_url=service.url, headers={"connection": "close"}) as client:
+            while not stop.wait(0.02):
+                order += 1
+                client.post(f"/orders/{order}")
+
+    driver = threading.Thread(target=traffic, daemon=True)
+    driver.start()
+    try:
+        # Enough scrapes for rates over 5 s windows, and rules evaluated more than once.
+        wait_until(lambda: prometheus.query(f'count_over_time(up{{job="{JOB}"}}[1m]) >= 8'), timeout=90)
+        check_every_query(prometheus, target)
+        check_rules(prometheus)
+        check_exemplars(prometheus, telemetry)
+    finally:
+        stop.set()
+        driver.join(timeout=30)
+        prometheus.stop()
+
+
+def check_every_query(prometheus: Prometheus, target: str) -> None:
+    task = "tests.test_prometheus.charge"
+    variables = {
+        "job": JOB,
+        "instance": target.replace(".", "\\\\."),
+        "task": task.replace(".", "\\\\."),
+        "__rate_interval": "5s",
+        "__range": "1m",
+        "__interval": "1s",
+    }
+    empty = []
+    checked = 0
+    for query in queries():
+        result = prometheus.query(concrete(query.expr, variables))
+        checked += 1
+        if not result:
+            empty.append(f"{query.dashboard} / {query.panel}: {query.expr}")
+    assert checked >= 20
+    assert empty == []
+    for name, selector in (
+        ("job", "background_task_scheduled_total"),
+        ("instance", f'background_task_scheduled_total{{job=~"{JOB}"}}'),
+        ("task", f'background_task_scheduled_total{{job=~"{JOB}", instance=~".*"}}'),
+    ):
+        values = prometheus.api(f"label/{name}/values", **{"match[]": selector})
+        assert values, name
+
+
+def check_rules(prometheus: Prometheus) -> None:
+    for rule in rules():
+        result = prometheus.query(rule["expr"])
+        if "record" in rule:
+            assert result, rule["record"]
+
+    def all_evaluated() -> bool:
+        groups = prometheus.api("rules")["groups"]
+        return all(rule.get("lastEvaluation", "").startswith("20") for group in groups for rule in group["rules"])
+
+    wait_until(all_evaluated, timeout=60)
+    loaded = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
+    assert len(loaded) == len(list(rules()))
+    assert [(rule["name"], rule.get("lastError")) for rule in loaded if rule["health"] != "ok"] == []
+    # The recorded series exist, under the names the alerts read.
+    assert prometheus.query("job_task:background_task_errors:ratio_rate5m")
+    assert prometheus.query(
+        'job_task:background_task_skipped_total:increase10m{task="tests.test_prometheus.notify_warehouse"} > 0'
+    )
+
+
+def check_exemplars(prometheus: Prometheus, telemetry: Telemetry) -> None:
+    now = time.time()
+    data = prometheus.api(
+        "query_exemplars", query="background_task_duration_seconds_bucket", start=now - 300, end=now + 60
+    )
+    exemplars = [exemplar for series in data for exemplar in series["exemplars"]]
+    assert exemplars
+    exported = {format(span.context.trace_id, "032x") for span in telemetry.task_spans()}
+    trace_ids = {exemplar["labels"]["trace_id"] for exemplar in exemplars}
+    assert trace_ids <= exported
+    statuses = {series["seriesLabels"]["status"] for series in data}
+    assert {"success", "error"} <= statuses
+
+
+def test_prometheus_fixture_can_fail(prometheus_binary: str, tmp_path: Path) -> None:
+    """Control: a query for a metric nothing exposes returns no data, so an empty panel would be caught."""
+    prometheus = Prometheus(prometheus_binary, tmp_path, f"127.0.0.1:{free_port()}")
+    try:
+        assert prometheus.query("background_task_nonexistent_total") == []
+    finally:
+        prometheus.stop()
