@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -95,8 +96,8 @@ def test_exposition_passes_promtool(telemetry: Telemetry) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def start_workers(tmp_path: Path) -> Iterator[str]:
     """`uvicorn --workers 2` serving tests/apps/workers.py in multiprocess mode; yields its base URL."""
     port = free_port()
     metrics_dir = tmp_path / "metrics"
@@ -120,6 +121,12 @@ def workers(tmp_path: Path) -> Iterator[str]:
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[str]:
+    with start_workers(tmp_path) as url:
+        yield url
 
 
 def test_multiprocess_sums_every_worker(workers: str) -> None:

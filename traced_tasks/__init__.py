@@ -4,7 +4,7 @@ from traced_tasks import BackgroundTasks      # instead of fastapi's or starlett
 app.mount("/metrics", traced_tasks.metrics_app)
 """
 
-from traced_tasks import _fastapi
+from traced_tasks import _exposition, _fastapi, _multiprocess
 from traced_tasks._background import BackgroundTask, BackgroundTasks
 from traced_tasks._config import configure
 from traced_tasks._exposition import make_metrics_app
@@ -25,7 +25,11 @@ __all__ = [
     "setup_tracing",
 ]
 
-metrics_app = make_metrics_app()
-"""The /metrics ASGI app for the configuration in force: `app.mount("/metrics", traced_tasks.metrics_app)`."""
+_multiprocess.check_directory()
+
+metrics_app = _exposition.default_metrics_app()
+"""The /metrics ASGI app for the configuration in force: `app.mount("/metrics", traced_tasks.metrics_app)`.
+
+It requires `Authorization: Bearer <token>` when TRACED_TASKS_METRICS_TOKEN is set at startup."""
 
 _fastapi.install()

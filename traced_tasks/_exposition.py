@@ -2,32 +2,51 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 
 from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from traced_tasks import _multiprocess
 from traced_tasks._config import current
 
+TOKEN_ENV = "TRACED_TASKS_METRICS_TOKEN"
 
-def make_metrics_app(registry: CollectorRegistry | None = None) -> ASGIApp:
+
+def make_metrics_app(registry: CollectorRegistry | None = None, *, bearer_token: str | None = None) -> ASGIApp:
     """An ASGI app that serves `registry` in the Prometheus text format, or OpenMetrics with exemplars
     when the scraper asks for it.
 
     With no registry it serves the one traced_tasks is configured with. When `PROMETHEUS_MULTIPROC_DIR`
     is set, it serves the sum of every worker process instead, read from that folder on each scrape.
+    With a `bearer_token`, requests without `Authorization: Bearer <token>` get 401.
 
-        app.mount("/metrics", make_metrics_app(my_registry))
+        app.mount("/metrics", make_metrics_app(my_registry, bearer_token=os.environ["METRICS_TOKEN"]))
     """
+    expected = f"Bearer {bearer_token}".encode() if bearer_token else None
+    unauthorized = PlainTextResponse("unauthorized\n", 401, {"WWW-Authenticate": 'Bearer realm="metrics"'})
 
     async def metrics_app(scope: Scope, receive: Receive, send: Send) -> None:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if expected is not None:
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, expected):
+                await unauthorized(scope, receive, send)
+                return
+        folder = _multiprocess.directory()
+        if folder is not None:
+            _multiprocess.forget_dead_workers(folder)
             # A fresh registry per scrape, as prometheus_client's multiprocess mode requires.
             served = CollectorRegistry()
-            MultiProcessCollector(served)  # type: ignore[no-untyped-call]
+            MultiProcessCollector(served, folder)  # type: ignore[no-untyped-call]
         else:
             served = registry if registry is not None else current().registry
         await make_asgi_app(served)(scope, receive, send)
 
     return metrics_app
+
+
+def default_metrics_app() -> ASGIApp:
+    return make_metrics_app(bearer_token=os.environ.get(TOKEN_ENV) or None)

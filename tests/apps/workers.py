@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from fastapi import FastAPI
@@ -20,4 +21,14 @@ def record_order(order_id: int) -> None:
 @app.post("/orders/{order_id}")
 def place_order(order_id: int, tasks: BackgroundTasks) -> dict[str, int]:
     tasks.add_task(record_order, order_id)
+    return {"pid": os.getpid()}
+
+
+async def long_job() -> None:
+    await asyncio.sleep(3600)
+
+
+@app.post("/long")
+def start_long_job(tasks: BackgroundTasks) -> dict[str, int]:
+    tasks.add_task(long_job)
     return {"pid": os.getpid()}

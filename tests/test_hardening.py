@@ -1,0 +1,250 @@
+"""Bad input, odd names, exposure, a broken span pipeline, and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+import traced_tasks
+from tests.conftest import Telemetry
+from tests.support import Server, require_tool, wait_until
+from traced_tasks import BackgroundTasks
+
+ROOT = Path(__file__).resolve().parent.parent
+ODD = 'quote" back\\slash\nnewline ünïcødé ✓'
+
+
+def python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    variables = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**variables, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("problem", ["missing", "a file"])
+def test_unusable_multiprocess_directory_fails_at_import(tmp_path: Path, problem: str) -> None:
+    """A PROMETHEUS_MULTIPROC_DIR that is missing or not a directory stops the service at startup, saying what to do."""
+    path = tmp_path / "metrics"
+    if problem == "a file":
+        path.write_text("")
+    result = python("import traced_tasks", PROMETHEUS_MULTIPROC_DIR=str(path))
+    assert result.returncode == 1
+    assert f"RuntimeError: PROMETHEUS_MULTIPROC_DIR={str(path)!r} is not a directory: create it" in result.stderr
+
+
+def test_odd_task_and_exception_names_keep_the_exposition_valid(telemetry: Telemetry) -> None:
+    """Quotes, backslashes, newlines and non-ASCII in task and exception names survive both formats exactly."""
+
+    def task() -> None:
+        raise OddError()
+
+    task.__qualname__ = ODD
+    OddError = type("OddError", (Exception,), {"__qualname__": ODD})
+
+    async def main() -> None:
+        tasks = BackgroundTasks()
+        tasks.add_task(task)
+        with pytest.raises(OddError):
+            await tasks()
+
+    asyncio.run(main())
+    name = f"tests.test_hardening.{ODD}"
+    assert telemetry.value("background_task_exceptions_total", task=name, exception=ODD) == 1
+
+    text = TestClient(traced_tasks.make_metrics_app(telemetry.registry)).get("/").text
+    openmetrics = generate_openmetrics(telemetry.registry).decode()
+    for families in (parse_text(text), parse_openmetrics(openmetrics)):
+        samples = [sample for family in families for sample in family.samples]
+        assert {"task": name, "exception": ODD} in [sample.labels for sample in samples]
+        exemplars = [sample.exemplar for sample in samples if sample.exemplar]
+        for exemplar in exemplars:
+            assert sum(len(key) + len(value) for key, value in exemplar.labels.items()) <= 128
+    promtool = require_tool("promtool")
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_bearer_token(telemetry: Telemetry) -> None:
+    """With a bearer token, /metrics answers 401 without it or with a wrong one, and the metrics with it."""
+    client = TestClient(traced_tasks.make_metrics_app(telemetry.registry, bearer_token="s3cret"))
+    traced_tasks.BackgroundTask(print)  # something to serve
+    assert client.get("/").status_code == 401
+    assert client.get("/", headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/", headers={"authorization": "s3cret"}).status_code == 401
+    served = client.get("/", headers={"authorization": "Bearer s3cret"})
+    assert served.status_code == 200
+    assert "background_task_scheduled_total" in served.text
+
+
+def test_default_metrics_app_takes_its_token_from_the_environment() -> None:
+    """TRACED_TASKS_METRICS_TOKEN at startup protects traced_tasks.metrics_app."""
+    code = """
+from starlette.testclient import TestClient
+import traced_tasks
+client = TestClient(traced_tasks.metrics_app)
+print(client.get("/").status_code, client.get("/", headers={"authorization": "Bearer t0ken"}).status_code)
+"""
+    result = python(code, TRACED_TASKS_METRICS_TOKEN="t0ken")
+    assert result.stdout.split() == ["401", "200"], result.stderr
+
+
+class HangingExporter(SpanExporter):
+    """An exporter stuck on a dead collector until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.calls += 1
+        self.release.wait()
+        return SpanExportResult.SUCCESS
+
+
+class RaisingExporter(SpanExporter):
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        raise ConnectionRefusedError("collector down")
+
+
+@pytest.mark.parametrize("exporter_class", [HangingExporter, RaisingExporter])
+def test_broken_exporter_never_holds_up_tasks(
+    exporter_class: type[SpanExporter], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind a BatchSpanProcessor, an exporter that hangs or raises runs in its own thread: all 3,000 tasks run and
+    are counted while it is stuck, its small queue drops spans instead of blocking, and traced_tasks logs nothing."""
+    exporter = exporter_class()
+    provider = TracerProvider()
+    provider.add_span_processor(
+        BatchSpanProcessor(exporter, max_queue_size=16, max_export_batch_size=4, schedule_delay_millis=1)
+    )
+    registry = CollectorRegistry()
+    traced_tasks.configure(tracer_provider=provider, registry=registry)
+    ran: list[int] = []
+
+    async def main() -> None:
+        for index in range(3000):
+            tasks = BackgroundTasks()
+            tasks.add_task(ran.append, index)
+            await tasks()
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="traced_tasks"):
+            asyncio.run(main())
+        assert len(ran) == 3000
+        labels = {"task": "builtins.list.append", "status": "success"}
+        assert registry.get_sample_value("background_task_duration_seconds_count", labels) == 3000
+        assert [record for record in caplog.records if record.name == "traced_tasks"] == []
+        if isinstance(exporter, HangingExporter):
+            assert exporter.calls == 1  # still stuck in its first export
+    finally:
+        if isinstance(exporter, HangingExporter):
+            exporter.release.set()
+        provider.shutdown()
+        traced_tasks.configure(registry=CollectorRegistry())
+
+
+def shutdown_app(started: threading.Event) -> Starlette:
+    async def quick() -> None:
+        await asyncio.sleep(0.05)
+
+    async def slow() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    async def endpoint(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(quick)
+        if request.query_params.get("slow"):
+            tasks.add_task(slow)
+            tasks.add_task(quick)
+        return PlainTextResponse("ok", background=tasks)
+
+    return Starlette(routes=[Route("/", endpoint), Mount("/metrics", traced_tasks.metrics_app)])
+
+
+def test_graceful_shutdown_finishes_or_cancels(telemetry: Telemetry, serve: type[Server]) -> None:
+    """A graceful uvicorn shutdown while tasks run lets quick tasks finish and records the one it cuts as cancelled;
+    the task after it counts as skipped, nothing is left in progress, and the counts add up."""
+    started = threading.Event()
+    server = serve(shutdown_app(started), timeout_graceful_shutdown=1)
+    httpx.get(server.url + "/", params={"slow": "1"})
+    wait_until(started.is_set)
+    server.stop()
+
+    def value(name: str, task: str, **labels: str) -> float:
+        sample = telemetry.value(name, task=f"tests.test_hardening.shutdown_app.<locals>.{task}", **labels)
+        assert sample is not None
+        return sample
+
+    assert value("background_task_duration_seconds_count", "quick", status="success") == 1
+    assert value("background_task_duration_seconds_count", "slow", status="cancelled") == 1
+    assert value("background_task_skipped_total", "quick") == 1
+    assert value("background_task_in_progress", "slow") == 0
+    assert value("background_task_scheduled_total", "quick") == 2
+    (span,) = [span for span in telemetry.task_spans() if span.name.endswith(".slow")]
+    assert (span.attributes or {})["background_task.status"] == "cancelled"
+
+
+def test_dead_worker_stops_counting_as_running(tmp_path: Path) -> None:
+    """Under uvicorn --workers 2, a worker killed mid-task stops counting in background_task_in_progress at the next
+    scrape, while its counters stay. Without the cleanup, the dead worker's 1 would stay forever."""
+    from tests.test_exposition import OPENMETRICS, start_workers
+
+    with start_workers(tmp_path) as url:
+        long = "tests.apps.workers.long_job"
+
+        def metric(name: str) -> str | None:
+            text = httpx.get(url + "/metrics/", headers={"accept": OPENMETRICS}).text
+            lines = [line for line in text.splitlines() if line.startswith(f'{name}{{task="{long}"}}')]
+            return lines[0].rsplit(" ", 1)[1] if lines else None
+
+        pid = httpx.post(url + "/long").json()["pid"]
+        wait_until(lambda: metric("background_task_in_progress") == "1.0")
+        os.kill(pid, 9)
+        # No live worker ever ran the task, so its in-progress series goes away rather than reading 0.
+        wait_until(lambda: metric("background_task_in_progress") is None)
+        assert metric("background_task_scheduled_total") == "1.0"
+
+
+def test_worker_folder_is_cleaned_for_dead_pids_only(tmp_path: Path) -> None:
+    """Only live-gauge files of processes that are gone are removed; this process's and counters' files stay."""
+    from traced_tasks._multiprocess import forget_dead_workers
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    names = [
+        f"gauge_livesum_{dead_pid}.db",
+        f"gauge_livesum_{os.getpid()}.db",
+        f"counter_{dead_pid}.db",
+        f"gauge_max_{dead_pid}.db",
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    forget_dead_workers(str(tmp_path))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[1:])
