@@ -8,7 +8,9 @@ from traced_tasks import _exposition, _fastapi, _multiprocess
 from traced_tasks._background import BackgroundTask, BackgroundTasks
 from traced_tasks._config import configure
 from traced_tasks._exposition import make_metrics_app
+from traced_tasks._instrumentor import BackgroundTasksInstrumentor
 from traced_tasks._metrics import DEFAULT_BUCKETS
+from traced_tasks._middleware import TraceContextMiddleware
 from traced_tasks._names import OVERFLOW
 from traced_tasks._setup import setup_tracing
 from traced_tasks._version import __version__
@@ -18,6 +20,8 @@ __all__ = [
     "OVERFLOW",
     "BackgroundTask",
     "BackgroundTasks",
+    "BackgroundTasksInstrumentor",
+    "TraceContextMiddleware",
     "__version__",
     "configure",
     "make_metrics_app",

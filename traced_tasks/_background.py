@@ -1,19 +1,115 @@
-"""Drop-in replacements for Starlette's BackgroundTask and BackgroundTasks."""
+"""Drop-in replacements for Starlette's BackgroundTask and BackgroundTasks.
+
+The bodies are module functions so that the instrumentor can put them on Starlette's own classes.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, ParamSpec
 
 from opentelemetry import context as otel_context
 from starlette import background
+from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 
-from traced_tasks._config import current
-from traced_tasks._telemetry import TaskTelemetry
+from traced_tasks import _config, _request
+from traced_tasks._telemetry import TaskTelemetry, Telemetry, is_cancellation
 
 P = ParamSpec("P")
+logger = logging.getLogger("traced_tasks")
+
+
+class Scheduled:
+    """What a traced task captured when it was scheduled."""
+
+    __slots__ = ("context", "route", "scheduled_ns", "task", "telemetry")
+
+    def __init__(self, telemetry: Telemetry, task: TaskTelemetry) -> None:
+        self.telemetry = telemetry
+        self.task = task
+        self.context = otel_context.get_current()
+        self.scheduled_ns = time.perf_counter_ns()
+        self.route = _request.route()
+
+
+def schedule(task: background.BackgroundTask, func: Callable[..., Any], args: Any, kwargs: Any) -> None:
+    """Starlette's BackgroundTask.__init__, then schedule the task: count it, start its wait clock, capture context."""
+    if not callable(func):
+        raise TypeError(f"a background task must be callable, got {func!r}")
+    task.func = func
+    task.args = args
+    task.kwargs = kwargs
+    task.is_async = is_async_callable(func)
+    telemetry = _config.current()
+    scheduled: Scheduled | None
+    try:
+        scheduled = Scheduled(telemetry, telemetry.task(func))
+    except Exception:
+        telemetry.report("task setup")
+        scheduled = None
+    else:
+        telemetry.schedule(scheduled.task)
+    task._traced = scheduled  # type: ignore[attr-defined]
+
+
+async def run(task: background.BackgroundTask) -> None:
+    """Run one task inside its span, counting its outcome."""
+    scheduled: Scheduled | None = getattr(task, "_traced", None)  # None: made before instrumentation
+    if scheduled is None:
+        await _call(task)
+        return
+    started = scheduled.telemetry.start(scheduled.task, scheduled.context, scheduled.scheduled_ns, scheduled.route)
+    try:
+        await _call(task)
+    except BaseException as exc:
+        started.finish(exc)
+        raise
+    started.finish(None)
+
+
+async def _call(task: background.BackgroundTask) -> None:
+    # Not Starlette's __call__: instrumentations patch it, and each task gets one span, ours.
+    if task.is_async:
+        await task.func(*task.args, **task.kwargs)
+    else:
+        await run_in_threadpool(task.func, *task.args, **task.kwargs)
+
+
+async def run_batch(batch: background.BackgroundTasks) -> None:
+    """Run a batch in order. By default the first failure stops it, as in Starlette; with isolate_tasks the rest
+    still run and the first failure is raised after them."""
+    tasks = batch.tasks
+    first: Exception | None = None
+    for index, task in enumerate(tasks):
+        try:
+            await task()
+        except BaseException as exc:
+            if isinstance(exc, Exception) and not is_cancellation(exc) and _config.current().isolate_tasks:
+                if first is None:
+                    first = exc
+                else:
+                    logger.error("traced_tasks: a background task failed; its batch went on", exc_info=exc)
+                continue
+            # Starlette stops the batch here; count what never ran.
+            for later in tasks[index + 1 :]:
+                skip(later)
+            raise
+    if first is not None:
+        raise first
+
+
+def skip(task: background.BackgroundTask) -> None:
+    nested = getattr(task, "tasks", None)
+    if isinstance(task, background.BackgroundTasks) and nested is not None:
+        for inner in nested:
+            skip(inner)
+        return
+    scheduled: Scheduled | None = getattr(task, "_traced", None)
+    if scheduled is not None:
+        scheduled.telemetry.skip(scheduled.task)
 
 
 class BackgroundTask(background.BackgroundTask):
@@ -25,45 +121,9 @@ class BackgroundTask(background.BackgroundTask):
     """
 
     def __init__(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
-        if not callable(func):
-            raise TypeError(f"a background task must be callable, got {func!r}")
-        super().__init__(func, *args, **kwargs)
-        self._context = otel_context.get_current()
-        self._scheduled_ns = time.perf_counter_ns()
-        self._telemetry = telemetry = current()
-        task: TaskTelemetry | None
-        try:
-            task = telemetry.task(func)
-        except Exception:
-            telemetry.report("task setup")
-            task = None
-        else:
-            telemetry.schedule(task)
-        self._task = task
+        schedule(self, func, args, kwargs)
 
-    async def __call__(self) -> None:
-        task = self._task
-        if task is None:
-            await self._call()
-            return
-        run = self._telemetry.start(task, self._context, self._scheduled_ns)
-        try:
-            await self._call()
-        except BaseException as exc:
-            run.finish(exc)
-            raise
-        run.finish(None)
-
-    async def _call(self) -> None:
-        # Not super().__call__(): instrumentations patch Starlette's method, and each task gets one span, ours.
-        if self.is_async:
-            await self.func(*self.args, **self.kwargs)
-        else:
-            await run_in_threadpool(self.func, *self.args, **self.kwargs)
-
-    def _skip(self) -> None:
-        if self._task is not None:
-            self._telemetry.skip(self._task)
+    __call__ = run
 
 
 class BackgroundTasks(background.BackgroundTasks):
@@ -80,19 +140,4 @@ class BackgroundTasks(background.BackgroundTasks):
     def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
         self.tasks.append(BackgroundTask(func, *args, **kwargs))
 
-    async def __call__(self) -> None:
-        tasks = self.tasks
-        for index, task in enumerate(tasks):
-            try:
-                await task()
-            except BaseException:
-                # Starlette stops the batch at the first failure; count what never ran.
-                for later in tasks[index + 1 :]:
-                    if isinstance(later, (BackgroundTask, BackgroundTasks)):
-                        later._skip()
-                raise
-
-    def _skip(self) -> None:
-        for task in self.tasks:
-            if isinstance(task, (BackgroundTask, BackgroundTasks)):
-                task._skip()
+    __call__ = run_batch

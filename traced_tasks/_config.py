@@ -30,13 +30,14 @@ def configure(
     buckets: Sequence[float] = DEFAULT_BUCKETS,
     max_task_names: int = DEFAULT_MAX_TASK_NAMES,
     use_span_links: bool = False,
+    isolate_tasks: bool = False,
 ) -> None:
     """Set how tasks scheduled from now on are traced and counted. Call it once, at startup.
 
     Every option has a default, and calling nothing at all works: spans go to the global tracer
     provider (whenever the application sets it) and metrics to prometheus_client's default registry.
 
-        traced_tasks.configure(namespace="shop", max_task_names=200)
+        traced_tasks.configure(namespace="shop", max_task_names=200, isolate_tasks=True)
 
     Calling it again replaces the previous configuration and unregisters its metrics.
     """
@@ -64,6 +65,7 @@ def configure(
                 buckets=bounds,
                 max_task_names=max_task_names,
                 use_span_links=use_span_links,
+                isolate_tasks=isolate_tasks,
             )
         except ValueError as exc:
             if previous is not None:

@@ -6,7 +6,6 @@ import hmac
 import os
 
 from prometheus_client import CollectorRegistry, make_asgi_app
-from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -37,10 +36,8 @@ def make_metrics_app(registry: CollectorRegistry | None = None, *, bearer_token:
                 return
         folder = _multiprocess.directory()
         if folder is not None:
-            _multiprocess.forget_dead_workers(folder)
             # A fresh registry per scrape, as prometheus_client's multiprocess mode requires.
-            served = CollectorRegistry()
-            MultiProcessCollector(served, folder)  # type: ignore[no-untyped-call]
+            served = _multiprocess.registry(folder)
         else:
             served = registry if registry is not None else current().registry
         await make_asgi_app(served)(scope, receive, send)

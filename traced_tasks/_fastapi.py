@@ -27,3 +27,13 @@ def install() -> None:
 
     FastAPIBackgroundTasks.__module__ = __name__
     utils.BackgroundTasks = FastAPIBackgroundTasks  # type: ignore[attr-defined]
+
+
+def uninstall() -> None:
+    """Give FastAPI its own class back (BackgroundTasksInstrumentor.uninstrument)."""
+    try:
+        from fastapi import background as fastapi_background
+        from fastapi.dependencies import utils
+    except ImportError:
+        return
+    utils.BackgroundTasks = fastapi_background.BackgroundTasks  # type: ignore[attr-defined]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 
-from prometheus_client.multiprocess import mark_process_dead
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
@@ -49,3 +52,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by another user
     return True
+
+
+class _LiveWorkersCollector(MultiProcessCollector):
+    def __init__(self, registry: CollectorRegistry, path: str) -> None:
+        super().__init__(registry, path)  # type: ignore[no-untyped-call]
+        self._folder = path
+
+    def collect(self) -> Iterable[Metric]:
+        forget_dead_workers(self._folder)
+        metrics: Iterable[Metric] = super().collect()  # type: ignore[no-untyped-call]
+        return metrics
+
+
+def registry(path: str) -> CollectorRegistry:
+    """A registry that sums every worker's files on each collection, after dropping dead workers' live gauges."""
+    served = CollectorRegistry()
+    _LiveWorkersCollector(served, path)
+    return served

@@ -55,12 +55,14 @@ class Telemetry:
         buckets: Sequence[float] = DEFAULT_BUCKETS,
         max_task_names: int = DEFAULT_MAX_TASK_NAMES,
         use_span_links: bool = False,
+        isolate_tasks: bool = False,
     ) -> None:
         # With no provider this is the API's proxy tracer, which follows the global provider whenever it is set.
         self.tracer = trace.get_tracer(names.INSTRUMENTATION_NAME, __version__, tracer_provider=tracer_provider)
         self.metrics = Metrics(registry, namespace, buckets)
         self.registry = registry
         self.use_span_links = use_span_links
+        self.isolate_tasks = isolate_tasks
         self.max_task_names = max_task_names
         self._tasks: dict[object, TaskTelemetry] = {}
         self._by_name: dict[str, TaskMetrics] = {}
@@ -123,21 +125,22 @@ class Telemetry:
             self._reported.add(part)
         logger.exception("traced_tasks: %s failed; tasks run on without it, and later failures are not logged", part)
 
-    def start(self, task: TaskTelemetry, parent: Context, scheduled_ns: int) -> Run:
+    def start(self, task: TaskTelemetry, parent: Context, scheduled_ns: int, route: str | None) -> Run:
         """Open the span and count the start; never raises."""
         started_ns = time.perf_counter_ns()
         span: Span | None = None
         token: object = None
         try:
+            attributes = task.attributes if route is None else {**task.attributes, names.ATTR_ROUTE: route}
             if self.use_span_links:
                 request = trace.get_current_span(parent).get_span_context()
                 links = [Link(request)] if request.is_valid else None
                 span = self.tracer.start_span(
-                    task.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=task.attributes, links=links
+                    task.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=attributes, links=links
                 )
             else:
                 span = self.tracer.start_span(
-                    task.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=task.attributes
+                    task.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=attributes
                 )
             # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
             token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -184,7 +187,7 @@ class Run:
     def finish(self, exc: BaseException | None) -> None:
         """Close the span and count the outcome; never raises."""
         seconds = (time.perf_counter_ns() - self.started_ns) / 1e9
-        cancelled = exc is not None and _is_cancellation(exc)
+        cancelled = exc is not None and is_cancellation(exc)
         if self.token is not None:
             otel_context.detach(self.token)  # type: ignore[arg-type]  # logs, never raises
         exemplar = None
@@ -222,7 +225,7 @@ class Run:
             self.telemetry.report("metrics")
 
 
-def _is_cancellation(exc: BaseException) -> bool:
+def is_cancellation(exc: BaseException) -> bool:
     # GeneratorExit: the task's coroutine was closed, as at interpreter shutdown.
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return True

@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import fastapi
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from starlette import background
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+import traced_tasks
+from tests.conftest import Telemetry
+from tests.support import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+TASK = "tests.test_instrumentor.audit"
+
+
+def audit() -> None:
+    pass
+
+
+def fail() -> None:
+    raise LookupError()
+
+
+@pytest.fixture
+def instrumentor() -> Iterator[traced_tasks.BackgroundTasksInstrumentor]:
+    instance = traced_tasks.BackgroundTasksInstrumentor()
+    instance.instrument()
+    yield instance
+    instance.uninstrument()
+
+
+def starlette_app() -> Starlette:
+    async def batch(request: Request) -> Response:
+        tasks = background.BackgroundTasks()
+        tasks.add_task(audit)
+        tasks.add_task(fail)
+        tasks.add_task(audit)
+        return PlainTextResponse("ok", background=tasks)
+
+    async def single(request: Request) -> Response:
+        return PlainTextResponse("ok", background=background.BackgroundTask(audit))
+
+    return Starlette(routes=[Route("/batch", batch), Route("/single", single)])
+
+
+def fastapi_app() -> fastapi.FastAPI:
+    app = fastapi.FastAPI()
+
+    @app.get("/")
+    def endpoint(tasks: fastapi.BackgroundTasks) -> str:
+        tasks.add_task(audit)
+        return "ok"
+
+    return app
+
+
+def test_plain_starlette_classes_are_traced(telemetry: Telemetry, instrumentor: object) -> None:
+    """Instrumented, Starlette's own BackgroundTasks and BackgroundTask are traced and counted like ours, skips too."""
+    client = TestClient(starlette_app(), raise_server_exceptions=False)
+    client.get("/batch")
+    client.get("/single")
+    assert telemetry.value("background_task_scheduled_total", task=TASK) == 3
+    assert telemetry.value("background_task_duration_seconds_count", task=TASK, status="success") == 2
+    assert telemetry.value("background_task_skipped_total", task=TASK) == 1
+    assert (
+        telemetry.value(
+            "background_task_exceptions_total", task="tests.test_instrumentor.fail", exception="LookupError"
+        )
+        == 1
+    )
+    assert sorted(span.name for span in telemetry.task_spans()) == sorted(
+        ["BackgroundTask " + TASK] * 2 + ["BackgroundTask tests.test_instrumentor.fail"]
+    )
+
+
+def test_fastapi_injection_is_traced(telemetry: Telemetry, instrumentor: object) -> None:
+    """Instrumented, a path operation annotated with fastapi.BackgroundTasks gets traced tasks."""
+    TestClient(fastapi_app()).get("/")
+    assert telemetry.value("background_task_duration_seconds_count", task=TASK, status="success") == 1
+
+
+def test_instrument_is_idempotent_and_uninstrument_reverses_it(telemetry: Telemetry) -> None:
+    """instrument() twice still gives one span per task; after uninstrument(), twice, nothing is traced or counted."""
+    instance = traced_tasks.BackgroundTasksInstrumentor()
+    originals = (
+        background.BackgroundTask.__init__,
+        background.BackgroundTask.__call__,
+        background.BackgroundTasks.__call__,
+    )
+    instance.instrument()
+    instance.instrument()
+    client = TestClient(starlette_app(), raise_server_exceptions=False)
+    client.get("/single")
+    assert len(telemetry.task_spans()) == 1
+    instance.uninstrument()
+    instance.uninstrument()
+    assert (
+        background.BackgroundTask.__init__,
+        background.BackgroundTask.__call__,
+        background.BackgroundTasks.__call__,
+    ) == originals
+    assert not hasattr(background.BackgroundTask, "_otel_original_call")
+    client.get("/single")
+    TestClient(fastapi_app()).get("/")
+    assert len(telemetry.task_spans()) == 1
+    assert telemetry.value("background_task_scheduled_total", task=TASK) == 1
+
+
+@pytest.mark.parametrize("order", ["ours-first", "theirs-first"])
+def test_one_span_per_task_beside_otel_fastapi_instrumentation(telemetry: Telemetry, order: str) -> None:
+    """With opentelemetry-instrumentation-fastapi instrumented before or after ours, each task is one span, ours;
+    uninstrumenting both in reverse order leaves Starlette's own method."""
+    ours = traced_tasks.BackgroundTasksInstrumentor()
+    app = fastapi_app()
+
+    @app.get("/plain")
+    async def plain() -> PlainTextResponse:
+        return PlainTextResponse("ok", background=background.BackgroundTask(audit))
+
+    if order == "ours-first":
+        ours.instrument()
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=telemetry.provider)
+    else:
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=telemetry.provider)
+        ours.instrument()
+    try:
+        client = TestClient(app)
+        client.get("/")
+        client.get("/plain")
+    finally:  # last in, first out
+        if order == "ours-first":
+            FastAPIInstrumentor.uninstrument_app(app)
+            ours.uninstrument()
+        else:
+            ours.uninstrument()
+            FastAPIInstrumentor.uninstrument_app(app)
+    named = [span.name for span in telemetry.spans() if "audit" in span.name]
+    assert named == ["BackgroundTask " + TASK] * 2
+    assert background.BackgroundTask.__call__.__qualname__ == "BackgroundTask.__call__"
+
+
+def run_instrumented(tmp_path: Path, **env: str) -> tuple[str, str]:
+    """`opentelemetry-instrument uvicorn tests.apps.plain:app` with the console exporter; returns its output and
+    the metrics it served on TRACED_TASKS_METRICS_PORT after two requests."""
+    port, metrics_port = free_port(), free_port()
+    variables = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "PROMETHEUS_"))}
+    variables.update(
+        PYTHONPATH=str(ROOT),
+        OTEL_TRACES_EXPORTER="console",
+        OTEL_METRICS_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        OTEL_BSP_SCHEDULE_DELAY="100",
+        TRACED_TASKS_METRICS_PORT=str(metrics_port),
+        **env,
+    )
+    instrument = str(Path(sys.executable).parent / "opentelemetry-instrument")
+    command = [instrument, sys.executable, "-m", "uvicorn", "tests.apps.plain:app", "--port", str(port)]
+    output = (tmp_path / "output.txt").open("w")
+    process = subprocess.Popen(command, cwd=ROOT, env=variables, stdout=output, stderr=subprocess.STDOUT)
+    metrics = ""
+    try:
+        wait_until(lambda: _up(f"http://127.0.0.1:{port}/ping"), timeout=60)
+        httpx.post(f"http://127.0.0.1:{port}/orders/7")
+        if env.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS") != "traced_tasks":
+            wait_until(lambda: "send_receipt" in _metrics(metrics_port))
+            metrics = _metrics(metrics_port)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        output.close()
+    return (tmp_path / "output.txt").read_text(), metrics
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _metrics(port: int) -> str:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    except httpx.TransportError:
+        return ""
+
+
+def test_opentelemetry_instrument_command(tmp_path: Path) -> None:
+    """Under the real opentelemetry-instrument command, with FastAPI's instrumentation loaded too, unmodified code's
+    tasks are each one span of ours, under the request's server span, and /metrics is served on its own port."""
+    output, metrics = run_instrumented(tmp_path)
+    assert output.count('"name": "BackgroundTask tests.apps.plain.send_receipt"') == 1
+    # /ping's task plus the order's
+    assert output.count('"name": "BackgroundTask tests.apps.plain.notify_warehouse"') == 2
+    assert '"name": "BackgroundTask send_receipt"' not in output  # no second span from the FastAPI instrumentation
+    assert '"name": "POST /orders/{order_id}"' in output
+    assert (
+        'background_task_duration_seconds_count{status="success",task="tests.apps.plain.send_receipt"} 1.0' in metrics
+    )
+
+
+def test_disabled_by_environment(tmp_path: Path) -> None:
+    """OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=traced_tasks keeps it out: FastAPI's instrumentation spans the tasks."""
+    output, _ = run_instrumented(tmp_path, OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="traced_tasks")
+    assert "BackgroundTask tests.apps.plain" not in output
+    assert '"name": "BackgroundTask send_receipt"' in output

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from typing import Any
+
+import fastapi
+from fastapi.testclient import TestClient
+from opentelemetry import baggage, trace
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+import traced_tasks
+from tests.conftest import Telemetry
+from traced_tasks import BackgroundTasks
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{SPAN_ID}-01"
+
+
+def remember(seen: list[Any]) -> None:
+    seen.append(baggage.get_baggage("tenant"))
+
+
+def shop(seen: list[Any]) -> Starlette:
+    async def place_order(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(remember, seen)
+        return PlainTextResponse("ok", background=tasks)
+
+    orders = Starlette(routes=[Route("/orders/{order_id:int}", place_order, methods=["POST"])])
+    app = Starlette(routes=[Mount("/api", orders)])
+    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    return app
+
+
+def test_task_joins_the_callers_trace(telemetry: Telemetry) -> None:
+    """Behind TraceContextMiddleware, with no server span, a task span's parent is the caller's span from
+    traceparent, and the caller's baggage is current inside the task."""
+    seen: list[Any] = []
+    TestClient(shop(seen)).post("/api/orders/7", headers={"traceparent": TRACEPARENT, "baggage": "tenant=acme"})
+    (task,) = telemetry.task_spans()
+    assert format(task.context.trace_id, "032x") == TRACE_ID
+    assert task.parent is not None
+    assert format(task.parent.span_id, "016x") == SPAN_ID
+    assert task.parent.is_remote
+    assert seen == ["acme"]
+
+
+def test_without_traceparent_the_task_starts_a_trace(telemetry: Telemetry) -> None:
+    """Without a traceparent, the task span is a root span: nothing leaks from an earlier request."""
+    seen: list[Any] = []
+    client = TestClient(shop(seen))
+    client.post("/api/orders/7", headers={"traceparent": TRACEPARENT})
+    client.post("/api/orders/8")
+    first, second = telemetry.task_spans()
+    assert second.parent is None
+    assert second.context.trace_id != first.context.trace_id
+    assert trace.get_current_span().get_span_context().is_valid is False
+
+
+def test_route_template_on_the_task_span(telemetry: Telemetry) -> None:
+    """The scheduling request's route template, with its mount prefix, is the task span's http.route."""
+    TestClient(shop([])).post("/api/orders/7")
+    (task,) = telemetry.task_spans()
+    assert (task.attributes or {})["http.route"] == "/api/orders/{order_id:int}"
+
+
+def test_route_template_under_the_instrumentor(telemetry: Telemetry) -> None:
+    """With the instrumentor and no middleware, a FastAPI task span has the path operation's route template."""
+    app = fastapi.FastAPI()
+
+    @app.post("/orders/{order_id}")
+    def place_order(order_id: int, tasks: fastapi.BackgroundTasks) -> str:
+        tasks.add_task(remember, [])
+        return "ok"
+
+    instrumentor = traced_tasks.BackgroundTasksInstrumentor()
+    instrumentor.instrument()
+    try:
+        TestClient(app).post("/orders/7")
+    finally:
+        instrumentor.uninstrument()
+    (task,) = telemetry.task_spans()
+    assert (task.attributes or {})["http.route"] == "/orders/{order_id}"
+
+
+def test_no_route_outside_a_request(telemetry: Telemetry) -> None:
+    """Tasks scheduled outside any known request carry no http.route at all."""
+    TestClient(Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok", background=_batch()))])).get("/")
+    (task,) = telemetry.task_spans()
+    assert "http.route" not in (task.attributes or {})
+
+
+def _batch() -> BackgroundTasks:
+    tasks = BackgroundTasks()
+    tasks.add_task(remember, [])
+    return tasks

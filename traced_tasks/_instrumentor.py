@@ -1,0 +1,70 @@
+"""Zero-code instrumentation: trace and count Starlette's own background task classes."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from starlette import applications, background
+from starlette.types import Receive, Scope, Send
+
+from traced_tasks import _background, _fastapi, _request, _server
+
+# opentelemetry-instrumentation-fastapi wraps BackgroundTask.__call__ in a span of its own unless it finds this
+# attribute, which says the method is already wrapped.
+_OTEL_FASTAPI_MARK = "_otel_original_call"
+
+
+def _init(self: background.BackgroundTask, func: Any, *args: Any, **kwargs: Any) -> None:
+    _background.schedule(self, func, args, kwargs)
+
+
+class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """An OpenTelemetry instrumentor that traces and counts Starlette's and FastAPI's background tasks in place,
+    for code that keeps importing them from Starlette or FastAPI.
+
+    `opentelemetry-instrument` finds it by its entry point, `traced_tasks`; or call it yourself:
+
+        traced_tasks.BackgroundTasksInstrumentor().instrument()
+    """
+
+    _originals: dict[tuple[type, str], Any]
+    _server: Any = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ("starlette >= 0.37",)
+
+    def _instrument(self, **kwargs: Any) -> None:
+        original_app_call = applications.Starlette.__call__
+
+        async def app_call(app: applications.Starlette, scope: Scope, receive: Receive, send: Send) -> None:
+            with _request.serving(scope):
+                await original_app_call(app, scope, receive, send)
+
+        self._originals = {}
+        replacements = {
+            (background.BackgroundTask, "__init__"): _init,
+            (background.BackgroundTask, "__call__"): _background.run,
+            (background.BackgroundTasks, "__call__"): _background.run_batch,
+            (applications.Starlette, "__call__"): app_call,
+        }
+        for (owner, name), replacement in replacements.items():
+            self._originals[owner, name] = owner.__dict__[name]
+            setattr(owner, name, replacement)
+        if _OTEL_FASTAPI_MARK not in background.BackgroundTask.__dict__:
+            setattr(background.BackgroundTask, _OTEL_FASTAPI_MARK, _background.run)
+        _fastapi.install()
+        self._server = _server.start_from_environment()
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        for (owner, name), original in self._originals.items():
+            setattr(owner, name, original)
+        self._originals.clear()
+        if background.BackgroundTask.__dict__.get(_OTEL_FASTAPI_MARK) is _background.run:
+            delattr(background.BackgroundTask, _OTEL_FASTAPI_MARK)
+        _fastapi.uninstall()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
