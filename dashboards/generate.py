@@ -165,7 +165,8 @@ def overview() -> dict[str, Any]:
             "percentunit",
             [
                 target(
-                    f"sum({rate(runs, ERRORS)}) / sum({rate(runs)})",
+                    # An error series exists only once a task failed: count none as zero, not as no data.
+                    f"(sum({rate(runs, ERRORS)}) or vector(0)) / sum({rate(runs)})",
                     "error ratio",
                     "A",
                 )

@@ -27,8 +27,8 @@ class TaskMetrics:
     """The children of every family for one `task` label value, resolved once and reused."""
 
     __slots__ = (
-        "cancelled",
-        "error",
+        "_duration",
+        "_failures",
         "exceptions",
         "exceptions_overflow",
         "in_progress",
@@ -48,10 +48,19 @@ class TaskMetrics:
         self.skipped = families.skipped.labels(name)
         self.last_success = families.last_success.labels(name)
         self.success = families.duration.labels(name, names.STATUS_SUCCESS)
-        self.error = families.duration.labels(name, names.STATUS_ERROR)
-        self.cancelled = families.duration.labels(name, names.STATUS_CANCELLED)
+        # The error and cancelled series appear with the first such run: most tasks never fail, and each
+        # histogram series is a score of samples per task in every scrape.
+        self._duration = families.duration
+        self._failures: dict[str, Any] = {}
         self.exceptions: dict[type[BaseException], Any] = {}
         self.exceptions_overflow: Any = None
+
+    def failure(self, status: str) -> Any:
+        """The duration child for `error` or `cancelled`."""
+        child = self._failures.get(status)
+        if child is None:
+            child = self._failures[status] = self._duration.labels(self.name, status)
+        return child
 
 
 class Metrics:

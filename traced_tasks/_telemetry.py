@@ -217,9 +217,9 @@ class Run:
                 metrics.success.observe(seconds, exemplar)
                 metrics.last_success.set(time.time())
             elif cancelled:
-                metrics.cancelled.observe(seconds, exemplar)
+                metrics.failure(names.STATUS_CANCELLED).observe(seconds, exemplar)
             else:
-                metrics.error.observe(seconds, exemplar)
+                metrics.failure(names.STATUS_ERROR).observe(seconds, exemplar)
                 self.telemetry.metrics.exception(metrics, type(exc)).inc()
         except Exception:
             self.telemetry.report("metrics")
