@@ -15,10 +15,16 @@ import gc
 import os
 import platform
 import random
+import re
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
@@ -32,6 +38,7 @@ import traced_tasks
 from benchmarks.variants import hand_written, span_only
 
 TasksClass = type[background.BackgroundTasks]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class NullExporter(SpanExporter):
@@ -157,16 +164,71 @@ def scrape(names: int, repeats: int) -> None:
         print(f"scrape: {names} task names, {label}: median {statistics.median(times):.1f} ms ({size / 1024:.0f} KiB)")
 
 
+def end_to_end(rounds: int, seconds: int) -> None:
+    """Requests per second through real uvicorn under wrk, Starlette's class against traced_tasks', interleaved."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("\nend to end: skipped, wrk is not installed (apt-get install wrk)")
+        return
+    rates: dict[str, list[float]] = {"starlette": [], "traced-no-sdk": [], "span-only": [], "traced": []}
+    for _ in range(rounds):
+        for variant in random.sample(list(rates), len(rates)):
+            port = _free_port()
+            env = {**os.environ, "BENCH_VARIANT": variant, "PYTHONPATH": str(ROOT)}
+            env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            command = [sys.executable, "-m", "uvicorn", "benchmarks.service:app", "--port", str(port)]
+            command += ["--log-level", "warning", "--no-access-log"]
+            server = subprocess.Popen(command, env=env, cwd=ROOT)
+            try:
+                url = f"http://127.0.0.1:{port}/"
+                _wait_for(url)
+                subprocess.run([wrk, "-t1", "-c16", "-d1s", url], capture_output=True, check=True)  # warm up
+                result = subprocess.run(
+                    [wrk, "-t1", "-c16", f"-d{seconds}s", url], capture_output=True, text=True, check=True
+                )
+                match = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
+                assert match, result.stdout
+                rates[variant].append(float(match.group(1)))
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+    print(f"\nend to end: uvicorn, 1 worker, wrk -t1 -c16, {seconds}s x {rounds} rounds")
+    for variant, values in rates.items():
+        ratio = statistics.median(v / s for v, s in zip(values, rates["starlette"], strict=True))
+        print(f"  {variant:<14} median {statistics.median(values):>9.0f} requests/s   ÷ starlette {ratio:.3f}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--iterations", type=int, default=4000, help="batches per variant per round")
     parser.add_argument("--memory-tasks", type=int, default=1_000_000)
     parser.add_argument("--scrape-names", type=int, default=1000)
+    parser.add_argument("--e2e-rounds", type=int, default=5)
+    parser.add_argument("--e2e-seconds", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="tiny counts: check that everything runs")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.iterations, args.memory_tasks, args.scrape_names = 2, 20, 200, 20
+        args.e2e_rounds, args.e2e_seconds = 1, 1
 
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
     print(f"rounds={args.rounds} iterations={args.iterations}")
@@ -177,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             report_case(title, run_case(sdk, func, args.rounds, args.iterations))
     memory(args.memory_tasks)
     scrape(args.scrape_names, repeats=5 if args.quick else 21)
+    end_to_end(args.e2e_rounds, args.e2e_seconds)
     traced_tasks.configure(registry=CollectorRegistry())
     sys.stdout.flush()
 

@@ -120,31 +120,34 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict[str, Any
 def overview() -> dict[str, Any]:
     runs = "background_task_duration_seconds_count"
     duration = "background_task_duration_seconds_bucket"
+    # Counters only: each task is counted once when scheduled, once when it starts (its wait is observed)
+    # and once if skipped; what is left is work dropped before it started, plus tasks still waiting.
     never_started = (
         f"sum by (task) ({rate('background_task_scheduled_total', func='increase')})"
-        f" - sum by (task) ({rate(runs, func='increase')})"
+        f" - sum by (task) ({rate('background_task_wait_seconds_count', func='increase')})"
         f" - sum by (task) ({rate('background_task_skipped_total', func='increase')})"
-        f" - sum by (task) (background_task_in_progress{{{SELECTOR}}})"
     )
     top_runs = f"topk(10, sum by (task) ({rate(runs, window='$__range', func='increase')}))"
+    top = f" and on (task) {top_runs}"  # the same ten tasks in every column
     table_targets = [
         target(top_runs, "runs", "A", instant=True, format="table"),
         target(
-            f"sum by (task) ({rate(runs, ERRORS, window='$__range', func='increase')})",
+            f"sum by (task) ({rate(runs, ERRORS, window='$__range', func='increase')}){top}",
             "errors",
             "B",
             instant=True,
             format="table",
         ),
         target(
-            quantile(0.95, duration, by="task, le", window="$__range", func="increase"),
+            quantile(0.95, duration, by="task, le", window="$__range", func="increase") + top,
             "p95",
             "C",
             instant=True,
             format="table",
         ),
         target(
-            quantile(0.95, "background_task_wait_seconds_bucket", by="task, le", window="$__range", func="increase"),
+            quantile(0.95, "background_task_wait_seconds_bucket", by="task, le", window="$__range", func="increase")
+            + top,
             "wait p95",
             "D",
             instant=True,
@@ -207,9 +210,9 @@ def overview() -> dict[str, Any]:
         ),
         panel(
             "Scheduled, never started",
-            "Tasks scheduled in each interval minus those finished, skipped or running: tasks dropped because the "
-            "endpoint raised after add_task or returned its own background. Short spikes are tasks crossing an "
-            "interval boundary; a lasting positive value is lost work.",
+            "Tasks scheduled in each interval minus those that started or were skipped: tasks dropped because the "
+            "endpoint raised after add_task or returned its own background, plus tasks still waiting to start. "
+            "Short spikes are tasks crossing an interval boundary; a lasting positive value is lost work.",
             "short",
             [target(never_started, "{{task}}", "A")],
             (16, 16, 8, 8),

@@ -118,6 +118,28 @@ def test_instrument_is_idempotent_and_uninstrument_reverses_it(telemetry: Teleme
     assert telemetry.value("background_task_scheduled_total", task=TASK) == 1
 
 
+def test_bad_metrics_port_never_stops_instrumentation(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bad TRACED_TASKS_METRICS_PORT is logged, instrument() does not raise (opentelemetry-instrument would skip
+    the instrumentations after it), tasks are still traced, and uninstrument() restores Starlette."""
+    monkeypatch.setenv("TRACED_TASKS_METRICS_PORT", "99999")
+    original = Starlette.__call__
+    instance = traced_tasks.BackgroundTasksInstrumentor()
+    instance.instrument()
+    try:
+        TestClient(starlette_app(), raise_server_exceptions=False).get("/single")
+    finally:
+        instance.uninstrument()
+    assert len(telemetry.task_spans()) == 1
+    assert Starlette.__call__ is original
+    assert any(
+        "TRACED_TASKS_METRICS_PORT must be a TCP port number" in record.getMessage()
+        or "TRACED_TASKS_METRICS_PORT must be a TCP port number" in str(record.exc_info)
+        for record in caplog.records
+    )
+
+
 @pytest.mark.parametrize("order", ["ours-first", "theirs-first"])
 def test_one_span_per_task_beside_otel_fastapi_instrumentation(telemetry: Telemetry, order: str) -> None:
     """With opentelemetry-instrumentation-fastapi instrumented before or after ours, each task is one span, ours;

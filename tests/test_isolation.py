@@ -84,6 +84,28 @@ def test_cancellation_still_stops_an_isolated_batch(isolated: Telemetry) -> None
     assert isolated.value("background_task_skipped_total", task=PREFIX + "fine") == 1
 
 
+def test_cancellation_after_an_isolated_failure_still_reports_it(
+    isolated: Telemetry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure held back for the end of the batch is logged when a later cancellation stops the batch first."""
+
+    async def cancelled() -> None:
+        raise asyncio.CancelledError()
+
+    async def main() -> None:
+        tasks = BackgroundTasks()
+        tasks.add_task(first)
+        tasks.add_task(cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await tasks()
+
+    with caplog.at_level(logging.ERROR, logger="traced_tasks"):
+        asyncio.run(main())
+    (logged,) = [record for record in caplog.records if record.name == "traced_tasks"]
+    assert logged.exc_info is not None
+    assert logged.exc_info[0] is First
+
+
 def test_default_stays_starlettes(telemetry: Telemetry) -> None:
     """Without the option, the first failure stops the batch, as in Starlette."""
     ran: list[str] = []

@@ -61,10 +61,65 @@ def test_without_traceparent_the_task_starts_a_trace(telemetry: Telemetry) -> No
 
 
 def test_route_template_on_the_task_span(telemetry: Telemetry) -> None:
-    """The scheduling request's route template, with its mount prefix, is the task span's http.route."""
-    TestClient(shop([])).post("/api/orders/7")
+    """The scheduling request's route template is the task span's http.route."""
+    seen: list[Any] = []
+
+    async def place_order(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(remember, seen)
+        return PlainTextResponse("ok", background=tasks)
+
+    app = Starlette(routes=[Route("/orders/{order_id:int}", place_order, methods=["POST"])])
+    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    TestClient(app).post("/orders/7")
     (task,) = telemetry.task_spans()
-    assert (task.attributes or {})["http.route"] == "/api/orders/{order_id:int}"
+    assert (task.attributes or {})["http.route"] == "/orders/{order_id:int}"
+
+
+def test_no_route_under_a_mount(telemetry: Telemetry) -> None:
+    """Under a Mount, whose matched prefix holds values (/tenants/acme), no http.route is reported, rather than
+    one holding a value."""
+    seen: list[Any] = []
+
+    async def place_order(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(remember, seen)
+        return PlainTextResponse("ok", background=tasks)
+
+    tenant = Starlette(routes=[Route("/orders/{order_id:int}", place_order, methods=["POST"])])
+    app = Starlette(routes=[Mount("/tenants/{tenant}", tenant)])
+    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    TestClient(app).post("/tenants/acme/orders/7")
+    (task,) = telemetry.task_spans()
+    assert "http.route" not in (task.attributes or {})
+    assert "acme" not in task.to_json()
+
+
+def test_beside_a_server_span_the_task_stays_under_it(telemetry: Telemetry) -> None:
+    """Under OpenTelemetry's ASGI middleware, TraceContextMiddleware does not replace the server span: the task is
+    the server span's child, with or without a traceparent, and still gets http.route."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.trace import SpanKind
+
+    async def place_order(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(remember, [])
+        return PlainTextResponse("ok", background=tasks)
+
+    app = Starlette(routes=[Route("/orders/{order_id:int}", place_order, methods=["POST"])])
+    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    app.add_middleware(OpenTelemetryMiddleware, tracer_provider=telemetry.provider)
+    client = TestClient(app)
+    client.post("/orders/7", headers={"traceparent": TRACEPARENT})
+    client.post("/orders/8")
+    servers = [span for span in telemetry.spans() if span.kind is SpanKind.SERVER]
+    tasks = telemetry.task_spans()
+    assert len(servers) == len(tasks) == 2
+    for server, task in zip(servers, tasks, strict=True):
+        assert task.parent is not None
+        assert task.parent.span_id == server.context.span_id
+        assert (task.attributes or {})["http.route"] == "/orders/{order_id:int}"
+    assert format(tasks[0].context.trace_id, "032x") == TRACE_ID
 
 
 def test_route_template_under_the_instrumentor(telemetry: Telemetry) -> None:

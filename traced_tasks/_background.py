@@ -93,6 +93,8 @@ async def run_batch(batch: background.BackgroundTasks) -> None:
                 else:
                     logger.error("traced_tasks: a background task failed; its batch went on", exc_info=exc)
                 continue
+            if first is not None:
+                logger.error("traced_tasks: a background task failed before its batch was stopped", exc_info=first)
             # Starlette stops the batch here; count what never ran.
             for later in tasks[index + 1 :]:
                 skip(later)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from typing import Any
 
@@ -10,6 +11,8 @@ from starlette import applications, background
 from starlette.types import Receive, Scope, Send
 
 from traced_tasks import _background, _fastapi, _request, _server
+
+logger = logging.getLogger("traced_tasks")
 
 # opentelemetry-instrumentation-fastapi wraps BackgroundTask.__call__ in a span of its own unless it finds this
 # attribute, which says the method is already wrapped.
@@ -30,41 +33,47 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """
 
     _originals: dict[tuple[type, str], Any]
-    _server: Any = None
+    _metrics_server: _server.MetricsServer | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return ("starlette >= 0.37",)
 
     def _instrument(self, **kwargs: Any) -> None:
+        # Never raise: opentelemetry-instrument would skip every instrumentation after this one.
+        try:
+            port = _server.port_from_environment()
+        except ValueError:
+            logger.exception("traced_tasks: not serving metrics on a port of their own")
+            port = None
+        metrics_server = self._metrics_server = _server.MetricsServer(port) if port is not None else None
         original_app_call = applications.Starlette.__call__
 
         async def app_call(app: applications.Starlette, scope: Scope, receive: Receive, send: Send) -> None:
+            if metrics_server is not None:
+                metrics_server.ensure_started()
             with _request.serving(scope):
                 await original_app_call(app, scope, receive, send)
 
-        self._originals = {}
         replacements = {
             (background.BackgroundTask, "__init__"): _init,
             (background.BackgroundTask, "__call__"): _background.run,
             (background.BackgroundTasks, "__call__"): _background.run_batch,
             (applications.Starlette, "__call__"): app_call,
         }
+        self._originals = {key: key[0].__dict__[key[1]] for key in replacements}
         for (owner, name), replacement in replacements.items():
-            self._originals[owner, name] = owner.__dict__[name]
             setattr(owner, name, replacement)
         if _OTEL_FASTAPI_MARK not in background.BackgroundTask.__dict__:
             setattr(background.BackgroundTask, _OTEL_FASTAPI_MARK, _background.run)
         _fastapi.install()
-        self._server = _server.start_from_environment()
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for (owner, name), original in self._originals.items():
             setattr(owner, name, original)
-        self._originals.clear()
+        self._originals = {}
         if background.BackgroundTask.__dict__.get(_OTEL_FASTAPI_MARK) is _background.run:
             delattr(background.BackgroundTask, _OTEL_FASTAPI_MARK)
         _fastapi.uninstall()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -39,6 +39,12 @@ class TraceContextMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
+            return
+        if trace.get_current_span().get_span_context().is_valid:
+            # A server span instrumentation already extracted the caller's context and made its span current:
+            # the tasks belong under that span. Only make the route known.
+            with _request.serving(scope):
+                await self.app(scope, receive, send)
             return
         token = otel_context.attach(propagate.extract(scope, getter=_getter))
         try:

@@ -21,7 +21,8 @@ def serving(scope: Scope) -> Iterator[None]:
 
 
 def route() -> str | None:
-    """The route template of the request being served, such as `/orders/{order_id}`, once routing matched it."""
+    """The route template of the request being served, such as `/orders/{order_id}`, once routing matched it,
+    outside Starlette Mounts."""
     scope = _scope.get()
     if scope is None:
         return None
@@ -29,7 +30,8 @@ def route() -> str | None:
     path = getattr(matched, "path", None)
     if not isinstance(path, str):
         return None
-    # Under a Mount, the route's path is relative to it: put the mount's prefix back.
-    root_path: str = scope.get("root_path", "")
-    app_root_path: str = scope.get("app_root_path", root_path)
-    return root_path[len(app_root_path) :] + path if root_path.startswith(app_root_path) else path
+    # Under a Mount the route's path is relative to it, and the scope keeps only the matched prefix, with its
+    # values (/tenants/acme), not its template: report nothing rather than a value or half a route.
+    if scope.get("root_path", "") != scope.get("app_root_path", scope.get("root_path", "")):
+        return None
+    return path

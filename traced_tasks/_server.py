@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -17,25 +18,50 @@ ADDR_ENV = "TRACED_TASKS_METRICS_ADDR"
 logger = logging.getLogger("traced_tasks")
 
 
-def start_from_environment() -> Any | None:
-    """Serve /metrics on TRACED_TASKS_METRICS_PORT (bound to TRACED_TASKS_METRICS_ADDR, default all addresses).
-
-    Returns the server, or None when the variable is unset or, in multiprocess mode, another worker already
-    serves the port: any one worker serves the sum of all.
-    """
+def port_from_environment() -> int | None:
     port = os.environ.get(PORT_ENV)
     if not port:
         return None
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{PORT_ENV} must be a TCP port number, got {port!r}")
-    address = os.environ.get(ADDR_ENV, "0.0.0.0")
-    folder = _multiprocess.directory()
-    registry = _multiprocess.registry(folder) if folder is not None else _config.current().registry
-    try:
-        server, _thread = start_http_server(int(port), address, registry)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE and folder is not None:
-            logger.debug("traced_tasks: another worker serves metrics on port %s", port)
-            return None
-        raise
-    return server
+    return int(port)
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server on one port, started by the first request a process serves.
+
+    Not at instrument(): supervisors (gunicorn's master, uvicorn's reloader) load the instrumentation too,
+    and would hold the port while serving nothing. In multiprocess mode every worker tries the port, and
+    the first one serves the sum of all.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._pid: int | None = None
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    def ensure_started(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()  # one attempt per process, whatever comes of it
+            folder = _multiprocess.directory()
+            registry = _multiprocess.registry(folder) if folder is not None else _config.current().registry
+            try:
+                self._server, _thread = start_http_server(self.port, os.environ.get(ADDR_ENV, "0.0.0.0"), registry)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE and folder is not None:
+                    logger.debug("traced_tasks: another worker serves metrics on port %s", self.port)
+                else:
+                    logger.exception("traced_tasks: cannot serve metrics on port %s", self.port)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server.server_close()
+                self._server = None
+            self._pid = None
