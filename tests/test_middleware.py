@@ -23,14 +23,15 @@ def remember(seen: list[Any]) -> None:
     seen.append(baggage.get_baggage("tenant"))
 
 
-def shop(seen: list[Any]) -> Starlette:
+def orders(seen: list[Any]) -> Starlette:
+    """An app whose POST /orders/{order_id} schedules one task, with TraceContextMiddleware."""
+
     async def place_order(request: Request) -> Response:
         tasks = BackgroundTasks()
         tasks.add_task(remember, seen)
         return PlainTextResponse("ok", background=tasks)
 
-    orders = Starlette(routes=[Route("/orders/{order_id:int}", place_order, methods=["POST"])])
-    app = Starlette(routes=[Mount("/api", orders)])
+    app = Starlette(routes=[Route("/orders/{order_id:int}", place_order, methods=["POST"])])
     app.add_middleware(traced_tasks.TraceContextMiddleware)
     return app
 
@@ -39,7 +40,7 @@ def test_task_joins_the_callers_trace(telemetry: Telemetry) -> None:
     """Behind TraceContextMiddleware, with no server span, a task span's parent is the caller's span from
     traceparent, and the caller's baggage is current inside the task."""
     seen: list[Any] = []
-    TestClient(shop(seen)).post("/api/orders/7", headers={"traceparent": TRACEPARENT, "baggage": "tenant=acme"})
+    TestClient(orders(seen)).post("/orders/7", headers={"traceparent": TRACEPARENT, "baggage": "tenant=acme"})
     (task,) = telemetry.task_spans()
     assert format(task.context.trace_id, "032x") == TRACE_ID
     assert task.parent is not None
@@ -51,9 +52,9 @@ def test_task_joins_the_callers_trace(telemetry: Telemetry) -> None:
 def test_without_traceparent_the_task_starts_a_trace(telemetry: Telemetry) -> None:
     """Without a traceparent, the task span is a root span: nothing leaks from an earlier request."""
     seen: list[Any] = []
-    client = TestClient(shop(seen))
-    client.post("/api/orders/7", headers={"traceparent": TRACEPARENT})
-    client.post("/api/orders/8")
+    client = TestClient(orders(seen))
+    client.post("/orders/7", headers={"traceparent": TRACEPARENT})
+    client.post("/orders/8")
     first, second = telemetry.task_spans()
     assert second.parent is None
     assert second.context.trace_id != first.context.trace_id
@@ -62,16 +63,7 @@ def test_without_traceparent_the_task_starts_a_trace(telemetry: Telemetry) -> No
 
 def test_route_template_on_the_task_span(telemetry: Telemetry) -> None:
     """The scheduling request's route template is the task span's http.route."""
-    seen: list[Any] = []
-
-    async def place_order(request: Request) -> Response:
-        tasks = BackgroundTasks()
-        tasks.add_task(remember, seen)
-        return PlainTextResponse("ok", background=tasks)
-
-    app = Starlette(routes=[Route("/orders/{order_id:int}", place_order, methods=["POST"])])
-    app.add_middleware(traced_tasks.TraceContextMiddleware)
-    TestClient(app).post("/orders/7")
+    TestClient(orders([])).post("/orders/7")
     (task,) = telemetry.task_spans()
     assert (task.attributes or {})["http.route"] == "/orders/{order_id:int}"
 
@@ -79,16 +71,7 @@ def test_route_template_on_the_task_span(telemetry: Telemetry) -> None:
 def test_no_route_under_a_mount(telemetry: Telemetry) -> None:
     """Under a Mount, whose matched prefix holds values (/tenants/acme), no http.route is reported, rather than
     one holding a value."""
-    seen: list[Any] = []
-
-    async def place_order(request: Request) -> Response:
-        tasks = BackgroundTasks()
-        tasks.add_task(remember, seen)
-        return PlainTextResponse("ok", background=tasks)
-
-    tenant = Starlette(routes=[Route("/orders/{order_id:int}", place_order, methods=["POST"])])
-    app = Starlette(routes=[Mount("/tenants/{tenant}", tenant)])
-    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    app = Starlette(routes=[Mount("/tenants/{tenant}", orders([]))])
     TestClient(app).post("/tenants/acme/orders/7")
     (task,) = telemetry.task_spans()
     assert "http.route" not in (task.attributes or {})
@@ -101,13 +84,7 @@ def test_beside_a_server_span_the_task_stays_under_it(telemetry: Telemetry) -> N
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
     from opentelemetry.trace import SpanKind
 
-    async def place_order(request: Request) -> Response:
-        tasks = BackgroundTasks()
-        tasks.add_task(remember, [])
-        return PlainTextResponse("ok", background=tasks)
-
-    app = Starlette(routes=[Route("/orders/{order_id:int}", place_order, methods=["POST"])])
-    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    app = orders([])
     app.add_middleware(OpenTelemetryMiddleware, tracer_provider=telemetry.provider)
     client = TestClient(app)
     client.post("/orders/7", headers={"traceparent": TRACEPARENT})
