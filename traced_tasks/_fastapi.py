@@ -9,31 +9,43 @@ of the two classes annotates it.
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 from traced_tasks._background import BackgroundTasks
+
+_traced: dict[type[Any], type[BackgroundTasks]] = {}
 
 
 def install() -> None:
-    try:
-        from fastapi import background as fastapi_background
-        from fastapi.dependencies import utils
-    except ImportError:
-        return
-    if issubclass(utils.BackgroundTasks, BackgroundTasks):  # type: ignore[attr-defined]
-        return
-
-    # Also a fastapi.BackgroundTasks, so isinstance checks against FastAPI's class keep passing.
-    class FastAPIBackgroundTasks(BackgroundTasks, fastapi_background.BackgroundTasks):
-        pass
-
-    FastAPIBackgroundTasks.__module__ = __name__
-    utils.BackgroundTasks = FastAPIBackgroundTasks  # type: ignore[attr-defined]
+    found = _fastapi()
+    if found is not None:
+        utils, fastapi_class = found
+        utils.BackgroundTasks = _traced.get(fastapi_class) or _traced_class(fastapi_class)  # type: ignore[attr-defined]
 
 
 def uninstall() -> None:
     """Give FastAPI its own class back (BackgroundTasksInstrumentor.uninstrument)."""
+    found = _fastapi()
+    if found is not None:
+        utils, fastapi_class = found
+        utils.BackgroundTasks = fastapi_class  # type: ignore[attr-defined]
+
+
+def _fastapi() -> tuple[ModuleType, type[Any]] | None:
     try:
-        from fastapi import background as fastapi_background
+        from fastapi import background
         from fastapi.dependencies import utils
     except ImportError:
-        return
-    utils.BackgroundTasks = fastapi_background.BackgroundTasks  # type: ignore[attr-defined]
+        return None
+    return utils, background.BackgroundTasks
+
+
+def _traced_class(fastapi_class: type[Any]) -> type[BackgroundTasks]:
+    # Also a fastapi.BackgroundTasks, so isinstance checks against FastAPI's class keep passing.
+    class FastAPIBackgroundTasks(BackgroundTasks, fastapi_class):  # type: ignore[misc]
+        pass
+
+    FastAPIBackgroundTasks.__module__ = __name__
+    _traced[fastapi_class] = FastAPIBackgroundTasks
+    return FastAPIBackgroundTasks
