@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import fastapi
+import pytest
 from fastapi.testclient import TestClient
 from opentelemetry import baggage, trace
 from starlette.applications import Starlette
@@ -129,3 +132,41 @@ def _batch() -> BackgroundTasks:
     tasks = BackgroundTasks()
     tasks.add_task(remember, [])
     return tasks
+
+
+def test_route_label_is_off_by_default(telemetry: Telemetry) -> None:
+    """Without route_label, the series have only the task label, even when the route is known."""
+    TestClient(orders([])).post("/orders/7")
+    assert telemetry.value("background_task_scheduled_total", task="tests.test_middleware.remember") == 1
+
+
+def test_route_label(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
+    """With route_label, every family is split by the scheduling request's route template, "" when unknown, and
+    past 100 routes further ones are counted under __overflow__ with one warning."""
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry, route_label=True)
+
+    async def place_order(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(remember, [])
+        return PlainTextResponse("ok", background=tasks)
+
+    routes = [Route(f"/r{index}/{{order_id:int}}", place_order) for index in range(102)]
+    app = Starlette(routes=routes)
+    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    client = TestClient(app)
+    with caplog.at_level(logging.WARNING, logger="traced_tasks"):
+        for index in range(102):
+            client.get(f"/r{index}/7")
+        client.get("/r0/8")
+    asyncio.run(_batch()())  # outside any request
+
+    task = "tests.test_middleware.remember"
+    assert telemetry.value("background_task_scheduled_total", task=task, route="/r0/{order_id:int}") == 2
+    assert telemetry.value("background_task_wait_seconds_count", task=task, route="/r99/{order_id:int}") == 1
+    labels = {"task": task, "route": "/r1/{order_id:int}", "status": "success"}
+    assert telemetry.registry.get_sample_value("background_task_duration_seconds_count", labels) == 1
+    assert telemetry.value("background_task_scheduled_total", task=task, route="/r100/{order_id:int}") is None
+    assert telemetry.value("background_task_scheduled_total", task=task, route="__overflow__") == 2
+    assert telemetry.value("background_task_scheduled_total", task=task, route="") == 1
+    assert telemetry.value("background_task_scheduled_total", task=task) is None
+    assert len([record for record in caplog.records if "routes seen" in record.getMessage()]) == 1

@@ -25,14 +25,15 @@ logger = logging.getLogger("traced_tasks")
 class Scheduled:
     """What a traced task captured when it was scheduled."""
 
-    __slots__ = ("context", "route", "scheduled_ns", "task", "telemetry")
+    __slots__ = ("context", "metrics", "route", "scheduled_ns", "task", "telemetry")
 
     def __init__(self, telemetry: Telemetry, task: TaskTelemetry) -> None:
         self.telemetry = telemetry
         self.task = task
         self.context = otel_context.get_current()
         self.scheduled_ns = time.perf_counter_ns()
-        self.route = _request.route()
+        self.route = route = _request.route()
+        self.metrics = telemetry.metrics_for(task, route)
 
 
 def schedule(task: background.BackgroundTask, func: Callable[..., Any], args: Any, kwargs: Any) -> None:
@@ -51,7 +52,7 @@ def schedule(task: background.BackgroundTask, func: Callable[..., Any], args: An
         telemetry.report("task setup")
         scheduled = None
     else:
-        telemetry.schedule(scheduled.task)
+        telemetry.schedule(scheduled.metrics)
     task._traced = scheduled  # type: ignore[attr-defined]
 
 
@@ -61,7 +62,9 @@ async def run(task: background.BackgroundTask) -> None:
     if scheduled is None:
         await _call(task)
         return
-    started = scheduled.telemetry.start(scheduled.task, scheduled.context, scheduled.scheduled_ns, scheduled.route)
+    started = scheduled.telemetry.start(
+        scheduled.task, scheduled.metrics, scheduled.context, scheduled.scheduled_ns, scheduled.route
+    )
     try:
         await _call(task)
     except BaseException as exc:
@@ -111,7 +114,7 @@ def skip(task: background.BackgroundTask) -> None:
         return
     scheduled: Scheduled | None = getattr(task, "_traced", None)
     if scheduled is not None:
-        scheduled.telemetry.skip(scheduled.task)
+        scheduled.telemetry.skip(scheduled.metrics)
 
 
 class BackgroundTask(background.BackgroundTask):

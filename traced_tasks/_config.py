@@ -31,6 +31,7 @@ def configure(
     max_task_names: int = DEFAULT_MAX_TASK_NAMES,
     use_span_links: bool = False,
     isolate_tasks: bool = False,
+    route_label: bool = False,
 ) -> None:
     """Set how tasks scheduled from now on are traced and counted. Call it once, at startup.
 
@@ -66,6 +67,7 @@ def configure(
                 max_task_names=max_task_names,
                 use_span_links=use_span_links,
                 isolate_tasks=isolate_tasks,
+                route_label=route_label,
             )
         except ValueError as exc:
             if previous is not None:

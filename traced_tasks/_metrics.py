@@ -21,6 +21,7 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 
 MAX_EXCEPTION_TYPES = 100
+MAX_ROUTES = 100
 
 
 class TaskMetrics:
@@ -33,21 +34,21 @@ class TaskMetrics:
         "exceptions_overflow",
         "in_progress",
         "last_success",
-        "name",
         "scheduled",
         "skipped",
         "success",
+        "values",
         "wait",
     )
 
-    def __init__(self, families: Metrics, name: str) -> None:
-        self.name = name
-        self.scheduled = families.scheduled.labels(name)
-        self.wait = families.wait.labels(name)
-        self.in_progress = families.in_progress.labels(name)
-        self.skipped = families.skipped.labels(name)
-        self.last_success = families.last_success.labels(name)
-        self.success = families.duration.labels(name, names.STATUS_SUCCESS)
+    def __init__(self, families: Metrics, values: tuple[str, ...]) -> None:
+        self.values = values  # (task,) or, with the route label, (task, route)
+        self.scheduled = families.scheduled.labels(*values)
+        self.wait = families.wait.labels(*values)
+        self.in_progress = families.in_progress.labels(*values)
+        self.skipped = families.skipped.labels(*values)
+        self.last_success = families.last_success.labels(*values)
+        self.success = families.duration.labels(*values, names.STATUS_SUCCESS)
         # The error and cancelled series appear with the first such run: most tasks never fail, and each
         # histogram series is a score of samples per task in every scrape.
         self._duration = families.duration
@@ -59,15 +60,18 @@ class TaskMetrics:
         """The duration child for `error` or `cancelled`."""
         child = self._failures.get(status)
         if child is None:
-            child = self._failures[status] = self._duration.labels(self.name, status)
+            child = self._failures[status] = self._duration.labels(*self.values, status)
         return child
 
 
 class Metrics:
     """The seven metric families of one configuration, registered in one registry."""
 
-    def __init__(self, registry: CollectorRegistry, namespace: str, buckets: Sequence[float]) -> None:
-        task = [names.LABEL_TASK]
+    def __init__(
+        self, registry: CollectorRegistry, namespace: str, buckets: Sequence[float], route_label: bool = False
+    ) -> None:
+        task = [names.LABEL_TASK, names.LABEL_ROUTE] if route_label else [names.LABEL_TASK]
+        self.route_label = route_label
         # Made unregistered, then registered together below, so a clash leaves the registry as it was.
         common: dict[str, Any] = {"namespace": namespace, "registry": None}
         self.scheduled = Counter(names.SCHEDULED, "Background tasks scheduled (add_task calls).", task, **common)
@@ -81,7 +85,7 @@ class Metrics:
         self.duration = Histogram(
             names.DURATION,
             "Run time of background tasks by outcome, in seconds.",
-            [names.LABEL_TASK, names.LABEL_STATUS],
+            [*task, names.LABEL_STATUS],
             buckets=buckets,
             **common,
         )
@@ -91,7 +95,7 @@ class Metrics:
         self.exceptions = Counter(
             names.EXCEPTIONS,
             "Background tasks that failed, by exception class.",
-            [names.LABEL_TASK, names.LABEL_EXCEPTION],
+            [*task, names.LABEL_EXCEPTION],
             **common,
         )
         self.skipped = Counter(
@@ -120,10 +124,33 @@ class Metrics:
         self._lock = threading.Lock()
         self._exception_names: set[str] = set()
         self._exception_overflowed = False
+        self._routes: set[str] = set()
+        self._route_overflowed = False
         self.register()
 
-    def for_task(self, name: str) -> TaskMetrics:
-        return TaskMetrics(self, name)
+    def for_task(self, name: str, route: str | None = None) -> TaskMetrics:
+        """The children for one task name, and with the route label for one route ("" when unknown)."""
+        if not self.route_label:
+            return TaskMetrics(self, (name,))
+        return TaskMetrics(self, (name, self._route_value(route)))
+
+    def _route_value(self, route: str | None) -> str:
+        if route is None:
+            return ""
+        with self._lock:
+            if route in self._routes:
+                return route
+            if len(self._routes) < MAX_ROUTES:
+                self._routes.add(route)
+                return route
+            if not self._route_overflowed:
+                self._route_overflowed = True
+                logger.warning(
+                    "traced_tasks: more than %d routes seen; further ones are counted as route=%r",
+                    MAX_ROUTES,
+                    names.OVERFLOW,
+                )
+            return names.OVERFLOW
 
     def exception(self, task: TaskMetrics, kind: type[BaseException]) -> Any:
         """The exceptions counter child of one task and exception class, with the class names capped."""
@@ -136,7 +163,7 @@ class Metrics:
                 if len(self._exception_names) >= MAX_EXCEPTION_TYPES:
                     return self._exception_overflow(task)
                 self._exception_names.add(label)
-            child = task.exceptions[kind] = self.exceptions.labels(task.name, label)
+            child = task.exceptions[kind] = self.exceptions.labels(*task.values, label)
             return child
 
     def _exception_overflow(self, task: TaskMetrics) -> Any:
@@ -149,7 +176,7 @@ class Metrics:
                 names.OVERFLOW,
             )
         if task.exceptions_overflow is None:
-            task.exceptions_overflow = self.exceptions.labels(task.name, names.OVERFLOW)
+            task.exceptions_overflow = self.exceptions.labels(*task.values, names.OVERFLOW)
         return task.exceptions_overflow
 
     def register(self) -> None:

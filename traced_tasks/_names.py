@@ -17,6 +17,7 @@ LAST_SUCCESS = "background_task_last_success_timestamp_seconds"
 LABEL_TASK = "task"
 LABEL_STATUS = "status"
 LABEL_EXCEPTION = "exception"
+LABEL_ROUTE = "route"
 
 STATUS_SUCCESS = "success"
 STATUS_ERROR = "error"

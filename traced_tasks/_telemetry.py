@@ -34,12 +34,13 @@ DEFAULT_MAX_TASK_NAMES = 1000
 class TaskTelemetry:
     """What every run of one callable shares: its span name, span attributes and metric children."""
 
-    __slots__ = ("attributes", "code", "metrics", "span_name")
+    __slots__ = ("attributes", "by_route", "code", "metrics", "span_name")
 
     def __init__(self, span_name: str, attributes: dict[str, str | int], metrics: TaskMetrics, code: object) -> None:
         self.span_name = span_name
         self.attributes = attributes
-        self.metrics = metrics
+        self.metrics = metrics  # with the route label, those of an unknown route
+        self.by_route: dict[str, TaskMetrics] = {}
         self.code = code  # keeps the code object, whose id() is part of the cache key, alive
 
 
@@ -56,16 +57,18 @@ class Telemetry:
         max_task_names: int = DEFAULT_MAX_TASK_NAMES,
         use_span_links: bool = False,
         isolate_tasks: bool = False,
+        route_label: bool = False,
     ) -> None:
         # With no provider this is the API's proxy tracer, which follows the global provider whenever it is set.
         self.tracer = trace.get_tracer(names.INSTRUMENTATION_NAME, __version__, tracer_provider=tracer_provider)
-        self.metrics = Metrics(registry, namespace, buckets)
+        self.metrics = Metrics(registry, namespace, buckets, route_label)
         self.registry = registry
         self.use_span_links = use_span_links
         self.isolate_tasks = isolate_tasks
         self.max_task_names = max_task_names
         self._tasks: dict[object, TaskTelemetry] = {}
         self._by_name: dict[str, TaskMetrics] = {}
+        self._by_name_and_route: dict[tuple[str, str | None], TaskMetrics] = {}
         self._overflow: TaskMetrics | None = None
         self._lock = threading.Lock()
         self._reported: set[str] = set()
@@ -107,6 +110,21 @@ class Telemetry:
                 self._tasks[key] = task
             return task
 
+    def metrics_for(self, task: TaskTelemetry, route: str | None) -> TaskMetrics:
+        """The task's metric children for the scheduling request's route, when the route label is on."""
+        if route is None or not self.metrics.route_label:
+            return task.metrics
+        metrics = task.by_route.get(route)
+        if metrics is None:
+            # Route templates are as many as the application's routes, so the caches stay bounded.
+            key = (task.metrics.values[0], route)
+            with self._lock:
+                metrics = self._by_name_and_route.get(key)
+                if metrics is None:
+                    metrics = self._by_name_and_route[key] = self.metrics.for_task(*key)
+            task.by_route[route] = metrics
+        return metrics
+
     def _overflow_metrics(self) -> TaskMetrics:
         if self._overflow is None:
             logger.warning(
@@ -125,7 +143,9 @@ class Telemetry:
             self._reported.add(part)
         logger.exception("traced_tasks: %s failed; tasks run on without it, and later failures are not logged", part)
 
-    def start(self, task: TaskTelemetry, parent: Context, scheduled_ns: int, route: str | None) -> Run:
+    def start(
+        self, task: TaskTelemetry, metrics: TaskMetrics, parent: Context, scheduled_ns: int, route: str | None
+    ) -> Run:
         """Open the span and count the start; never raises."""
         started_ns = time.perf_counter_ns()
         span: Span | None = None
@@ -149,7 +169,6 @@ class Telemetry:
             if token is None:
                 with contextlib.suppress(Exception):
                     token = otel_context.attach(parent)
-        metrics = task.metrics
         try:
             metrics.wait.observe((started_ns - scheduled_ns) / 1e9)
             metrics.in_progress.inc()
@@ -157,15 +176,15 @@ class Telemetry:
             self.report("metrics")
         return Run(self, metrics, span, token, time.perf_counter_ns())
 
-    def skip(self, task: TaskTelemetry) -> None:
+    def skip(self, metrics: TaskMetrics) -> None:
         try:
-            task.metrics.skipped.inc()
+            metrics.skipped.inc()
         except Exception:
             self.report("metrics")
 
-    def schedule(self, task: TaskTelemetry) -> None:
+    def schedule(self, metrics: TaskMetrics) -> None:
         try:
-            task.metrics.scheduled.inc()
+            metrics.scheduled.inc()
         except Exception:
             self.report("metrics")
 
