@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from prometheus_client import CollectorRegistry
 from starlette import background
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -238,3 +239,27 @@ def test_disabled_by_environment(tmp_path: Path) -> None:
     output, _ = run_instrumented(tmp_path, OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="traced_tasks")
     assert "BackgroundTask tests.apps.plain" not in output
     assert '"name": "BackgroundTask send_receipt"' in output
+
+
+def test_metrics_port_serves_the_registry_configured_later(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metrics port starts with the app's first ASGI call (lifespan included) and serves whatever registry
+    traced_tasks is configured with at scrape time, so configure() in the app's startup code is honoured."""
+    port = free_port()
+    monkeypatch.setenv("TRACED_TASKS_METRICS_PORT", str(port))
+    monkeypatch.setenv("TRACED_TASKS_METRICS_ADDR", "127.0.0.1")
+    instance = traced_tasks.BackgroundTasksInstrumentor()
+    instance.instrument()
+    try:
+        with TestClient(starlette_app(), raise_server_exceptions=False) as client:  # runs the lifespan
+            assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
+            later = CollectorRegistry()
+            traced_tasks.configure(tracer_provider=telemetry.provider, registry=later)
+            client.get("/single")
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        instance.uninstrument()
+    assert f'background_task_scheduled_total{{task="{TASK}"}} 1.0' in text
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/metrics")

@@ -313,7 +313,8 @@ def test_exception_labels_are_capped(telemetry: Telemetry, caplog: pytest.LogCap
     )
     assert telemetry.value("background_task_exceptions_total", task=task, exception=traced_tasks.OVERFLOW) == 5
     assert len([record for record in caplog.records if "exception classes" in record.getMessage()]) == 1
-    cache = traced_tasks._config.current().task(raise_).metrics.exceptions
+    configured = traced_tasks._config.current()
+    cache = configured.metrics_for(configured.task(raise_), None).exceptions
     assert len(cache) == MAX_EXCEPTION_TYPES
 
 

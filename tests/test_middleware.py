@@ -170,3 +170,12 @@ def test_route_label(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> 
     assert telemetry.value("background_task_scheduled_total", task=task, route="") == 1
     assert telemetry.value("background_task_scheduled_total", task=task) is None
     assert len([record for record in caplog.records if "routes seen" in record.getMessage()]) == 1
+
+
+def test_route_label_makes_no_unknown_route_series_for_routed_tasks(telemetry: Telemetry) -> None:
+    """With route_label, a task only ever scheduled from known routes has no route="" series."""
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry, route_label=True)
+    TestClient(orders([])).post("/orders/7")
+    task = "tests.test_middleware.remember"
+    assert telemetry.value("background_task_scheduled_total", task=task, route="/orders/{order_id:int}") == 1
+    assert telemetry.value("background_task_scheduled_total", task=task, route="") is None

@@ -6,9 +6,11 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.metrics_core import Metric
 
 from traced_tasks import _config, _multiprocess
 
@@ -27,8 +29,16 @@ def port_from_environment() -> int | None:
     return int(port)
 
 
+class _Configured:
+    """The registry traced_tasks counts in, looked up at each scrape, since configure() may come later."""
+
+    def collect(self) -> Iterable[Metric]:
+        return _config.current().registry.collect()
+
+
 class MetricsServer:
-    """prometheus_client's HTTP server on one port, started by the first request a process serves.
+    """prometheus_client's HTTP server on one port, started by the first ASGI call a process serves
+    (its lifespan startup, or its first request).
 
     Not at instrument(): supervisors (gunicorn's master, uvicorn's reloader) load the instrumentation too,
     and would hold the port while serving nothing. In multiprocess mode every worker tries the port, and
@@ -49,7 +59,11 @@ class MetricsServer:
                 return
             self._pid = os.getpid()  # one attempt per process, whatever comes of it
             folder = _multiprocess.directory()
-            registry = _multiprocess.registry(folder) if folder is not None else _config.current().registry
+            if folder is not None:
+                registry = _multiprocess.registry(folder)
+            else:
+                registry = CollectorRegistry()
+                registry.register(_Configured())
             try:
                 self._server, _thread = start_http_server(self.port, os.environ.get(ADDR_ENV, "0.0.0.0"), registry)
             except OSError as exc:
@@ -60,8 +74,9 @@ class MetricsServer:
 
     def stop(self) -> None:
         with self._lock:
-            if self._server is not None:
+            # In a forked child the serving thread does not exist, and shutdown() would wait for it forever.
+            if self._server is not None and self._pid == os.getpid():
                 self._server.shutdown()
                 self._server.server_close()
-                self._server = None
+            self._server = None
             self._pid = None

@@ -34,13 +34,21 @@ DEFAULT_MAX_TASK_NAMES = 1000
 class TaskTelemetry:
     """What every run of one callable shares: its span name, span attributes and metric children."""
 
-    __slots__ = ("attributes", "by_route", "code", "metrics", "span_name")
+    __slots__ = ("attributes", "by_route", "code", "label", "metrics", "span_name")
 
-    def __init__(self, span_name: str, attributes: dict[str, str | int], metrics: TaskMetrics, code: object) -> None:
+    def __init__(
+        self,
+        span_name: str,
+        attributes: dict[str, str | int],
+        label: str,
+        metrics: TaskMetrics | None,
+        code: object,
+    ) -> None:
         self.span_name = span_name
         self.attributes = attributes
-        self.metrics = metrics  # with the route label, those of an unknown route
-        self.by_route: dict[str, TaskMetrics] = {}
+        self.label = label  # the task label value: the name, or the overflow value past the cap
+        self.metrics = metrics  # None with the route label: then they depend on the route, in by_route
+        self.by_route: dict[str | None, TaskMetrics] = {}
         self.code = code  # keeps the code object, whose id() is part of the cache key, alive
 
 
@@ -67,9 +75,9 @@ class Telemetry:
         self.isolate_tasks = isolate_tasks
         self.max_task_names = max_task_names
         self._tasks: dict[object, TaskTelemetry] = {}
-        self._by_name: dict[str, TaskMetrics] = {}
-        self._by_name_and_route: dict[tuple[str, str | None], TaskMetrics] = {}
-        self._overflow: TaskMetrics | None = None
+        self._names: set[str] = set()
+        self._overflowed = False
+        self._children: dict[tuple[str, str | None], TaskMetrics] = {}
         self._lock = threading.Lock()
         self._reported: set[str] = set()
 
@@ -94,46 +102,51 @@ class Telemetry:
             if task is not None:
                 return task
             identity = identify(func)
-            metrics = self._by_name.get(identity.name)
-            if metrics is None:
-                if len(self._by_name) < self.max_task_names:
-                    metrics = self._by_name[identity.name] = self.metrics.for_task(identity.name)
-                else:
-                    metrics = self._overflow_metrics()
+            label = self._task_label(identity.name)
+            metrics = None if self.metrics.route_label else self._children_for(label, None)
             attributes: dict[str, str | int] = {names.ATTR_FUNCTION: identity.name}
             if identity.file is not None and identity.line is not None:
                 attributes[names.ATTR_FILE] = identity.file
                 attributes[names.ATTR_LINE] = identity.line
-            task = TaskTelemetry(names.SPAN_NAME_PREFIX + identity.name, attributes, metrics, code)
+            task = TaskTelemetry(names.SPAN_NAME_PREFIX + identity.name, attributes, label, metrics, code)
             # Only code generated at run time (exec, eval) makes new keys without end; past this, resolve each time.
             if len(self._tasks) < 4 * self.max_task_names:
                 self._tasks[key] = task
             return task
 
     def metrics_for(self, task: TaskTelemetry, route: str | None) -> TaskMetrics:
-        """The task's metric children for the scheduling request's route, when the route label is on."""
-        if route is None or not self.metrics.route_label:
-            return task.metrics
+        """The task's metric children; with the route label, those of the scheduling request's route."""
+        metrics = task.metrics
+        if metrics is not None:
+            return metrics
         metrics = task.by_route.get(route)
         if metrics is None:
             # Route templates are as many as the application's routes, so the caches stay bounded.
-            key = (task.metrics.values[0], route)
             with self._lock:
-                metrics = self._by_name_and_route.get(key)
-                if metrics is None:
-                    metrics = self._by_name_and_route[key] = self.metrics.for_task(*key)
-            task.by_route[route] = metrics
+                metrics = task.by_route[route] = self._children_for(task.label, route)
         return metrics
 
-    def _overflow_metrics(self) -> TaskMetrics:
-        if self._overflow is None:
+    def _task_label(self, name: str) -> str:
+        if name in self._names:
+            return name
+        if len(self._names) < self.max_task_names:
+            self._names.add(name)
+            return name
+        if not self._overflowed:
+            self._overflowed = True
             logger.warning(
                 "traced_tasks: more than %d task names; further ones are counted as task=%r (spans keep their names)",
                 self.max_task_names,
                 names.OVERFLOW,
             )
-            self._overflow = self.metrics.for_task(names.OVERFLOW)
-        return self._overflow
+        return names.OVERFLOW
+
+    def _children_for(self, label: str, route: str | None) -> TaskMetrics:
+        # Shared by every callable with this label (and route), since prometheus_client's children are too.
+        metrics = self._children.get((label, route))
+        if metrics is None:
+            metrics = self._children[label, route] = self.metrics.for_task(label, route)
+        return metrics
 
     def report(self, part: str) -> None:
         """Log the exception being handled, once per part, so a broken exporter cannot flood the logs."""
