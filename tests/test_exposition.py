@@ -4,6 +4,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,45 @@ def test_multiprocess_sums_every_worker(workers: str) -> None:
     assert f'background_task_scheduled_total{{task="{name}"}} {float(sent)}' in text
     assert f'background_task_in_progress{{task="{name}"}} 0.0' in text
     assert "trace_id" not in text  # multiprocess mode drops exemplars
+
+
+class ThreadRecorder:
+    """A collector that notes which thread collects it, and yields nothing."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def collect(self) -> list[object]:
+        self.threads.append(threading.get_ident())
+        return []
+
+
+def test_rendering_runs_off_the_event_loop(telemetry: Telemetry) -> None:
+    """/metrics renders in the threadpool, so a large scrape does not stall the requests the loop is serving."""
+    recorder = ThreadRecorder()
+    telemetry.registry.register(recorder)  # type: ignore[arg-type]
+    loop_threads: list[int] = []
+
+    async def endpoint(request: Request) -> Response:
+        loop_threads.append(threading.get_ident())
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/", endpoint), Mount("/metrics", traced_tasks.metrics_app)])
+    client = TestClient(app)
+    client.get("/")
+    assert client.get("/metrics/").status_code == 200
+    assert recorder.threads
+    assert loop_threads
+    assert recorder.threads[0] != loop_threads[0]
+
+
+def test_gzip_and_name_filter(telemetry: Telemetry) -> None:
+    """Like prometheus_client's own app, /metrics gzips when asked and honours the name[] filter."""
+    client = TestClient(app_with_metrics(), raise_server_exceptions=False)
+    client.get("/")
+    response = client.get("/metrics/", headers={"accept-encoding": "gzip"})
+    assert response.headers["content-encoding"] == "gzip"
+    assert "background_task_scheduled_total" in response.text  # httpx decodes it
+    filtered = client.get("/metrics/", params={"name[]": "background_task_skipped_total"}).text
+    assert "background_task_skipped_total" in filtered
+    assert "background_task_scheduled_total" not in filtered

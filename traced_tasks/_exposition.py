@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import hmac
 import os
 
-from prometheus_client import CollectorRegistry, make_asgi_app
-from starlette.responses import PlainTextResponse
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from traced_tasks import _multiprocess
@@ -40,9 +44,31 @@ def make_metrics_app(registry: CollectorRegistry | None = None, *, bearer_token:
             served = _multiprocess.registry(folder)
         else:
             served = registry if registry is not None else current().registry
-        await make_asgi_app(served)(scope, receive, send)
+        request = Request(scope, receive)
+        # Rendering thousands of series takes long enough to stall every request if done on the event loop.
+        body, headers = await run_in_threadpool(
+            _render,
+            served,
+            request.headers.get("accept", ""),
+            request.headers.get("accept-encoding", ""),
+            request.query_params.getlist("name[]"),
+        )
+        await Response(body, headers=headers)(scope, receive, send)
 
     return metrics_app
+
+
+def _render(
+    registry: CollectorRegistry, accept: str, accept_encoding: str, names: list[str]
+) -> tuple[bytes, dict[str, str]]:
+    """What prometheus_client's own app does: content negotiation, the name[] filter, gzip."""
+    encoder, content_type = choose_encoder(accept)
+    body = encoder(registry.restricted_registry(names) if names else registry)
+    headers = {"Content-Type": content_type}
+    if gzip_accepted(accept_encoding):
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
+    return body, headers
 
 
 def default_metrics_app() -> ASGIApp:
