@@ -169,6 +169,8 @@ def scrape(names: int, repeats: int) -> None:
 def end_to_end(rounds: int, seconds: int) -> None:
     """Requests per second through real uvicorn under wrk, Starlette's class against traced_tasks', interleaved."""
     wrk = shutil.which("wrk")
+    if rounds < 1:
+        return
     if wrk is None:
         print("\nend to end: skipped, wrk is not installed (apt-get install wrk)")
         return

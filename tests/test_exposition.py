@@ -179,9 +179,10 @@ def test_rendering_runs_off_the_event_loop(telemetry: Telemetry) -> None:
         return PlainTextResponse("ok")
 
     app = Starlette(routes=[Route("/", endpoint), Mount("/metrics", traced_tasks.metrics_app)])
-    client = TestClient(app)
-    client.get("/")
-    assert client.get("/metrics/").status_code == 200
+    # One event loop thread for both requests, alive while the worker thread runs, so their ids cannot collide.
+    with TestClient(app) as client:
+        client.get("/")
+        assert client.get("/metrics/").status_code == 200
     assert recorder.threads
     assert loop_threads
     assert recorder.threads[0] != loop_threads[0]

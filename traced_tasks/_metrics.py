@@ -1,9 +1,15 @@
-"""The Prometheus metric families, and the labelled children of one task name."""
+"""The Prometheus metrics of one configuration: what every backend shares, and prometheus_client's own metrics.
+
+Two backends count the same seven families. In one process, `_local` keeps plain numbers under one lock and
+renders them when scraped, which costs a fraction of prometheus_client's per-update locking. In multiprocess
+mode the counts must live in prometheus_client's files, so `ClientMetrics` here uses its metric objects.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,116 +29,64 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 MAX_EXCEPTION_TYPES = 100
 MAX_ROUTES = 100
 
+HELP = {
+    names.SCHEDULED: "Background tasks scheduled (add_task calls).",
+    names.WAIT: "Time from scheduling a background task to the start of its run, in seconds.",
+    names.DURATION: "Run time of background tasks by outcome, in seconds.",
+    names.IN_PROGRESS: "Background tasks running now.",
+    names.EXCEPTIONS: "Background tasks that failed, by exception class.",
+    names.SKIPPED: "Background tasks never started because an earlier task of their batch failed.",
+    names.LAST_SUCCESS: "Unix time of the last successful run of a background task.",
+}
+
 
 class TaskMetrics:
-    """The children of every family for one `task` label value, resolved once and reused."""
+    """The counts of one `task` label value (and route, with the route label), one call per event."""
 
-    __slots__ = (
-        "_duration",
-        "_failures",
-        "exceptions",
-        "exceptions_overflow",
-        "in_progress",
-        "last_success",
-        "scheduled",
-        "skipped",
-        "success",
-        "values",
-        "wait",
-    )
+    __slots__ = ()
+    values: tuple[str, ...]  # (task,) or, with the route label, (task, route)
 
-    def __init__(self, families: Metrics, values: tuple[str, ...]) -> None:
-        self.values = values  # (task,) or, with the route label, (task, route)
-        self.scheduled = families.scheduled.labels(*values)
-        self.wait = families.wait.labels(*values)
-        self.in_progress = families.in_progress.labels(*values)
-        self.skipped = families.skipped.labels(*values)
-        self.last_success = families.last_success.labels(*values)
-        self.success = families.duration.labels(*values, names.STATUS_SUCCESS)
-        # The error and cancelled series appear with the first such run: most tasks never fail, and each
-        # histogram series is a score of samples per task in every scrape.
-        self._duration = families.duration
-        self._failures: dict[str, Any] = {}
-        self.exceptions: dict[type[BaseException], Any] = {}
-        self.exceptions_overflow: Any = None
+    def schedule(self) -> None:
+        raise NotImplementedError
 
-    def failure(self, status: str) -> Any:
-        """The duration child for `error` or `cancelled`."""
-        child = self._failures.get(status)
-        if child is None:
-            child = self._failures[status] = self._duration.labels(*self.values, status)
-        return child
+    def start(self, wait_seconds: float) -> None:
+        raise NotImplementedError
+
+    def succeed(self, seconds: float, exemplar: dict[str, str] | None) -> None:
+        raise NotImplementedError
+
+    def fail(self, status: str, seconds: float, exemplar: dict[str, str] | None, kind: type[BaseException]) -> None:
+        raise NotImplementedError
+
+    def skip(self) -> None:
+        raise NotImplementedError
 
 
 class Metrics:
-    """The seven metric families of one configuration, registered in one registry."""
+    """The label values both backends bound: routes and exception class names, each capped."""
 
-    def __init__(
-        self, registry: CollectorRegistry, namespace: str, buckets: Sequence[float], route_label: bool = False
-    ) -> None:
-        task = [names.LABEL_TASK, names.LABEL_ROUTE] if route_label else [names.LABEL_TASK]
+    def __init__(self, registry: CollectorRegistry, route_label: bool) -> None:
+        self.registry = registry
         self.route_label = route_label
-        # Made unregistered, then registered together below, so a clash leaves the registry as it was.
-        common: dict[str, Any] = {"namespace": namespace, "registry": None}
-        self.scheduled = Counter(names.SCHEDULED, "Background tasks scheduled (add_task calls).", task, **common)
-        self.wait = Histogram(
-            names.WAIT,
-            "Time from scheduling a background task to the start of its run, in seconds.",
-            task,
-            buckets=buckets,
-            **common,
-        )
-        self.duration = Histogram(
-            names.DURATION,
-            "Run time of background tasks by outcome, in seconds.",
-            [*task, names.LABEL_STATUS],
-            buckets=buckets,
-            **common,
-        )
-        self.in_progress = Gauge(
-            names.IN_PROGRESS, "Background tasks running now.", task, multiprocess_mode="livesum", **common
-        )
-        self.exceptions = Counter(
-            names.EXCEPTIONS,
-            "Background tasks that failed, by exception class.",
-            [*task, names.LABEL_EXCEPTION],
-            **common,
-        )
-        self.skipped = Counter(
-            names.SKIPPED,
-            "Background tasks never started because an earlier task of their batch failed.",
-            task,
-            **common,
-        )
-        self.last_success = Gauge(
-            names.LAST_SUCCESS,
-            "Unix time of the last successful run of a background task.",
-            task,
-            multiprocess_mode="max",
-            **common,
-        )
-        self._families = (
-            self.scheduled,
-            self.wait,
-            self.duration,
-            self.in_progress,
-            self.exceptions,
-            self.skipped,
-            self.last_success,
-        )
-        self._registry = registry
+        self.labelnames = [names.LABEL_TASK, names.LABEL_ROUTE] if route_label else [names.LABEL_TASK]
         self._lock = threading.Lock()
-        self._exception_names: set[str] = set()
-        self._exception_overflowed = False
         self._routes: set[str] = set()
         self._route_overflowed = False
-        self.register()
+        self._exception_names: set[str] = set()
+        self._exception_overflowed = False
 
     def for_task(self, name: str, route: str | None = None) -> TaskMetrics:
-        """The children for one task name, and with the route label for one route ("" when unknown)."""
-        if not self.route_label:
-            return TaskMetrics(self, (name,))
-        return TaskMetrics(self, (name, self._route_value(route)))
+        """The counts for one task name, and with the route label for one route ("" when unknown)."""
+        raise NotImplementedError
+
+    def register(self) -> None:
+        raise NotImplementedError
+
+    def unregister(self) -> None:
+        raise NotImplementedError
+
+    def values(self, name: str, route: str | None) -> tuple[str, ...]:
+        return (name, self._route_value(route)) if self.route_label else (name,)
 
     def _route_value(self, route: str | None) -> str:
         if route is None:
@@ -143,53 +97,151 @@ class Metrics:
             if len(self._routes) < MAX_ROUTES:
                 self._routes.add(route)
                 return route
-            if not self._route_overflowed:
-                self._route_overflowed = True
-                logger.warning(
-                    "traced_tasks: more than %d routes seen; further ones are counted as route=%r",
-                    MAX_ROUTES,
-                    names.OVERFLOW,
-                )
-            return names.OVERFLOW
+            first = not self._route_overflowed
+            self._route_overflowed = True
+        if first:
+            logger.warning(
+                "traced_tasks: more than %d routes seen; further ones are counted as route=%r",
+                MAX_ROUTES,
+                names.OVERFLOW,
+            )
+        return names.OVERFLOW
 
-    def exception(self, task: TaskMetrics, kind: type[BaseException]) -> Any:
-        """The exceptions counter child of one task and exception class, with the class names capped."""
-        child = task.exceptions.get(kind)
-        if child is not None:
-            return child
+    def exception_label(self, kind: type[BaseException]) -> str:
+        label = kind.__qualname__
         with self._lock:
-            label = kind.__qualname__
-            if label not in self._exception_names:
-                if len(self._exception_names) >= MAX_EXCEPTION_TYPES:
-                    return self._exception_overflow(task)
+            if label in self._exception_names:
+                return label
+            if len(self._exception_names) < MAX_EXCEPTION_TYPES:
                 self._exception_names.add(label)
-            child = task.exceptions[kind] = self.exceptions.labels(*task.values, label)
-            return child
-
-    def _exception_overflow(self, task: TaskMetrics) -> Any:
-        # Not cached by class: classes made at run time would grow the cache without end.
-        if not self._exception_overflowed:
+                return label
+            first = not self._exception_overflowed
             self._exception_overflowed = True
+        if first:
             logger.warning(
                 "traced_tasks: more than %d exception classes seen; further ones are counted as %r",
                 MAX_EXCEPTION_TYPES,
                 names.OVERFLOW,
             )
-        if task.exceptions_overflow is None:
-            task.exceptions_overflow = self.exceptions.labels(*task.values, names.OVERFLOW)
-        return task.exceptions_overflow
+        return names.OVERFLOW
+
+
+class ClientTaskMetrics(TaskMetrics):
+    """prometheus_client's children for one label value, resolved once and reused."""
+
+    __slots__ = (
+        "_failures",
+        "_families",
+        "_in_progress",
+        "_last_success",
+        "_scheduled",
+        "_skipped",
+        "_success",
+        "_wait",
+        "exceptions",
+        "values",
+    )
+
+    def __init__(self, families: ClientMetrics, values: tuple[str, ...]) -> None:
+        self.values = values
+        self._families = families
+        self._scheduled = families.scheduled.labels(*values)
+        self._wait = families.wait.labels(*values)
+        self._in_progress = families.in_progress.labels(*values)
+        self._skipped = families.skipped.labels(*values)
+        self._last_success = families.last_success.labels(*values)
+        self._success = families.duration.labels(*values, names.STATUS_SUCCESS)
+        # The error and cancelled series appear with the first such run: most tasks never fail, and each
+        # histogram series is a score of samples per task in every scrape.
+        self._failures: dict[str, Any] = {}
+        # Keyed by label, not class: classes made at run time would grow it without end.
+        self.exceptions: dict[str, Any] = {}
+
+    def schedule(self) -> None:
+        self._scheduled.inc()
+
+    def start(self, wait_seconds: float) -> None:
+        self._wait.observe(wait_seconds)
+        self._in_progress.inc()
+
+    def succeed(self, seconds: float, exemplar: dict[str, str] | None) -> None:
+        self._in_progress.dec()
+        self._success.observe(seconds, exemplar)
+        self._last_success.set(time.time())
+
+    def fail(self, status: str, seconds: float, exemplar: dict[str, str] | None, kind: type[BaseException]) -> None:
+        self._in_progress.dec()
+        duration = self._failures.get(status)
+        if duration is None:
+            duration = self._failures[status] = self._families.duration.labels(*self.values, status)
+        duration.observe(seconds, exemplar)
+        if status == names.STATUS_ERROR:
+            label = self._families.exception_label(kind)
+            counter = self.exceptions.get(label)
+            if counter is None:
+                counter = self.exceptions[label] = self._families.exceptions.labels(*self.values, label)
+            counter.inc()
+
+    def skip(self) -> None:
+        self._skipped.inc()
+
+
+class ClientMetrics(Metrics):
+    """The seven families as prometheus_client metric objects, as multiprocess mode needs."""
+
+    def __init__(
+        self, registry: CollectorRegistry, namespace: str, buckets: Sequence[float], route_label: bool = False
+    ) -> None:
+        super().__init__(registry, route_label)
+        task = self.labelnames
+        # Made unregistered, then registered together below, so a clash leaves the registry as it was.
+        common: dict[str, Any] = {"namespace": namespace, "registry": None}
+        self.scheduled = Counter(names.SCHEDULED, HELP[names.SCHEDULED], task, **common)
+        self.wait = Histogram(names.WAIT, HELP[names.WAIT], task, buckets=buckets, **common)
+        self.duration = Histogram(
+            names.DURATION, HELP[names.DURATION], [*task, names.LABEL_STATUS], buckets=buckets, **common
+        )
+        self.in_progress = Gauge(
+            names.IN_PROGRESS, HELP[names.IN_PROGRESS], task, multiprocess_mode="livesum", **common
+        )
+        self.exceptions = Counter(names.EXCEPTIONS, HELP[names.EXCEPTIONS], [*task, names.LABEL_EXCEPTION], **common)
+        self.skipped = Counter(names.SKIPPED, HELP[names.SKIPPED], task, **common)
+        self.last_success = Gauge(names.LAST_SUCCESS, HELP[names.LAST_SUCCESS], task, multiprocess_mode="max", **common)
+        self._families = (
+            self.scheduled,
+            self.wait,
+            self.duration,
+            self.in_progress,
+            self.exceptions,
+            self.skipped,
+            self.last_success,
+        )
+        self.register()
+
+    def for_task(self, name: str, route: str | None = None) -> TaskMetrics:
+        return ClientTaskMetrics(self, self.values(name, route))
 
     def register(self) -> None:
         registered = []
         try:
             for family in self._families:
-                self._registry.register(family)
+                self.registry.register(family)
                 registered.append(family)
         except ValueError:
             for family in registered:
-                self._registry.unregister(family)
+                self.registry.unregister(family)
             raise
 
     def unregister(self) -> None:
         for family in self._families:
-            self._registry.unregister(family)
+            self.registry.unregister(family)
+
+
+def make_metrics(
+    registry: CollectorRegistry, namespace: str, buckets: Sequence[float], route_label: bool, multiprocess: bool
+) -> Metrics:
+    if multiprocess:
+        return ClientMetrics(registry, namespace, buckets, route_label)
+    from traced_tasks._local import LocalMetrics
+
+    return LocalMetrics(registry, namespace, buckets, route_label)

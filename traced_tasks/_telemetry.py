@@ -19,8 +19,9 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from prometheus_client import REGISTRY, CollectorRegistry
 
+from traced_tasks import _multiprocess
 from traced_tasks import _names as names
-from traced_tasks._metrics import DEFAULT_BUCKETS, Metrics, TaskMetrics
+from traced_tasks._metrics import DEFAULT_BUCKETS, TaskMetrics, make_metrics
 from traced_tasks._naming import identify
 from traced_tasks._version import __version__
 
@@ -69,7 +70,9 @@ class Telemetry:
     ) -> None:
         # With no provider this is the API's proxy tracer, which follows the global provider whenever it is set.
         self.tracer = trace.get_tracer(names.INSTRUMENTATION_NAME, __version__, tracer_provider=tracer_provider)
-        self.metrics = Metrics(registry, namespace, buckets, route_label)
+        self.metrics = make_metrics(
+            registry, namespace, buckets, route_label, multiprocess=_multiprocess.directory() is not None
+        )
         self.registry = registry
         self.use_span_links = use_span_links
         self.isolate_tasks = isolate_tasks
@@ -183,21 +186,20 @@ class Telemetry:
                 with contextlib.suppress(Exception):
                     token = otel_context.attach(parent)
         try:
-            metrics.wait.observe((started_ns - scheduled_ns) / 1e9)
-            metrics.in_progress.inc()
+            metrics.start((started_ns - scheduled_ns) / 1e9)
         except Exception:
             self.report("metrics")
         return Run(self, metrics, span, token, time.perf_counter_ns())
 
     def skip(self, metrics: TaskMetrics) -> None:
         try:
-            metrics.skipped.inc()
+            metrics.skip()
         except Exception:
             self.report("metrics")
 
     def schedule(self, metrics: TaskMetrics) -> None:
         try:
-            metrics.scheduled.inc()
+            metrics.schedule()
         except Exception:
             self.report("metrics")
 
@@ -242,17 +244,12 @@ class Run:
                 span.end()
             except Exception:
                 self.telemetry.report("tracing")
-        metrics = self.metrics
         try:
-            metrics.in_progress.dec()
             if exc is None:
-                metrics.success.observe(seconds, exemplar)
-                metrics.last_success.set(time.time())
-            elif cancelled:
-                metrics.failure(names.STATUS_CANCELLED).observe(seconds, exemplar)
+                self.metrics.succeed(seconds, exemplar)
             else:
-                metrics.failure(names.STATUS_ERROR).observe(seconds, exemplar)
-                self.telemetry.metrics.exception(metrics, type(exc)).inc()
+                status = names.STATUS_CANCELLED if cancelled else names.STATUS_ERROR
+                self.metrics.fail(status, seconds, exemplar, type(exc))
         except Exception:
             self.telemetry.report("metrics")
 

@@ -1,0 +1,87 @@
+"""The two metrics backends (in-process numbers, prometheus_client's objects for multiprocess) agree exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from traced_tasks._local import LocalMetrics
+from traced_tasks._metrics import DEFAULT_BUCKETS, ClientMetrics, Metrics
+
+EXEMPLAR = {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7"}
+
+EVENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["send", "charge", "notify"]),
+        st.sampled_from([None, "/orders/{order_id}", "/users/{user_id}"]),
+        st.sampled_from(["schedule", "start", "succeed", "error", "cancel", "skip"]),
+        st.sampled_from([0.0001, 0.003, 0.005, 0.2, 1.0, 7.5, 45.0, 3600.0, 5000.0]),  # some on a bound exactly
+        st.booleans(),
+        st.sampled_from([KeyError, ValueError, TimeoutError]),
+    ),
+    max_size=40,
+)
+
+
+def apply(metrics: Metrics, events: list[tuple[Any, ...]]) -> None:
+    for name, route, event, seconds, sampled, kind in events:
+        task = metrics.for_task(name, route)
+        exemplar = EXEMPLAR if sampled else None
+        if event == "schedule":
+            task.schedule()
+        elif event == "start":
+            task.start(seconds)
+        elif event == "succeed":
+            task.succeed(seconds, exemplar)
+        elif event == "skip":
+            task.skip()
+        else:
+            task.fail("error" if event == "error" else "cancelled", seconds, exemplar, kind)
+
+
+def samples(registry: CollectorRegistry) -> set[tuple[Any, ...]]:
+    """Every sample, without the _created series (prometheus_client's only) and the clock-read values."""
+    found = set()
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_created"):
+                continue
+            value = sample.value > 0 if sample.name.endswith("last_success_timestamp_seconds") else sample.value
+            exemplar = (
+                (tuple(sorted(sample.exemplar.labels.items())), sample.exemplar.value) if sample.exemplar else None
+            )
+            found.add((sample.name, tuple(sorted(sample.labels.items())), value, exemplar))
+    return found
+
+
+@settings(max_examples=150, deadline=None)
+@given(EVENTS, st.booleans())
+def test_backends_expose_the_same_samples(events: list[tuple[Any, ...]], route_label: bool) -> None:
+    """For any sequence of events, with or without the route label, both backends expose the same samples,
+    bucket counts, sums and exemplars, in both exposition formats' terms."""
+    client_registry, local_registry = CollectorRegistry(), CollectorRegistry()
+    client = ClientMetrics(client_registry, "", DEFAULT_BUCKETS, route_label)
+    local = LocalMetrics(local_registry, "", DEFAULT_BUCKETS, route_label)
+    apply(client, events)
+    apply(local, events)
+    assert samples(local_registry) == samples(client_registry)
+
+
+def test_local_backend_openmetrics_has_exemplars() -> None:
+    """The in-process backend's exemplars reach the OpenMetrics exposition, on the bucket of the observation."""
+    registry = CollectorRegistry()
+    local = LocalMetrics(registry, "shop", DEFAULT_BUCKETS)
+    task = local.for_task("send")
+    task.schedule()
+    task.start(0.001)
+    task.succeed(0.2, EXEMPLAR)
+    text = generate_openmetrics(registry).decode()
+    (line,) = [line for line in text.splitlines() if "# {" in line]
+    assert line.startswith(
+        'shop_background_task_duration_seconds_bucket{le="0.25",status="success",task="send"} 1.0 # {'
+    )
+    assert 'span_id="00f067aa0ba902b7",trace_id="4bf92f3577b34da6a3ce929d0e0e4736"} 0.2' in line
