@@ -110,7 +110,7 @@ class LocalMetrics(Metrics):
     ) -> None:
         super().__init__(registry, route_label)
         self.bounds = tuple(float(bound) for bound in buckets if bound != float("inf"))
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards the counts; Metrics' own lock guards the label caps
         self._prefix = f"{namespace}_" if namespace else ""
         self._le = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         self._tasks: dict[tuple[str, ...], LocalTaskMetrics] = {}
