@@ -62,18 +62,44 @@ class TaskMetrics:
         raise NotImplementedError
 
 
+class CappedLabel:
+    """Values of one label, admitted up to a cap; past it, the overflow value, with one warning."""
+
+    def __init__(self, cap: int, what: str) -> None:
+        self._cap = cap
+        self._what = what
+        self._seen: set[str] = set()
+        self._overflowed = False
+        self._lock = threading.Lock()
+
+    def admit(self, value: str) -> str:
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) < self._cap:
+                self._seen.add(value)
+                return value
+            first = not self._overflowed
+            self._overflowed = True
+        if first:
+            logger.warning(
+                "traced_tasks: more than %d %s seen; further ones are counted as %r",
+                self._cap,
+                self._what,
+                names.OVERFLOW,
+            )
+        return names.OVERFLOW
+
+
 class Metrics:
-    """The label values both backends bound: routes and exception class names, each capped."""
+    """What both backends share: the registry, the label names, and the caps on routes and exception names."""
 
     def __init__(self, registry: CollectorRegistry, route_label: bool) -> None:
         self.registry = registry
         self.route_label = route_label
         self.labelnames = [names.LABEL_TASK, names.LABEL_ROUTE] if route_label else [names.LABEL_TASK]
-        self._lock = threading.Lock()
-        self._routes: set[str] = set()
-        self._route_overflowed = False
-        self._exception_names: set[str] = set()
-        self._exception_overflowed = False
+        self._routes = CappedLabel(MAX_ROUTES, "routes")
+        self._exception_names = CappedLabel(MAX_EXCEPTION_TYPES, "exception classes")
 
     def for_task(self, name: str, route: str | None = None) -> TaskMetrics:
         """The counts for one task name, and with the route label for one route ("" when unknown)."""
@@ -86,44 +112,12 @@ class Metrics:
         raise NotImplementedError
 
     def values(self, name: str, route: str | None) -> tuple[str, ...]:
-        return (name, self._route_value(route)) if self.route_label else (name,)
-
-    def _route_value(self, route: str | None) -> str:
-        if route is None:
-            return ""
-        with self._lock:
-            if route in self._routes:
-                return route
-            if len(self._routes) < MAX_ROUTES:
-                self._routes.add(route)
-                return route
-            first = not self._route_overflowed
-            self._route_overflowed = True
-        if first:
-            logger.warning(
-                "traced_tasks: more than %d routes seen; further ones are counted as route=%r",
-                MAX_ROUTES,
-                names.OVERFLOW,
-            )
-        return names.OVERFLOW
+        if not self.route_label:
+            return (name,)
+        return (name, "" if route is None else self._routes.admit(route))
 
     def exception_label(self, kind: type[BaseException]) -> str:
-        label = kind.__qualname__
-        with self._lock:
-            if label in self._exception_names:
-                return label
-            if len(self._exception_names) < MAX_EXCEPTION_TYPES:
-                self._exception_names.add(label)
-                return label
-            first = not self._exception_overflowed
-            self._exception_overflowed = True
-        if first:
-            logger.warning(
-                "traced_tasks: more than %d exception classes seen; further ones are counted as %r",
-                MAX_EXCEPTION_TYPES,
-                names.OVERFLOW,
-            )
-        return names.OVERFLOW
+        return self._exception_names.admit(kind.__qualname__)
 
 
 class ClientTaskMetrics(TaskMetrics):

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from traced_tasks import _multiprocess
 from traced_tasks import _names as names
-from traced_tasks._metrics import DEFAULT_BUCKETS, TaskMetrics, make_metrics
+from traced_tasks._metrics import DEFAULT_BUCKETS, CappedLabel, TaskMetrics, make_metrics
 from traced_tasks._naming import identify
 from traced_tasks._version import __version__
 
@@ -78,8 +78,7 @@ class Telemetry:
         self.isolate_tasks = isolate_tasks
         self.max_task_names = max_task_names
         self._tasks: dict[object, TaskTelemetry] = {}
-        self._names: set[str] = set()
-        self._overflowed = False
+        self._names = CappedLabel(max_task_names, "task names")
         self._children: dict[tuple[str, str | None], TaskMetrics] = {}
         self._lock = threading.Lock()
         self._reported: set[str] = set()
@@ -105,7 +104,7 @@ class Telemetry:
             if task is not None:
                 return task
             identity = identify(func)
-            label = self._task_label(identity.name)
+            label = self._names.admit(identity.name)
             metrics = None if self.metrics.route_label else self._children_for(label, None)
             attributes: dict[str, str | int] = {names.ATTR_FUNCTION: identity.name}
             if identity.file is not None and identity.line is not None:
@@ -128,21 +127,6 @@ class Telemetry:
             with self._lock:
                 metrics = task.by_route[route] = self._children_for(task.label, route)
         return metrics
-
-    def _task_label(self, name: str) -> str:
-        if name in self._names:
-            return name
-        if len(self._names) < self.max_task_names:
-            self._names.add(name)
-            return name
-        if not self._overflowed:
-            self._overflowed = True
-            logger.warning(
-                "traced_tasks: more than %d task names; further ones are counted as task=%r (spans keep their names)",
-                self.max_task_names,
-                names.OVERFLOW,
-            )
-        return names.OVERFLOW
 
     def _children_for(self, label: str, route: str | None) -> TaskMetrics:
         # Shared by every callable with this label (and route), since prometheus_client's children are too.
