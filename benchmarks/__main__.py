@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import os
 import platform
@@ -36,6 +37,7 @@ from starlette import background
 
 import traced_tasks
 from benchmarks.variants import hand_written, span_only
+from traced_tasks._exposition import _render
 
 TasksClass = type[background.BackgroundTasks]
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,13 +159,27 @@ def scrape(names: int, repeats: int) -> None:
             await tasks()
 
     asyncio.run(main())
-    for label, render in (("text", generate_latest), ("OpenMetrics", generate_openmetrics)):
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            size = len(render(registry))
-            times.append((time.perf_counter() - started) * 1000)
-        print(f"scrape: {names} task names, {label}: median {statistics.median(times):.1f} ms ({size / 1024:.0f} KiB)")
+    formats: dict[str, tuple[str, Callable[[CollectorRegistry], bytes]]] = {
+        "text": ("text/plain", generate_latest),
+        "OpenMetrics": ("application/openmetrics-text; version=1.0.0", generate_openmetrics),
+    }
+    for label, (accept, client_encoder) in formats.items():
+        renderers: dict[str, Callable[[], bytes]] = {
+            "/metrics": functools.partial(_metrics_body, registry, accept),
+            "prometheus_client alone": functools.partial(client_encoder, registry),
+        }
+        for how, render in renderers.items():
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                size = len(render())
+                times.append((time.perf_counter() - started) * 1000)
+            median = statistics.median(times)
+            print(f"scrape: {names} task names, {label}, {how}: median {median:.1f} ms ({size / 1024:.0f} KiB)")
+
+
+def _metrics_body(registry: CollectorRegistry, accept: str) -> bytes:
+    return _render(registry, accept, "", [])[0]
 
 
 def end_to_end(rounds: int, seconds: int) -> None:

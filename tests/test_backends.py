@@ -7,10 +7,14 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
+from prometheus_client import generate_latest as generate_text
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
 
 from traced_tasks._local import LocalMetrics
 from traced_tasks._metrics import DEFAULT_BUCKETS, ClientMetrics, Metrics
+from traced_tasks._render import render
 
 EXEMPLAR = {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7"}
 
@@ -85,3 +89,37 @@ def test_local_backend_openmetrics_has_exemplars() -> None:
         'shop_background_task_duration_seconds_bucket{le="0.25",status="success",task="send"} 1.0 # {'
     )
     assert 'span_id="00f067aa0ba902b7",trace_id="4bf92f3577b34da6a3ce929d0e0e4736"} 0.2' in line
+
+
+def parsed(text: str, openmetrics: bool) -> set[tuple[Any, ...]]:
+    parse = parse_openmetrics if openmetrics else parse_text
+    found = set()
+    for family in parse(text):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            exemplar = (
+                (tuple(sorted(sample.exemplar.labels.items())), sample.exemplar.value) if sample.exemplar else None
+            )
+            found.add(
+                (family.name, family.type, sample.name, tuple(sorted(sample.labels.items())), sample.value, exemplar)
+            )
+    return found
+
+
+ODD = 'quote" back\\slash\nnewline ünï'
+
+
+@settings(max_examples=100, deadline=None)
+@given(EVENTS, st.booleans(), st.booleans())
+def test_fast_rendering_matches_prometheus_client(events: list[tuple[Any, ...]], route_label: bool, odd: bool) -> None:
+    """traced_tasks' own rendering of its in-process counts parses, in both formats, to exactly the families,
+    samples and exemplars prometheus_client writes for the same collector, odd label values included."""
+    registry = CollectorRegistry()
+    local = LocalMetrics(registry, "shop", DEFAULT_BUCKETS, route_label)
+    if odd:
+        events = [(ODD + name, route, *rest) for name, route, *rest in events]
+    apply(local, events)
+    assert parsed(render(local, openmetrics=False).decode(), False) == parsed(generate_text(registry).decode(), False)
+    ours = render(local, openmetrics=True).decode() + "# EOF\n"
+    assert parsed(ours, True) == parsed(generate_openmetrics(registry).decode(), True)

@@ -198,3 +198,23 @@ def test_gzip_and_name_filter(telemetry: Telemetry) -> None:
     filtered = client.get("/metrics/", params={"name[]": "background_task_skipped_total"}).text
     assert "background_task_skipped_total" in filtered
     assert "background_task_scheduled_total" not in filtered
+
+
+def test_metrics_app_serves_the_applications_metrics_beside_ours(telemetry: Telemetry) -> None:
+    """The application's own metrics in the same registry are served with ours, in both formats, and the
+    OpenMetrics body ends with exactly one # EOF."""
+    from prometheus_client import Counter
+
+    orders = Counter("shop_orders", "Orders placed.", registry=telemetry.registry)
+    orders.inc(3)
+    client = TestClient(app_with_metrics(), raise_server_exceptions=False)
+    client.get("/")
+    text = client.get("/metrics/").text
+    assert "shop_orders_total 3.0" in text
+    assert 'background_task_scheduled_total{task="tests.test_exposition.ok"} 2.0' in text
+    openmetrics = client.get("/metrics/", headers={"accept": OPENMETRICS}).text
+    assert "shop_orders_total 3.0" in openmetrics
+    assert openmetrics.count("# EOF") == 1
+    assert openmetrics.endswith("# EOF\n")
+    families = {family.name for family in parse_openmetrics(openmetrics)}
+    assert {"shop_orders", "background_task_scheduled", "background_task_duration_seconds"} <= families

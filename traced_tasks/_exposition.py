@@ -15,8 +15,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from traced_tasks import _multiprocess
 from traced_tasks._config import current
+from traced_tasks._local import LocalMetrics
+from traced_tasks._render import render
 
 TOKEN_ENV = "TRACED_TASKS_METRICS_TOKEN"
+_EOF = b"# EOF\n"
 
 
 def make_metrics_app(registry: CollectorRegistry | None = None, *, bearer_token: str | None = None) -> ASGIApp:
@@ -61,9 +64,20 @@ def make_metrics_app(registry: CollectorRegistry | None = None, *, bearer_token:
 def _render(
     registry: CollectorRegistry, accept: str, accept_encoding: str, names: list[str]
 ) -> tuple[bytes, dict[str, str]]:
-    """What prometheus_client's own app does: content negotiation, the name[] filter, gzip."""
+    """What prometheus_client's own app does: content negotiation, the name[] filter, gzip; with traced_tasks'
+    in-process counts written by traced_tasks, much faster, after whatever else the registry holds."""
     encoder, content_type = choose_encoder(accept)
-    body = encoder(registry.restricted_registry(names) if names else registry)
+    ours = current().metrics
+    if names or not isinstance(ours, LocalMetrics) or ours.registry is not registry:
+        body = encoder(registry.restricted_registry(names) if names else registry)
+    else:
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        with ours.left_out():
+            rest = encoder(registry)
+        if openmetrics:
+            body = rest.removesuffix(_EOF) + render(ours, openmetrics=True) + _EOF
+        else:
+            body = rest + render(ours, openmetrics=False)
     headers = {"Content-Type": content_type}
     if gzip_accepted(accept_encoding):
         body = gzip.compress(body)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -23,6 +25,17 @@ class _Histogram:
         self.counts = [0.0] * size  # per bucket, not cumulative; the last is +Inf
         self.exemplars: list[tuple[dict[str, str], float, float] | None] = [None] * size
         self.sum = 0.0
+
+
+class TaskSnapshot(NamedTuple):
+    values: tuple[str, ...]
+    scheduled: float
+    wait: _Histogram
+    durations: dict[str, _Histogram]
+    in_progress: float
+    exceptions: dict[str, float]
+    skipped: float
+    last_success: float
 
 
 class LocalTaskMetrics(TaskMetrics):
@@ -111,9 +124,10 @@ class LocalMetrics(Metrics):
         super().__init__(registry, route_label)
         self.bounds = tuple(float(bound) for bound in buckets if bound != float("inf"))
         self.lock = threading.Lock()  # guards the counts; Metrics' own lock guards the label caps
-        self._prefix = f"{namespace}_" if namespace else ""
-        self._le = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
+        self.prefix = f"{namespace}_" if namespace else ""
+        self.le = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         self._tasks: dict[tuple[str, ...], LocalTaskMetrics] = {}
+        self._left_out = threading.local()
         self.register()
 
     def for_task(self, name: str, route: str | None = None) -> TaskMetrics:
@@ -134,11 +148,12 @@ class LocalMetrics(Metrics):
         """The families without samples, so the registry can refuse names that are taken."""
         return list(self._families())
 
-    def collect(self) -> list[Metric]:
-        # Copy under the lock, build outside it, so tasks finishing during a scrape wait only for the copy.
+    def snapshot(self) -> list[TaskSnapshot]:
+        """A copy of every task's counts, taken under the lock, so tasks finishing during a scrape wait only
+        for the copy, not for the rendering."""
         with self.lock:
-            snapshot = [
-                (
+            return [
+                TaskSnapshot(
                     task.values,
                     task.scheduled,
                     _copy(task.wait),
@@ -150,19 +165,32 @@ class LocalMetrics(Metrics):
                 )
                 for task in self._tasks.values()
             ]
+
+    @contextmanager
+    def left_out(self) -> Iterator[None]:
+        """Within this, in this thread, collect() yields nothing: /metrics renders these counts itself."""
+        self._left_out.active = True
+        try:
+            yield
+        finally:
+            self._left_out.active = False
+
+    def collect(self) -> list[Metric]:
+        if getattr(self._left_out, "active", False):
+            return []
         families = self._families()
         scheduled, wait, duration, in_progress, exceptions, skipped, last_success = families
-        for values, scheduled_n, wait_h, durations, running, failures, skipped_n, last in snapshot:
-            labels = list(values)
-            scheduled.add_metric(labels, scheduled_n)
-            self._add_histogram(wait, labels, wait_h)
-            for status, histogram in durations.items():
+        for task in self.snapshot():
+            labels = list(task.values)
+            scheduled.add_metric(labels, task.scheduled)
+            self._add_histogram(wait, labels, task.wait)
+            for status, histogram in task.durations.items():
                 self._add_histogram(duration, [*labels, status], histogram)
-            in_progress.add_metric(labels, running)
-            for label, count in failures.items():
+            in_progress.add_metric(labels, task.in_progress)
+            for label, count in task.exceptions.items():
                 exceptions.add_metric([*labels, label], count)
-            skipped.add_metric(labels, skipped_n)
-            last_success.add_metric(labels, last)
+            skipped.add_metric(labels, task.skipped)
+            last_success.add_metric(labels, task.last_success)
         return list(families)
 
     def _families(
@@ -177,7 +205,7 @@ class LocalMetrics(Metrics):
         GaugeMetricFamily,
     ]:
         labels = self.labelnames
-        prefix = self._prefix
+        prefix = self.prefix
         return (
             CounterMetricFamily(prefix + names.SCHEDULED, HELP[names.SCHEDULED], labels=labels),
             HistogramMetricFamily(prefix + names.WAIT, HELP[names.WAIT], labels=labels),
@@ -193,7 +221,7 @@ class LocalMetrics(Metrics):
     def _add_histogram(self, family: HistogramMetricFamily, values: list[str], histogram: _Histogram) -> None:
         buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
         total = 0.0
-        for le, count, exemplar in zip(self._le, histogram.counts, histogram.exemplars, strict=True):
+        for le, count, exemplar in zip(self.le, histogram.counts, histogram.exemplars, strict=True):
             total += count
             if exemplar is None:
                 buckets.append((le, total))
