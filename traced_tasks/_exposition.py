@@ -46,7 +46,7 @@ def make_metrics_app(registry: CollectorRegistry | None = None, *, bearer_token:
             # A fresh registry per scrape, as prometheus_client's multiprocess mode requires.
             served = _multiprocess.registry(folder)
         else:
-            served = registry if registry is not None else current().registry
+            served = registry if registry is not None else current().metrics.registry
         request = Request(scope, receive)
         # Rendering thousands of series takes long enough to stall every request if done on the event loop.
         body, headers = await run_in_threadpool(

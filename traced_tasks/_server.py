@@ -33,7 +33,7 @@ class _Configured:
     """The registry traced_tasks counts in, looked up at each scrape, since configure() may come later."""
 
     def collect(self) -> Iterable[Metric]:
-        return _config.current().registry.collect()
+        return _config.current().metrics.registry.collect()
 
 
 class MetricsServer:

@@ -73,7 +73,6 @@ class Telemetry:
         self.metrics = make_metrics(
             registry, namespace, buckets, route_label, multiprocess=_multiprocess.directory() is not None
         )
-        self.registry = registry
         self.use_span_links = use_span_links
         self.isolate_tasks = isolate_tasks
         self.max_task_names = max_task_names
