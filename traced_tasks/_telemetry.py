@@ -78,7 +78,6 @@ class Telemetry:
         self.max_task_names = max_task_names
         self._tasks: dict[object, TaskTelemetry] = {}
         self._names = CappedLabel(max_task_names, "task names")
-        self._children: dict[tuple[str, str | None], TaskMetrics] = {}
         self._lock = threading.Lock()
         self._reported: set[str] = set()
 
@@ -104,7 +103,7 @@ class Telemetry:
                 return task
             identity = identify(func)
             label = self._names.admit(identity.name)
-            metrics = None if self.metrics.route_label else self._children_for(label, None)
+            metrics = None if self.metrics.route_label else self.metrics.for_task(label)
             attributes: dict[str, str | int] = {names.ATTR_FUNCTION: identity.name}
             if identity.file is not None and identity.line is not None:
                 attributes[names.ATTR_FILE] = identity.file
@@ -123,15 +122,7 @@ class Telemetry:
         metrics = task.by_route.get(route)
         if metrics is None:
             # Route templates are as many as the application's routes, so the caches stay bounded.
-            with self._lock:
-                metrics = task.by_route[route] = self._children_for(task.label, route)
-        return metrics
-
-    def _children_for(self, label: str, route: str | None) -> TaskMetrics:
-        # Shared by every callable with this label (and route), since prometheus_client's children are too.
-        metrics = self._children.get((label, route))
-        if metrics is None:
-            metrics = self._children[label, route] = self.metrics.for_task(label, route)
+            metrics = task.by_route[route] = self.metrics.for_task(task.label, route)
         return metrics
 
     def report(self, part: str) -> None:
