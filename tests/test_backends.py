@@ -6,6 +6,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry
 from prometheus_client import generate_latest as generate_text
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -16,7 +17,9 @@ from traced_tasks._local import LocalMetrics
 from traced_tasks._metrics import DEFAULT_BUCKETS, ClientMetrics, Metrics
 from traced_tasks._render import render
 
-EXEMPLAR = {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7"}
+EXEMPLAR = SpanContext(
+    0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)
+)
 
 EVENTS = st.lists(
     st.tuples(

@@ -8,6 +8,8 @@ import fastapi
 import pytest
 from fastapi.testclient import TestClient
 from opentelemetry import baggage, trace
+from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.exposition import generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -179,3 +181,39 @@ def test_route_label_makes_no_unknown_route_series_for_routed_tasks(telemetry: T
     task = "tests.test_middleware.remember"
     assert telemetry.value("background_task_scheduled_total", task=task, route="/orders/{order_id:int}") == 1
     assert telemetry.value("background_task_scheduled_total", task=task, route="") is None
+
+
+def test_without_an_sdk_the_task_still_carries_the_callers_context() -> None:
+    """With the API's no-op tracer, the task runs with the caller's span context and baggage current, so its
+    own outgoing calls propagate them; the run is counted, with no exemplar, as no span of ours exists."""
+    registry = CollectorRegistry()
+    traced_tasks.configure(tracer_provider=trace.NoOpTracerProvider(), registry=registry)
+    seen: list[Any] = []
+
+    def propagate() -> None:
+        context = trace.get_current_span().get_span_context()
+        seen.append((format(context.trace_id, "032x"), format(context.span_id, "016x"), baggage.get_baggage("tenant")))
+
+    async def place_order(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(propagate)
+        return PlainTextResponse("ok", background=tasks)
+
+    app = Starlette(routes=[Route("/orders", place_order, methods=["POST"])])
+    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    try:
+        TestClient(app).post("/orders", headers={"traceparent": TRACEPARENT, "baggage": "tenant=acme"})
+        exposition = generate_latest(registry).decode()  # read before configure() below unregisters it
+    finally:
+        traced_tasks.configure(registry=CollectorRegistry())
+    assert seen == [(TRACE_ID, SPAN_ID, "acme")]
+    name = f"{__name__}.test_without_an_sdk_the_task_still_carries_the_callers_context.<locals>.propagate"
+    (bucket,) = [
+        line
+        for line in exposition.splitlines()
+        if line.startswith('background_task_duration_seconds_bucket{le="0.005"')
+    ]
+    assert bucket.startswith(
+        f'background_task_duration_seconds_bucket{{le="0.005",status="success",task="{name}"}} 1.0'
+    )
+    assert "trace_id" not in exposition

@@ -6,34 +6,18 @@ The bodies are module functions so that the instrumentor can put them on Starlet
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, ParamSpec
 
-from opentelemetry import context as otel_context
 from starlette import background
 from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 
-from traced_tasks import _config, _request
-from traced_tasks._telemetry import TaskTelemetry, Telemetry, is_cancellation
+from traced_tasks import _config
+from traced_tasks._telemetry import Scheduled, is_cancellation
 
 P = ParamSpec("P")
 logger = logging.getLogger("traced_tasks")
-
-
-class Scheduled:
-    """What a traced task captured when it was scheduled."""
-
-    __slots__ = ("context", "metrics", "route", "scheduled_ns", "task", "telemetry")
-
-    def __init__(self, telemetry: Telemetry, task: TaskTelemetry) -> None:
-        self.telemetry = telemetry
-        self.task = task
-        self.context = otel_context.get_current()
-        self.scheduled_ns = time.perf_counter_ns()
-        self.route = route = _request.route()
-        self.metrics = telemetry.metrics_for(task, route)
 
 
 def schedule(task: background.BackgroundTask, func: Callable[..., Any], args: Any, kwargs: Any) -> None:
@@ -44,16 +28,7 @@ def schedule(task: background.BackgroundTask, func: Callable[..., Any], args: An
     task.args = args
     task.kwargs = kwargs
     task.is_async = is_async_callable(func)
-    telemetry = _config.current()
-    scheduled: Scheduled | None
-    try:
-        scheduled = Scheduled(telemetry, telemetry.task(func))
-    except Exception:
-        telemetry.report("task setup")
-        scheduled = None
-    else:
-        telemetry.schedule(scheduled.metrics)
-    task._traced = scheduled  # type: ignore[attr-defined]
+    task._traced = _config.current().schedule(func)  # type: ignore[attr-defined]
 
 
 async def run(task: background.BackgroundTask) -> None:
@@ -62,9 +37,7 @@ async def run(task: background.BackgroundTask) -> None:
     if scheduled is None:
         await _call(task)
         return
-    started = scheduled.telemetry.start(
-        scheduled.task, scheduled.metrics, scheduled.context, scheduled.scheduled_ns, scheduled.route
-    )
+    started = scheduled.telemetry.start(scheduled)
     try:
         await _call(task)
     except BaseException as exc:

@@ -9,13 +9,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
+from opentelemetry.trace import SpanContext
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from traced_tasks import _names as names
-from traced_tasks._metrics import HELP, Metrics, TaskMetrics
+from traced_tasks._metrics import HELP, Metrics, TaskMetrics, exemplar_labels
 
 
 class _Histogram:
@@ -23,7 +24,8 @@ class _Histogram:
 
     def __init__(self, size: int) -> None:
         self.counts = [0.0] * size  # per bucket, not cumulative; the last is +Inf
-        self.exemplars: list[tuple[dict[str, str], float, float] | None] = [None] * size
+        # Per bucket, the last exemplar: (span context, value, Unix time).
+        self.exemplars: list[tuple[SpanContext, float, float] | None] = [None] * size
         self.sum = 0.0
 
 
@@ -51,6 +53,7 @@ class LocalTaskMetrics(TaskMetrics):
         "last_success",
         "scheduled",
         "skipped",
+        "success",
         "values",
         "wait",
     )
@@ -66,7 +69,8 @@ class LocalTaskMetrics(TaskMetrics):
         self.last_success = 0.0
         self.wait = _Histogram(len(families.bounds) + 1)
         # success from the start, so a task that never ran shows 0; error and cancelled with their first run.
-        self.durations = {names.STATUS_SUCCESS: _Histogram(len(families.bounds) + 1)}
+        self.success = _Histogram(len(families.bounds) + 1)
+        self.durations = {names.STATUS_SUCCESS: self.success}
         self.exceptions: dict[str, float] = {}
         self._families = families
 
@@ -82,19 +86,19 @@ class LocalTaskMetrics(TaskMetrics):
             wait.sum += wait_seconds
             self.in_progress += 1
 
-    def succeed(self, seconds: float, exemplar: dict[str, str] | None) -> None:
+    def succeed(self, seconds: float, exemplar: SpanContext | None) -> None:
         index = bisect.bisect_left(self._bounds, seconds)
         now = time.time()
         with self._lock:
             self.in_progress -= 1
             self.last_success = now
-            histogram = self.durations[names.STATUS_SUCCESS]
+            histogram = self.success
             histogram.counts[index] += 1
             histogram.sum += seconds
             if exemplar is not None:
                 histogram.exemplars[index] = (exemplar, seconds, now)
 
-    def fail(self, status: str, seconds: float, exemplar: dict[str, str] | None, kind: type[BaseException]) -> None:
+    def fail(self, status: str, seconds: float, exemplar: SpanContext | None, kind: type[BaseException]) -> None:
         index = bisect.bisect_left(self._bounds, seconds)
         label = self._families.exception_label(kind) if status == names.STATUS_ERROR else None
         now = time.time()
@@ -226,7 +230,8 @@ class LocalMetrics(Metrics):
             if exemplar is None:
                 buckets.append((le, total))
             else:
-                buckets.append((le, total, Exemplar(*exemplar)))
+                span_context, value, timestamp = exemplar
+                buckets.append((le, total, Exemplar(exemplar_labels(span_context), value, timestamp)))
         family.add_metric(values, buckets, histogram.sum)
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from opentelemetry.trace import SpanContext
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from traced_tasks import _names as names
@@ -40,8 +41,20 @@ HELP = {
 }
 
 
+def exemplar_labels(span_context: SpanContext) -> dict[str, str]:
+    """An exemplar's labels: the trace and span IDs of the run's span, in hex, as tracing backends show them."""
+    return {
+        names.EXEMPLAR_TRACE_ID: format(span_context.trace_id, "032x"),
+        names.EXEMPLAR_SPAN_ID: format(span_context.span_id, "016x"),
+    }
+
+
 class TaskMetrics:
-    """The counts of one `task` label value (and route, with the route label), one call per event."""
+    """The counts of one `task` label value (and route, with the route label), one call per event.
+
+    An exemplar is the span context of the run, sampled and ours; backends turn it into labels only when
+    they must, so runs pay nothing for the hex formatting.
+    """
 
     __slots__ = ()
     values: tuple[str, ...]  # (task,) or, with the route label, (task, route)
@@ -52,10 +65,10 @@ class TaskMetrics:
     def start(self, wait_seconds: float) -> None:
         raise NotImplementedError
 
-    def succeed(self, seconds: float, exemplar: dict[str, str] | None) -> None:
+    def succeed(self, seconds: float, exemplar: SpanContext | None) -> None:
         raise NotImplementedError
 
-    def fail(self, status: str, seconds: float, exemplar: dict[str, str] | None, kind: type[BaseException]) -> None:
+    def fail(self, status: str, seconds: float, exemplar: SpanContext | None, kind: type[BaseException]) -> None:
         raise NotImplementedError
 
     def skip(self) -> None:
@@ -158,17 +171,17 @@ class ClientTaskMetrics(TaskMetrics):
         self._wait.observe(wait_seconds)
         self._in_progress.inc()
 
-    def succeed(self, seconds: float, exemplar: dict[str, str] | None) -> None:
+    def succeed(self, seconds: float, exemplar: SpanContext | None) -> None:
         self._in_progress.dec()
-        self._success.observe(seconds, exemplar)
+        self._success.observe(seconds, None if exemplar is None else exemplar_labels(exemplar))
         self._last_success.set(time.time())
 
-    def fail(self, status: str, seconds: float, exemplar: dict[str, str] | None, kind: type[BaseException]) -> None:
+    def fail(self, status: str, seconds: float, exemplar: SpanContext | None, kind: type[BaseException]) -> None:
         self._in_progress.dec()
         duration = self._failures.get(status)
         if duration is None:
             duration = self._failures[status] = self._families.duration.labels(*self.values, status)
-        duration.observe(seconds, exemplar)
+        duration.observe(seconds, None if exemplar is None else exemplar_labels(exemplar))
         if status == names.STATUS_ERROR:
             label = self._families.exception_label(kind)
             counter = self.exceptions.get(label)

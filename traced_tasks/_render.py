@@ -10,7 +10,7 @@ import math
 
 from traced_tasks import _names as names
 from traced_tasks._local import LocalMetrics, _Histogram
-from traced_tasks._metrics import HELP
+from traced_tasks._metrics import HELP, exemplar_labels
 
 
 def render(metrics: LocalMetrics, openmetrics: bool) -> bytes:
@@ -60,8 +60,8 @@ def _histogram(
         total += count
         line = f'{name}_bucket{{le="{bound}",{labels}}} {_number(total)}'  # le sorts before the others
         if openmetrics and exemplar is not None:
-            exemplar_labels, value, timestamp = exemplar
-            pairs = ",".join(f'{key}="{_escape(item)}"' for key, item in sorted(exemplar_labels.items()))
+            span_context, value, timestamp = exemplar
+            pairs = ",".join(f'{key}="{item}"' for key, item in sorted(exemplar_labels(span_context).items()))
             line += f" # {{{pairs}}} {_number(value)} {timestamp!r}"
         lines.append(line)
     lines.append(f"{name}_count{{{labels}}} {_number(total)}")

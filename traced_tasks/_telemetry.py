@@ -19,7 +19,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from traced_tasks import _multiprocess
+from traced_tasks import _multiprocess, _request
 from traced_tasks import _names as names
 from traced_tasks._metrics import DEFAULT_BUCKETS, CappedLabel, TaskMetrics, make_metrics
 from traced_tasks._naming import identify
@@ -133,14 +133,33 @@ class Telemetry:
             self._reported.add(part)
         logger.exception("traced_tasks: %s failed; tasks run on without it, and later failures are not logged", part)
 
-    def start(
-        self, task: TaskTelemetry, metrics: TaskMetrics, parent: Context, scheduled_ns: int, route: str | None
-    ) -> Run:
+    def schedule(self, func: Callable[..., Any]) -> Scheduled | None:
+        """Capture what a task needs at its run and count it as scheduled; never raises. None: setup failed."""
+        try:
+            task = self.task(func)
+            route = _request.route()
+            metrics = task.metrics
+            if metrics is None:
+                metrics = self.metrics_for(task, route)
+            scheduled = Scheduled(self, task, metrics, route)
+        except Exception:
+            self.report("task setup")
+            return None
+        try:
+            metrics.schedule()
+        except Exception:
+            self.report("metrics")
+        return scheduled
+
+    def start(self, scheduled: Scheduled) -> Run:
         """Open the span and count the start; never raises."""
         started_ns = time.perf_counter_ns()
+        task = scheduled.task
+        parent = scheduled.context
         span: Span | None = None
         token: object = None
         try:
+            route = scheduled.route
             attributes = task.attributes if route is None else {**task.attributes, names.ATTR_ROUTE: route}
             if self.use_span_links:
                 request = trace.get_current_span(parent).get_span_context()
@@ -152,15 +171,19 @@ class Telemetry:
                 span = self.tracer.start_span(
                     task.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=attributes
                 )
+                if not span.is_recording() and span is trace.get_current_span(parent):
+                    # The API's no-op tracer hands back the parent's own span: nothing of ours to end or annotate.
+                    span = None
             # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
+            token = otel_context.attach(parent if span is None else trace.set_span_in_context(span, parent))
         except Exception:
             self.report("tracing")
             if token is None:
                 with contextlib.suppress(Exception):
                     token = otel_context.attach(parent)
+        metrics = scheduled.metrics
         try:
-            metrics.start((started_ns - scheduled_ns) / 1e9)
+            metrics.start((started_ns - scheduled.scheduled_ns) / 1e9)
         except Exception:
             self.report("metrics")
         return Run(self, metrics, span, token, time.perf_counter_ns())
@@ -171,11 +194,19 @@ class Telemetry:
         except Exception:
             self.report("metrics")
 
-    def schedule(self, metrics: TaskMetrics) -> None:
-        try:
-            metrics.schedule()
-        except Exception:
-            self.report("metrics")
+
+class Scheduled:
+    """What a traced task captured when it was scheduled: its parent context, wait clock, route and counts."""
+
+    __slots__ = ("context", "metrics", "route", "scheduled_ns", "task", "telemetry")
+
+    def __init__(self, telemetry: Telemetry, task: TaskTelemetry, metrics: TaskMetrics, route: str | None) -> None:
+        self.telemetry = telemetry
+        self.task = task
+        self.metrics = metrics
+        self.route = route
+        self.context = otel_context.get_current()
+        self.scheduled_ns = time.perf_counter_ns()
 
 
 class Run:
@@ -205,10 +236,7 @@ class Run:
                 span_context = span.get_span_context()
                 # Without an SDK, the API's tracer hands back the caller's span: no exemplar to a span we did not make.
                 if span_context.trace_flags.sampled and span.is_recording():
-                    exemplar = {
-                        names.EXEMPLAR_TRACE_ID: trace.format_trace_id(span_context.trace_id),
-                        names.EXEMPLAR_SPAN_ID: trace.format_span_id(span_context.span_id),
-                    }
+                    exemplar = span_context
                 if cancelled:
                     span.set_attribute(names.ATTR_STATUS, names.STATUS_CANCELLED)
                 elif exc is not None:
