@@ -36,7 +36,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from starlette import background
 
 import traced_tasks
-from benchmarks.variants import hand_written, span_only
+from benchmarks.variants import hand_written, span_only, span_with_code_attributes
 from traced_tasks._exposition import _render
 
 TasksClass = type[background.BackgroundTasks]
@@ -80,6 +80,7 @@ def variants(sdk: bool) -> tuple[dict[str, TasksClass], TracerProvider | None]:
     return {
         "bare": background.BackgroundTasks,
         "span-only": span_only(tracer),
+        "span+attrs": span_with_code_attributes(tracer),
         "hand-written": hand_written(tracer, CollectorRegistry()),
         "traced_tasks": traced_tasks.BackgroundTasks,
     }, provider
@@ -114,7 +115,7 @@ def report_case(title: str, results: dict[str, list[float]]) -> None:
         ratio = statistics.median(t / b for t, b in zip(times, bare, strict=True))
         print(f"  {name:<14}{statistics.median(times):>16.2f}{overhead:>14.2f}{ratio:>9.3f}")
     ours = [t - b for t, b in zip(results["traced_tasks"], bare, strict=True)]
-    for other in ("span-only", "hand-written"):
+    for other in ("span-only", "span+attrs", "hand-written"):
         theirs = [t - b for t, b in zip(results[other], bare, strict=True)]
         ratios = [o / t for o, t in zip(ours, theirs, strict=True) if t > 0]
         # With tiny counts, noise can make an overhead negative in every round: then there is no ratio.

@@ -32,6 +32,36 @@ def span_only(tracer: trace.Tracer) -> type[background.BackgroundTasks]:
     return SpanOnlyTasks
 
 
+def span_with_code_attributes(tracer: trace.Tracer) -> type[background.BackgroundTasks]:
+    """The span-only wrapper plus the three code attributes traced_tasks puts on its spans, found once per
+    function: the SDK copies and checks span attributes at every start, and this shows what that costs."""
+    found: dict[Callable[..., Any], dict[str, str | int]] = {}
+
+    def attributes(func: Callable[..., Any]) -> dict[str, str | int]:
+        known = found.get(func)
+        if known is None:
+            code = func.__code__
+            name = f"{func.__module__}.{func.__qualname__}"
+            known = found[func] = {
+                "code.function.name": name,
+                "code.file.path": code.co_filename,
+                "code.line.number": code.co_firstlineno,
+            }
+        return known
+
+    class AttributesTask(background.BackgroundTask):
+        async def __call__(self) -> None:
+            span_name = f"BackgroundTask {getattr(self.func, '__name__', self.func.__class__.__name__)}"
+            with tracer.start_as_current_span(span_name, attributes=attributes(self.func)):
+                await super().__call__()
+
+    class AttributesTasks(background.BackgroundTasks):
+        def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+            self.tasks.append(AttributesTask(func, *args, **kwargs))
+
+    return AttributesTasks
+
+
 def hand_written(tracer: trace.Tracer, registry: CollectorRegistry) -> type[background.BackgroundTasks]:
     """A careful user's own version: the same span and metrics, with prometheus_client's labels() per call."""
     buckets = traced_tasks.DEFAULT_BUCKETS

@@ -151,8 +151,9 @@ class Telemetry:
             self.report("metrics")
         return scheduled
 
-    def start(self, scheduled: Scheduled) -> Run:
-        """Open the span and count the start; never raises."""
+    def start(self, scheduled: Scheduled) -> tuple[Span | None, object]:
+        """Open the span, make it current and count the start; never raises. Returns the span, None when
+        there is none of ours, and the token that restores the context."""
         started_ns = time.perf_counter_ns()
         task = scheduled.task
         parent = scheduled.context
@@ -181,12 +182,43 @@ class Telemetry:
             if token is None:
                 with contextlib.suppress(Exception):
                     token = otel_context.attach(parent)
-        metrics = scheduled.metrics
         try:
-            metrics.start((started_ns - scheduled.scheduled_ns) / 1e9)
+            scheduled.metrics.start((started_ns - scheduled.scheduled_ns) / 1e9)
         except Exception:
             self.report("metrics")
-        return Run(self, metrics, span, token, time.perf_counter_ns())
+        return span, token
+
+    def finish(
+        self, metrics: TaskMetrics, span: Span | None, token: object, started_ns: int, exc: BaseException | None
+    ) -> None:
+        """Close the span, restore the context and count the outcome; never raises."""
+        seconds = (time.perf_counter_ns() - started_ns) / 1e9
+        cancelled = exc is not None and is_cancellation(exc)
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]  # logs, never raises
+        exemplar = None
+        if span is not None:
+            try:
+                span_context = span.get_span_context()
+                if span_context.trace_flags.sampled and span.is_recording():
+                    exemplar = span_context
+                if cancelled:
+                    span.set_attribute(names.ATTR_STATUS, names.STATUS_CANCELLED)
+                elif exc is not None:
+                    span.add_event(names.EVENT_EXCEPTION, _exception_attributes(exc))
+                    span.set_attribute(names.ATTR_ERROR_TYPE, type(exc).__qualname__)
+                    span.set_status(Status(StatusCode.ERROR))
+                span.end()
+            except Exception:
+                self.report("tracing")
+        try:
+            if exc is None:
+                metrics.succeed(seconds, exemplar)
+            else:
+                status = names.STATUS_CANCELLED if cancelled else names.STATUS_ERROR
+                metrics.fail(status, seconds, exemplar, type(exc))
+        except Exception:
+            self.report("metrics")
 
     def skip(self, metrics: TaskMetrics) -> None:
         try:
@@ -207,53 +239,6 @@ class Scheduled:
         self.route = route
         self.context = otel_context.get_current()
         self.scheduled_ns = time.perf_counter_ns()
-
-
-class Run:
-    """One execution of a task, between its start and its outcome."""
-
-    __slots__ = ("metrics", "span", "started_ns", "telemetry", "token")
-
-    def __init__(
-        self, telemetry: Telemetry, metrics: TaskMetrics, span: Span | None, token: object, started_ns: int
-    ) -> None:
-        self.telemetry = telemetry
-        self.metrics = metrics
-        self.span = span
-        self.token = token
-        self.started_ns = started_ns
-
-    def finish(self, exc: BaseException | None) -> None:
-        """Close the span and count the outcome; never raises."""
-        seconds = (time.perf_counter_ns() - self.started_ns) / 1e9
-        cancelled = exc is not None and is_cancellation(exc)
-        if self.token is not None:
-            otel_context.detach(self.token)  # type: ignore[arg-type]  # logs, never raises
-        exemplar = None
-        span = self.span
-        if span is not None:
-            try:
-                span_context = span.get_span_context()
-                # Without an SDK, the API's tracer hands back the caller's span: no exemplar to a span we did not make.
-                if span_context.trace_flags.sampled and span.is_recording():
-                    exemplar = span_context
-                if cancelled:
-                    span.set_attribute(names.ATTR_STATUS, names.STATUS_CANCELLED)
-                elif exc is not None:
-                    span.add_event(names.EVENT_EXCEPTION, _exception_attributes(exc))
-                    span.set_attribute(names.ATTR_ERROR_TYPE, type(exc).__qualname__)
-                    span.set_status(Status(StatusCode.ERROR))
-                span.end()
-            except Exception:
-                self.telemetry.report("tracing")
-        try:
-            if exc is None:
-                self.metrics.succeed(seconds, exemplar)
-            else:
-                status = names.STATUS_CANCELLED if cancelled else names.STATUS_ERROR
-                self.metrics.fail(status, seconds, exemplar, type(exc))
-        except Exception:
-            self.telemetry.report("metrics")
 
 
 def is_cancellation(exc: BaseException) -> bool:
