@@ -38,7 +38,8 @@ async def run(task: background.BackgroundTask) -> None:
     if scheduled is None:
         await _call(task)
         return
-    telemetry = scheduled.telemetry
+    target = scheduled.target
+    telemetry = target.telemetry
     span, token = telemetry.start(scheduled)
     started_ns = time.perf_counter_ns()
     try:
@@ -48,9 +49,9 @@ async def run(task: background.BackgroundTask) -> None:
         else:
             await run_in_threadpool(task.func, *task.args, **task.kwargs)
     except BaseException as exc:
-        telemetry.finish(scheduled.metrics, span, token, started_ns, exc)
+        telemetry.finish(target.metrics, span, token, started_ns, exc)
         raise
-    telemetry.finish(scheduled.metrics, span, token, started_ns, None)
+    telemetry.finish(target.metrics, span, token, started_ns, None)
 
 
 async def _call(task: background.BackgroundTask) -> None:
@@ -94,7 +95,7 @@ def skip(task: background.BackgroundTask) -> None:
         return
     scheduled: Scheduled | None = getattr(task, "_traced", None)
     if scheduled is not None:
-        scheduled.telemetry.skip(scheduled.metrics)
+        scheduled.target.telemetry.skip(scheduled.target.metrics)
 
 
 class BackgroundTask(background.BackgroundTask):

@@ -33,9 +33,9 @@ DEFAULT_MAX_TASK_NAMES = 1000
 
 
 class TaskTelemetry:
-    """What every run of one callable shares: its span name, span attributes and metric children."""
+    """What every run of one callable shares: its span name and attributes, its task label, and its Targets."""
 
-    __slots__ = ("attributes", "by_route", "code", "label", "metrics", "span_name")
+    __slots__ = ("attributes", "code", "label", "metrics", "span_name", "targets")
 
     def __init__(
         self,
@@ -48,9 +48,24 @@ class TaskTelemetry:
         self.span_name = span_name
         self.attributes = attributes
         self.label = label  # the task label value: the name, or the overflow value past the cap
-        self.metrics = metrics  # None with the route label: then they depend on the route, in by_route
-        self.by_route: dict[str | None, TaskMetrics] = {}
+        self.metrics = metrics  # None with the route label: then each Target has its route's
+        # By the route scheduling it. Route templates are as many as the application's routes: bounded.
+        self.targets: dict[str | None, Target] = {}
         self.code = code  # keeps the code object, whose id() is part of the cache key, alive
+
+
+class Target:
+    """What every run of one callable scheduled from one route shares: span name and attributes, and counts."""
+
+    __slots__ = ("attributes", "metrics", "span_name", "telemetry")
+
+    def __init__(
+        self, telemetry: Telemetry, span_name: str, attributes: dict[str, str | int], metrics: TaskMetrics
+    ) -> None:
+        self.telemetry = telemetry
+        self.span_name = span_name
+        self.attributes = attributes
+        self.metrics = metrics
 
 
 class Telemetry:
@@ -114,16 +129,16 @@ class Telemetry:
                 self._tasks[key] = task
             return task
 
-    def metrics_for(self, task: TaskTelemetry, route: str | None) -> TaskMetrics:
-        """The task's metric children; with the route label, those of the scheduling request's route."""
-        metrics = task.metrics
-        if metrics is not None:
-            return metrics
-        metrics = task.by_route.get(route)
-        if metrics is None:
-            # Route templates are as many as the application's routes, so the caches stay bounded.
-            metrics = task.by_route[route] = self.metrics.for_task(task.label, route)
-        return metrics
+    def target(self, task: TaskTelemetry, route: str | None) -> Target:
+        """The callable's Target for the route scheduling it."""
+        target = task.targets.get(route)
+        if target is None:
+            metrics = task.metrics
+            if metrics is None:
+                metrics = self.metrics.for_task(task.label, route)
+            attributes = task.attributes if route is None else {**task.attributes, names.ATTR_ROUTE: route}
+            target = task.targets[route] = Target(self, task.span_name, attributes, metrics)
+        return target
 
     def report(self, part: str) -> None:
         """Log the exception being handled, once per part, so a broken exporter cannot flood the logs."""
@@ -136,17 +151,12 @@ class Telemetry:
     def schedule(self, func: Callable[..., Any]) -> Scheduled | None:
         """Capture what a task needs at its run and count it as scheduled; never raises. None: setup failed."""
         try:
-            task = self.task(func)
-            route = _request.route()
-            metrics = task.metrics
-            if metrics is None:
-                metrics = self.metrics_for(task, route)
-            scheduled = Scheduled(self, task, metrics, route)
+            scheduled = Scheduled(self.target(self.task(func), _request.route()))
         except Exception:
             self.report("task setup")
             return None
         try:
-            metrics.schedule()
+            scheduled.target.metrics.schedule()
         except Exception:
             self.report("metrics")
         return scheduled
@@ -155,22 +165,20 @@ class Telemetry:
         """Open the span, make it current and count the start; never raises. Returns the span, None when
         there is none of ours, and the token that restores the context."""
         started_ns = time.perf_counter_ns()
-        task = scheduled.task
+        target = scheduled.target
         parent = scheduled.context
         span: Span | None = None
         token: object = None
         try:
-            route = scheduled.route
-            attributes = task.attributes if route is None else {**task.attributes, names.ATTR_ROUTE: route}
             if self.use_span_links:
                 request = trace.get_current_span(parent).get_span_context()
                 links = [Link(request)] if request.is_valid else None
                 span = self.tracer.start_span(
-                    task.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=attributes, links=links
+                    target.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=target.attributes, links=links
                 )
             else:
                 span = self.tracer.start_span(
-                    task.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=attributes
+                    target.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=target.attributes
                 )
                 if not span.is_recording() and span is trace.get_current_span(parent):
                     # The API's no-op tracer hands back the parent's own span: nothing of ours to end or annotate.
@@ -183,7 +191,7 @@ class Telemetry:
                 with contextlib.suppress(Exception):
                     token = otel_context.attach(parent)
         try:
-            scheduled.metrics.start((started_ns - scheduled.scheduled_ns) / 1e9)
+            target.metrics.start((started_ns - scheduled.scheduled_ns) / 1e9)
         except Exception:
             self.report("metrics")
         return span, token
@@ -228,15 +236,12 @@ class Telemetry:
 
 
 class Scheduled:
-    """What a traced task captured when it was scheduled: its parent context, wait clock, route and counts."""
+    """A task as scheduled: what its runs share, and the context and clock captured at add_task."""
 
-    __slots__ = ("context", "metrics", "route", "scheduled_ns", "task", "telemetry")
+    __slots__ = ("context", "scheduled_ns", "target")
 
-    def __init__(self, telemetry: Telemetry, task: TaskTelemetry, metrics: TaskMetrics, route: str | None) -> None:
-        self.telemetry = telemetry
-        self.task = task
-        self.metrics = metrics
-        self.route = route
+    def __init__(self, target: Target) -> None:
+        self.target = target
         self.context = otel_context.get_current()
         self.scheduled_ns = time.perf_counter_ns()
 
