@@ -40,6 +40,16 @@ from benchmarks.variants import hand_written, span_only, span_with_code_attribut
 from traced_tasks._exposition import _render
 
 TasksClass = type[background.BackgroundTasks]
+
+# The services of the end-to-end run (benchmarks/service.py), each with the one it is compared to.
+E2E_VARIANTS = {
+    "starlette": "starlette",
+    "traced-no-sdk": "starlette",
+    "span-only": "starlette",
+    "traced": "starlette",
+    "asgi-otel": "asgi-otel",
+    "asgi-otel-traced": "asgi-otel",
+}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -191,7 +201,7 @@ def end_to_end(rounds: int, seconds: int) -> None:
     if wrk is None:
         print("\nend to end: skipped, wrk is not installed (apt-get install wrk)")
         return
-    rates: dict[str, list[float]] = {"starlette": [], "traced-no-sdk": [], "span-only": [], "traced": []}
+    rates: dict[str, list[float]] = {name: [] for name in E2E_VARIANTS}
     for _ in range(rounds):
         for variant in random.sample(list(rates), len(rates)):
             port = _free_port()
@@ -215,8 +225,12 @@ def end_to_end(rounds: int, seconds: int) -> None:
                 server.wait(timeout=30)
     print(f"\nend to end: uvicorn, 1 worker, wrk -t1 -c16, {seconds}s x {rounds} rounds")
     for variant, values in rates.items():
-        ratio = statistics.median(v / s for v, s in zip(values, rates["starlette"], strict=True))
-        print(f"  {variant:<14} median {statistics.median(values):>9.0f} requests/s   ÷ starlette {ratio:.3f}")
+        baseline = rates[E2E_VARIANTS[variant]]
+        ratio = statistics.median(v / b for v, b in zip(values, baseline, strict=True))
+        print(
+            f"  {variant:<17} median {statistics.median(values):>9.0f} requests/s"
+            f"   ÷ {E2E_VARIANTS[variant]} {ratio:.3f}"
+        )
 
 
 def _free_port() -> int:

@@ -2,7 +2,9 @@
 
 BENCH_VARIANT=starlette uses Starlette's BackgroundTasks; `traced` uses traced_tasks', and `span-only` the
 span-only wrapper, both with an SDK tracer provider whose batch processor exports to nowhere; `traced-no-sdk`
-uses traced_tasks' with no SDK installed (the API's no-op tracer).
+uses traced_tasks' with no SDK installed (the API's no-op tracer). `asgi-otel` and `asgi-otel-traced` are a
+service traced as one with an SDK is: OpenTelemetry's ASGI middleware makes the request spans, and the tasks
+are Starlette's or traced_tasks'.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from starlette import background
@@ -33,15 +36,16 @@ async def record_view(page: int) -> None:
 
 variant = os.environ.get("BENCH_VARIANT", "starlette")
 tasks_class: type[background.BackgroundTasks] = background.BackgroundTasks
+provider: TracerProvider | None = None
 if variant == "traced-no-sdk":
     tasks_class = traced_tasks.BackgroundTasks
 elif variant != "starlette":
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(NullExporter()))
-    if variant == "traced":
+    if variant in ("traced", "asgi-otel-traced"):
         traced_tasks.configure(tracer_provider=provider)
         tasks_class = traced_tasks.BackgroundTasks
-    else:
+    elif variant == "span-only":
         tasks_class = span_only(provider.get_tracer("benchmarks"))
 
 
@@ -52,3 +56,5 @@ async def page(request: Request) -> Response:
 
 
 app = Starlette(routes=[Route("/", page)])
+if variant.startswith("asgi-otel"):
+    app.add_middleware(OpenTelemetryMiddleware, tracer_provider=provider)
