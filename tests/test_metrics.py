@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from starlette._utils import is_async_callable
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -390,3 +392,42 @@ def test_non_callable_fails_at_add_task(telemetry: Telemetry) -> None:
     """add_task with a non-callable raises TypeError naming the value at once, not after the response."""
     with pytest.raises(TypeError, match="'send_email'"):
         BackgroundTasks().add_task("send_email")  # type: ignore[arg-type]
+
+
+class AsyncMailer:
+    async def send(self) -> None:
+        pass
+
+    async def __call__(self) -> None:
+        pass
+
+
+async def async_ok() -> None:
+    pass
+
+
+def returns_a_coroutine() -> Any:
+    return async_ok()
+
+
+CALLABLES: dict[str, Callable[[], Any]] = {
+    "async-function": async_ok,
+    "async-bound-method": AsyncMailer().send,
+    "async-callable-object": AsyncMailer(),
+    "async-partial": functools.partial(async_ok),
+    "sync-function": ok,
+    "sync-bound-method": Mailer().send,
+    "sync-callable-object": Mailer(),
+    "sync-partial": functools.partial(ok),
+    "sync-returning-a-coroutine": returns_a_coroutine,
+    "builtin": print,
+}
+if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+
+    CALLABLES["marked-coroutine-function"] = inspect.markcoroutinefunction(lambda: async_ok())
+
+
+@pytest.mark.parametrize("func", CALLABLES.values(), ids=CALLABLES.keys())
+def test_tasks_are_awaited_or_sent_to_the_threadpool_as_starlette_decides(func: Callable[[], Any]) -> None:
+    """Whether a task is awaited or run in the threadpool is Starlette's is_async_callable's answer, for every kind
+    of callable, although traced_tasks reads async functions' code flags first."""
+    assert traced_tasks.BackgroundTask(func).is_async is is_async_callable(func)

@@ -5,8 +5,10 @@ The bodies are module functions so that the instrumentor can put them on Starlet
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
+import types
 from collections.abc import Callable
 from typing import Any, ParamSpec
 
@@ -18,6 +20,7 @@ from traced_tasks import _config
 from traced_tasks._telemetry import Scheduled, is_cancellation
 
 P = ParamSpec("P")
+_FUNCTION_TYPES = (types.FunctionType, types.MethodType)
 logger = logging.getLogger("traced_tasks")
 
 
@@ -28,8 +31,15 @@ def schedule(task: background.BackgroundTask, func: Callable[..., Any], args: An
     task.func = func
     task.args = args
     task.kwargs = kwargs
-    task.is_async = is_async_callable(func)
+    task.is_async = _is_async_callable(func)
     task._traced = _config.current().schedule(func)  # type: ignore[attr-defined]
+
+
+def _is_async_callable(func: Callable[..., Any]) -> bool:
+    """Starlette's is_async_callable, answered from the code flags first for async functions and methods."""
+    if type(func) in _FUNCTION_TYPES and func.__code__.co_flags & inspect.CO_COROUTINE:
+        return True
+    return is_async_callable(func)
 
 
 async def run(task: background.BackgroundTask) -> None:

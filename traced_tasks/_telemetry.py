@@ -98,9 +98,11 @@ class Telemetry:
 
     def task(self, func: Callable[..., Any]) -> TaskTelemetry:
         target: Any = func
-        while type(target) is functools.partial:
-            target = target.func
         code = getattr(target, "__code__", None)
+        if code is None:
+            while type(target) is functools.partial:
+                target = target.func
+            code = getattr(target, "__code__", None)
         # Functions and bound methods are keyed by their code object, which every closure made from one `def`
         # shares, so closures created per request stay one entry; the names tell apart functions that share
         # code, such as those one decorator makes. id(), because equal code objects can live in different
