@@ -5,6 +5,7 @@ import functools
 import inspect
 import logging
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -421,6 +422,7 @@ CALLABLES: dict[str, Callable[[], Any]] = {
     "sync-partial": functools.partial(ok),
     "sync-returning-a-coroutine": returns_a_coroutine,
     "builtin": print,
+    "method-of-a-callable-object": types.MethodType(AsyncMailer(), object()),
 }
 if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+
     CALLABLES["marked-coroutine-function"] = inspect.markcoroutinefunction(lambda: async_ok())

@@ -20,7 +20,6 @@ from traced_tasks import _config
 from traced_tasks._telemetry import Scheduled, is_cancellation
 
 P = ParamSpec("P")
-_FUNCTION_TYPES = (types.FunctionType, types.MethodType)
 logger = logging.getLogger("traced_tasks")
 
 
@@ -37,7 +36,8 @@ def schedule(task: background.BackgroundTask, func: Callable[..., Any], args: An
 
 def _is_async_callable(func: Callable[..., Any]) -> bool:
     """Starlette's is_async_callable, answered from the code flags first for async functions and methods."""
-    if type(func) in _FUNCTION_TYPES and func.__code__.co_flags & inspect.CO_COROUTINE:
+    target = func.__func__ if type(func) is types.MethodType else func
+    if type(target) is types.FunctionType and target.__code__.co_flags & inspect.CO_COROUTINE:
         return True
     return is_async_callable(func)
 
