@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.trace import SpanContext, TraceFlags
@@ -126,3 +128,27 @@ def test_fast_rendering_matches_prometheus_client(events: list[tuple[Any, ...]],
     assert parsed(render(local, openmetrics=False).decode(), False) == parsed(generate_text(registry).decode(), False)
     ours = render(local, openmetrics=True).decode() + "# EOF\n"
     assert parsed(ours, True) == parsed(generate_openmetrics(registry).decode(), True)
+
+
+@pytest.mark.parametrize("backend", [LocalMetrics, ClientMetrics], ids=["in-process", "prometheus_client"])
+def test_span_ids_that_are_not_numbers_drop_the_exemplar_only(backend: type[LocalMetrics | ClientMetrics]) -> None:
+    """A span context whose IDs cannot be written in hex, as only a tracer other than the SDK's could make,
+    costs its exemplar and nothing else: the run is counted, and every rendering of the registry still works."""
+    registry = CollectorRegistry()
+    metrics = backend(registry, "", DEFAULT_BUCKETS)
+    odd = SpanContext(Decimal(5), 7, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))  # type: ignore[arg-type]
+    task = metrics.for_task("send")
+    task.schedule()
+    task.start(0.001)
+    task.succeed(0.2, odd)
+    task.start(0.001)
+    task.fail("error", 0.2, odd, KeyError)
+    for text in (generate_text(registry).decode(), generate_openmetrics(registry).decode()):
+        assert 'background_task_duration_seconds_count{status="success",task="send"} 1.0' in text
+        assert 'background_task_duration_seconds_count{status="error",task="send"} 1.0' in text
+        assert "trace_id" not in text
+    if isinstance(metrics, LocalMetrics):
+        for openmetrics in (False, True):
+            rendered = render(metrics, openmetrics).decode()
+            assert 'background_task_duration_seconds_count{status="success",task="send"} 1.0' in rendered
+            assert "trace_id" not in rendered

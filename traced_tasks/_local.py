@@ -227,11 +227,13 @@ class LocalMetrics(Metrics):
         total = 0.0
         for le, count, exemplar in zip(self.le, histogram.counts, histogram.exemplars, strict=True):
             total += count
-            if exemplar is None:
-                buckets.append((le, total))
-            else:
+            if exemplar is not None:
                 span_context, value, timestamp = exemplar
-                buckets.append((le, total, Exemplar(exemplar_labels(span_context), value, timestamp)))
+                ids = exemplar_labels(span_context)
+                if ids is not None:
+                    buckets.append((le, total, Exemplar(ids, value, timestamp)))
+                    continue
+            buckets.append((le, total))
         family.add_metric(values, buckets, histogram.sum)
 
 

@@ -41,19 +41,23 @@ HELP = {
 }
 
 
-def exemplar_labels(span_context: SpanContext) -> dict[str, str]:
-    """An exemplar's labels: the trace and span IDs of the run's span, in hex, as tracing backends show them."""
-    return {
-        names.EXEMPLAR_TRACE_ID: format(span_context.trace_id, "032x"),
-        names.EXEMPLAR_SPAN_ID: format(span_context.span_id, "016x"),
-    }
+def exemplar_labels(span_context: SpanContext) -> dict[str, str] | None:
+    """An exemplar's labels: the trace and span IDs of the run's span, in hex, as tracing backends show them.
+    None, and no exemplar, when the IDs are not numbers, as only a tracer other than the SDK's could make them."""
+    try:
+        return {
+            names.EXEMPLAR_TRACE_ID: format(span_context.trace_id, "032x"),
+            names.EXEMPLAR_SPAN_ID: format(span_context.span_id, "016x"),
+        }
+    except Exception:
+        return None
 
 
 class TaskMetrics:
     """The counts of one `task` label value (and route, with the route label), one call per event.
 
-    An exemplar is the span context of the run, sampled and ours; backends turn it into labels only when
-    they must, so runs pay nothing for the hex formatting.
+    An exemplar is the span context of the run, sampled and ours. The in-process backend keeps it as it is
+    and writes its IDs in hex only when scraped; prometheus_client's metric objects need the labels at once.
     """
 
     __slots__ = ()

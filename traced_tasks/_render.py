@@ -61,8 +61,10 @@ def _histogram(
         line = f'{name}_bucket{{le="{bound}",{labels}}} {_number(total)}'  # le sorts before the others
         if openmetrics and exemplar is not None:
             span_context, value, timestamp = exemplar
-            pairs = ",".join(f'{key}="{item}"' for key, item in sorted(exemplar_labels(span_context).items()))
-            line += f" # {{{pairs}}} {_number(value)} {timestamp!r}"
+            ids = exemplar_labels(span_context)
+            if ids is not None:
+                pairs = ",".join(f'{key}="{item}"' for key, item in sorted(ids.items()))
+                line += f" # {{{pairs}}} {_number(value)} {timestamp!r}"
         lines.append(line)
     lines.append(f"{name}_count{{{labels}}} {_number(total)}")
     lines.append(f"{name}_sum{{{labels}}} {_number(histogram.sum)}")
