@@ -429,7 +429,7 @@ if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+
 
 
 @pytest.mark.parametrize("func", CALLABLES.values(), ids=CALLABLES.keys())
-def test_tasks_are_awaited_or_sent_to_the_threadpool_as_starlette_decides(func: Callable[[], Any]) -> None:
-    """Whether a task is awaited or run in the threadpool is Starlette's is_async_callable's answer, for every kind
-    of callable, although traced_tasks reads async functions' code flags first."""
+def test_is_async_is_starlettes_answer(func: Callable[[], Any]) -> None:
+    """A task's is_async, which decides between awaiting it and the threadpool, is Starlette's is_async_callable's
+    answer for every kind of callable, although traced_tasks reads async functions' code flags first."""
     assert traced_tasks.BackgroundTask(func).is_async is is_async_callable(func)

@@ -8,7 +8,8 @@ import pytest
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -20,6 +21,8 @@ from starlette.testclient import TestClient
 import traced_tasks
 from tests.conftest import Telemetry
 from traced_tasks import BackgroundTask, BackgroundTasks
+
+PREFIX = "tests.test_spans."
 
 
 class PaymentDeclined(Exception):
@@ -297,3 +300,64 @@ def test_each_task_of_a_batch_gets_its_own_span(telemetry: Telemetry) -> None:
     assert {span.parent.span_id for span in spans if span.parent} == {request.context.span_id}
     ends = [span.end_time or 0 for span in spans]
     assert ends == sorted(ends)
+
+
+CALLER = trace.SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED))
+
+
+@pytest.mark.parametrize("func", [record_current_span, record_current_span_async], ids=["sync", "async"])
+def test_without_an_sdk_the_context_of_add_task_is_current_in_the_task(func: Any) -> None:
+    """With the API's no-op tracer there is no span of ours, yet the task runs in the context captured at
+    add_task, caller's span and baggage included, even after that context stopped being current."""
+    traced_tasks.configure(tracer_provider=trace.NoOpTracerProvider(), registry=CollectorRegistry())
+    seen: list[trace.SpanContext] = []
+    tenants: list[object] = []
+
+    def read_baggage() -> None:
+        tenants.append(baggage.get_baggage("tenant"))
+
+    async def main() -> None:
+        context = trace.set_span_in_context(trace.NonRecordingSpan(CALLER), baggage.set_baggage("tenant", "acme"))
+        token = otel_context.attach(context)
+        tasks = BackgroundTasks()
+        tasks.add_task(func, seen)
+        tasks.add_task(read_baggage)
+        otel_context.detach(token)
+        await tasks()
+
+    try:
+        asyncio.run(main())
+    finally:
+        traced_tasks.configure(registry=CollectorRegistry())
+    assert seen == [CALLER]
+    assert tenants == ["acme"]
+
+
+def test_a_run_the_sampler_drops_still_has_its_own_span_current() -> None:
+    """When the SDK's sampler drops a run, its span is not recorded but is still the task's own: a new span ID
+    in the caller's trace is current inside the task, so what the task calls joins the trace below it."""
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    registry = CollectorRegistry()
+    traced_tasks.configure(tracer_provider=provider, registry=registry)
+    seen: list[trace.SpanContext] = []
+
+    async def main() -> None:
+        token = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(CALLER)))
+        tasks = BackgroundTasks()
+        tasks.add_task(record_current_span, seen)
+        otel_context.detach(token)
+        await tasks()
+
+    try:
+        asyncio.run(main())
+        count = registry.get_sample_value(
+            "background_task_duration_seconds_count", {"task": PREFIX + "record_current_span", "status": "success"}
+        )
+    finally:
+        traced_tasks.configure(registry=CollectorRegistry())
+        provider.shutdown()
+    (current,) = seen
+    assert current.trace_id == CALLER.trace_id
+    assert current.span_id != CALLER.span_id
+    assert not current.trace_flags.sampled
+    assert count == 1

@@ -21,13 +21,14 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from traced_tasks import _multiprocess, _request
 from traced_tasks import _names as names
-from traced_tasks._metrics import DEFAULT_BUCKETS, CappedLabel, TaskMetrics, make_metrics
+from traced_tasks._metrics import DEFAULT_BUCKETS, MAX_ROUTES, CappedLabel, TaskMetrics, make_metrics
 from traced_tasks._naming import identify
 from traced_tasks._version import __version__
 
 logger = logging.getLogger("traced_tasks")
 
 _ROOT = Context()
+_PARTIAL = functools.partial
 
 DEFAULT_MAX_TASK_NAMES = 1000
 
@@ -49,7 +50,7 @@ class TaskTelemetry:
         self.attributes = attributes
         self.label = label  # the task label value: the name, or the overflow value past the cap
         self.metrics = metrics  # None with the route label: then each Target has its route's
-        # By the route scheduling it. Route templates are as many as the application's routes: bounded.
+        # By the route scheduling it, for up to MAX_ROUTES routes.
         self.targets: dict[str | None, Target] = {}
         self.code = code  # keeps the code object, whose id() is part of the cache key, alive
 
@@ -98,11 +99,9 @@ class Telemetry:
 
     def task(self, func: Callable[..., Any]) -> TaskTelemetry:
         target: Any = func
+        while type(target) is _PARTIAL:
+            target = target.func
         code = getattr(target, "__code__", None)
-        if code is None:
-            while type(target) is functools.partial:
-                target = target.func
-            code = getattr(target, "__code__", None)
         # Functions and bound methods are keyed by their code object, which every closure made from one `def`
         # shares, so closures created per request stay one entry; the names tell apart functions that share
         # code, such as those one decorator makes. id(), because equal code objects can live in different
@@ -139,7 +138,9 @@ class Telemetry:
             if metrics is None:
                 metrics = self.metrics.for_task(task.label, route)
             attributes = task.attributes if route is None else {**task.attributes, names.ATTR_ROUTE: route}
-            target = task.targets[route] = Target(self, task.span_name, attributes, metrics)
+            target = Target(self, task.span_name, attributes, metrics)
+            if len(task.targets) < MAX_ROUTES:  # past that, an application adding routes without end
+                task.targets[route] = target
         return target
 
     def report(self, part: str) -> None:
