@@ -36,20 +36,12 @@ DEFAULT_MAX_TASK_NAMES = 1000
 class TaskTelemetry:
     """What every run of one callable shares: its span name and attributes, its task label, and its Targets."""
 
-    __slots__ = ("attributes", "code", "label", "metrics", "span_name", "targets")
+    __slots__ = ("attributes", "code", "label", "span_name", "targets")
 
-    def __init__(
-        self,
-        span_name: str,
-        attributes: dict[str, str | int],
-        label: str,
-        metrics: TaskMetrics | None,
-        code: object,
-    ) -> None:
+    def __init__(self, span_name: str, attributes: dict[str, str | int], label: str, code: object) -> None:
         self.span_name = span_name
         self.attributes = attributes
         self.label = label  # the task label value: the name, or the overflow value past the cap
-        self.metrics = metrics  # None with the route label: then each Target has its route's
         # By the route scheduling it, for up to MAX_ROUTES routes.
         self.targets: dict[str | None, Target] = {}
         self.code = code  # keeps the code object, whose id() is part of the cache key, alive
@@ -119,12 +111,11 @@ class Telemetry:
                 return task
             identity = identify(func)
             label = self._names.admit(identity.name)
-            metrics = None if self.metrics.route_label else self.metrics.for_task(label)
             attributes: dict[str, str | int] = {names.ATTR_FUNCTION: identity.name}
             if identity.file is not None and identity.line is not None:
                 attributes[names.ATTR_FILE] = identity.file
                 attributes[names.ATTR_LINE] = identity.line
-            task = TaskTelemetry(names.SPAN_NAME_PREFIX + identity.name, attributes, label, metrics, code)
+            task = TaskTelemetry(names.SPAN_NAME_PREFIX + identity.name, attributes, label, code)
             # Only code generated at run time (exec, eval) makes new keys without end; past this, resolve each time.
             if len(self._tasks) < 4 * self.max_task_names:
                 self._tasks[key] = task
@@ -134,9 +125,8 @@ class Telemetry:
         """The callable's Target for the route scheduling it."""
         target = task.targets.get(route)
         if target is None:
-            metrics = task.metrics
-            if metrics is None:
-                metrics = self.metrics.for_task(task.label, route)
+            # Without the route label, every route's Target gets the task's one set of counts.
+            metrics = self.metrics.for_task(task.label, route)
             attributes = task.attributes if route is None else {**task.attributes, names.ATTR_ROUTE: route}
             target = Target(self, task.span_name, attributes, metrics)
             if len(task.targets) < MAX_ROUTES:  # past that, an application adding routes without end
