@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import gc
 import os
 import platform
@@ -22,22 +21,22 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client import CollectorRegistry
 from starlette import background
 
 import traced_tasks
 from benchmarks.variants import hand_written, span_only, span_with_code_attributes
-from traced_tasks._exposition import _render
+from traced_tasks._exposition import render
 
 TasksClass = type[background.BackgroundTasks]
 
@@ -76,7 +75,12 @@ async def time_batches(tasks_class: TasksClass, func: Callable[[], Any], iterati
     return (time.perf_counter_ns() - started) / iterations / 1000
 
 
-def variants(sdk: bool) -> tuple[dict[str, TasksClass], TracerProvider | None]:
+class Variant(NamedTuple):
+    tasks_class: TasksClass
+    prepare: Callable[[], None] | None = None  # run before each timing, outside it
+
+
+def variants(sdk: bool, folder: str) -> tuple[dict[str, Variant], TracerProvider | None]:
     provider: TracerProvider | None = None
     tracer_provider: trace.TracerProvider
     if sdk:
@@ -86,33 +90,54 @@ def variants(sdk: bool) -> tuple[dict[str, TasksClass], TracerProvider | None]:
     else:
         tracer_provider = trace.NoOpTracerProvider()
     tracer = tracer_provider.get_tracer("benchmarks")
-    traced_tasks.configure(tracer_provider=tracer_provider, registry=CollectorRegistry())
+
+    def in_process() -> None:
+        traced_tasks.configure(tracer_provider=tracer_provider, registry=CollectorRegistry())
+
+    def multiprocess_backend() -> None:
+        # The multiprocess backend, prometheus_client's metric objects, in this one process: prometheus_client
+        # keeps their values in memory, since the variable was unset when it was first imported.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        try:
+            traced_tasks.configure(tracer_provider=tracer_provider, registry=CollectorRegistry())
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
     return {
-        "bare": background.BackgroundTasks,
-        "span-only": span_only(tracer),
-        "span+attrs": span_with_code_attributes(tracer),
-        "hand-written": hand_written(tracer, CollectorRegistry()),
-        "traced_tasks": traced_tasks.BackgroundTasks,
+        "bare": Variant(background.BackgroundTasks),
+        "span-only": Variant(span_only(tracer)),
+        "span+attrs": Variant(span_with_code_attributes(tracer)),
+        "hand-written": Variant(hand_written(tracer, CollectorRegistry())),
+        "traced_tasks": Variant(traced_tasks.BackgroundTasks, in_process),
+        "traced-mp": Variant(traced_tasks.BackgroundTasks, multiprocess_backend),
     }, provider
 
 
 def run_case(sdk: bool, func: Callable[[], Any], rounds: int, iterations: int) -> dict[str, list[float]]:
-    classes, provider = variants(sdk)
-    results: dict[str, list[float]] = {name: [] for name in classes}
+    with tempfile.TemporaryDirectory() as folder:
+        classes, provider = variants(sdk, folder)
+        results: dict[str, list[float]] = {name: [] for name in classes}
+        warm_up = max(iterations // 10, 10)
 
-    async def main() -> None:
-        for tasks_class in classes.values():  # warm caches, threads and the span queue
-            await time_batches(tasks_class, func, max(iterations // 10, 10))
-        for _ in range(rounds):
-            order = list(classes)
-            random.shuffle(order)
-            for name in order:
-                gc.collect()
-                results[name].append(await time_batches(classes[name], func, iterations))
+        async def main() -> None:
+            for variant in classes.values():  # warm caches, threads and the span queue
+                if variant.prepare is not None:
+                    variant.prepare()
+                await time_batches(variant.tasks_class, func, warm_up)
+            for _ in range(rounds):
+                order = list(classes)
+                random.shuffle(order)
+                for name in order:
+                    variant = classes[name]
+                    if variant.prepare is not None:
+                        variant.prepare()
+                        await time_batches(variant.tasks_class, func, warm_up)
+                    gc.collect()
+                    results[name].append(await time_batches(variant.tasks_class, func, iterations))
 
-    asyncio.run(main())
-    if provider is not None:
-        provider.shutdown()
+        asyncio.run(main())
+        if provider is not None:
+            provider.shutdown()
     return results
 
 
@@ -125,7 +150,7 @@ def report_case(title: str, results: dict[str, list[float]]) -> None:
         ratio = statistics.median(t / b for t, b in zip(times, bare, strict=True))
         print(f"  {name:<14}{statistics.median(times):>16.2f}{overhead:>14.2f}{ratio:>9.3f}")
     ours = [t - b for t, b in zip(results["traced_tasks"], bare, strict=True)]
-    for other in ("span-only", "span+attrs", "hand-written"):
+    for other in ("span-only", "span+attrs", "hand-written", "traced-mp"):
         theirs = [t - b for t, b in zip(results[other], bare, strict=True)]
         ratios = [o / t for o, t in zip(ours, theirs, strict=True) if t > 0]
         # With tiny counts, noise can make an overhead negative in every round: then there is no ratio.
@@ -140,8 +165,9 @@ def rss_mb() -> float:
 
 def memory(tasks: int) -> None:
     """RSS growth over `tasks` tasks after a warm-up, with the SDK and a batch span processor."""
-    classes, provider = variants(sdk=True)
-    traced = classes["traced_tasks"]
+    classes, provider = variants(sdk=True, folder="")
+    traced = classes["traced_tasks"].tasks_class
+    classes["traced_tasks"].prepare()  # type: ignore[misc]
 
     async def main() -> None:
         await time_batches(traced, noop_async, min(tasks, 50_000))
@@ -157,7 +183,7 @@ def memory(tasks: int) -> None:
 
 
 def scrape(names: int, repeats: int) -> None:
-    """Time to render /metrics with `names` task names, in both formats."""
+    """Time to render /metrics with `names` task names, in both formats, through prometheus_client's writers."""
     registry = CollectorRegistry()
     traced_tasks.configure(tracer_provider=trace.NoOpTracerProvider(), registry=registry, max_task_names=names)
 
@@ -170,27 +196,13 @@ def scrape(names: int, repeats: int) -> None:
             await tasks()
 
     asyncio.run(main())
-    formats: dict[str, tuple[str, Callable[[CollectorRegistry], bytes]]] = {
-        "text": ("text/plain", generate_latest),
-        "OpenMetrics": ("application/openmetrics-text; version=1.0.0", generate_openmetrics),
-    }
-    for label, (accept, client_encoder) in formats.items():
-        renderers: dict[str, Callable[[], bytes]] = {
-            "/metrics": functools.partial(_metrics_body, registry, accept),
-            "prometheus_client alone": functools.partial(client_encoder, registry),
-        }
-        for how, render in renderers.items():
-            times = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                size = len(render())
-                times.append((time.perf_counter() - started) * 1000)
-            median = statistics.median(times)
-            print(f"scrape: {names} task names, {label}, {how}: median {median:.1f} ms ({size / 1024:.0f} KiB)")
-
-
-def _metrics_body(registry: CollectorRegistry, accept: str) -> bytes:
-    return _render(registry, accept, "", [])[0]
+    for label, accept in (("text", "text/plain"), ("OpenMetrics", "application/openmetrics-text; version=1.0.0")):
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            size = len(render(registry, accept, "", [])[0])
+            times.append((time.perf_counter() - started) * 1000)
+        print(f"scrape: {names} task names, {label}: median {statistics.median(times):.1f} ms ({size / 1024:.0f} KiB)")
 
 
 def end_to_end(rounds: int, seconds: int) -> None:

@@ -18,7 +18,7 @@ from starlette.routing import Mount, Route
 import traced_tasks
 from tests.conftest import Telemetry
 from traced_tasks import BackgroundTasks, _config
-from traced_tasks._metrics import MAX_ROUTES
+from traced_tasks._labels import MAX_ROUTES
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN_ID = "00f067aa0ba902b7"
@@ -201,7 +201,7 @@ def test_every_route_reaches_its_spans_and_the_cache_per_task_stays_bounded(tele
         client.get(f"/r{index}/7")
     routes = [(span.attributes or {})["http.route"] for span in telemetry.task_spans()]
     assert routes == [f"/r{index}/{{order_id:int}}" for index in [*range(count), count - 1]]
-    assert len(_config.current().task(remember).targets) == MAX_ROUTES
+    assert len(_config.current().profiles.routes(remember)) == MAX_ROUTES
     assert telemetry.value("background_task_scheduled_total", task="tests.test_middleware.remember") == count + 1
 
 

@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 import traced_tasks
+from traced_tasks import _conventions as names
+from traced_tasks._options import option_names
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -12,8 +17,8 @@ README = (ROOT / "README.md").read_text()
 def test_every_name_the_readme_uses_is_exported() -> None:
     """Every traced_tasks.<name> and `from traced_tasks import <names>` in the README is in __all__ and exists."""
     used = set(re.findall(r"traced_tasks\.([A-Za-z_]\w*)", README))
-    for names in re.findall(r"from traced_tasks import ([\w, ]+)", README):
-        used.update(name.strip() for name in names.split(","))
+    for imported in re.findall(r"from traced_tasks import ([\w, ]+)", README):
+        used.update(name.strip() for name in imported.split(","))
     assert used >= {"BackgroundTasks", "BackgroundTask", "metrics_app", "make_metrics_app", "configure"}
     assert sorted(used - set(traced_tasks.__all__)) == []
     for name in used:
@@ -27,31 +32,26 @@ def test_all_is_complete() -> None:
 
 
 def test_every_configure_option_is_documented() -> None:
-    """Each keyword of configure() appears in the README's Options section."""
-    options = traced_tasks.configure.__kwdefaults__ or {}
+    """Each keyword of configure() appears in the README's Options section and in configure()'s Args."""
+    options = list(inspect.signature(traced_tasks.configure).parameters)
     section = README.split("## Options", 1)[1].split("\n## ", 1)[0]
-    assert options
+    assert options == option_names()
     assert [name for name in options if f"{name}=" not in section] == []
+    args = (traced_tasks.configure.__doc__ or "").split("Args:", 1)[1]
+    assert [name for name in options if f"\n        {name}: " not in args] == []
 
 
 def test_every_metric_is_documented() -> None:
-    """Each metric family traced_tasks registers is in the README's metrics table."""
-    from prometheus_client import CollectorRegistry
-
+    """Each metric family traced_tasks registers is in the README's metrics table, under its exposed name."""
     registry = CollectorRegistry()
     traced_tasks.configure(registry=registry)
     try:
-        families = [metric.name for metric in registry.collect()]
+        registered = {metric.name for metric in registry.collect()}
     finally:
         traced_tasks.configure(registry=CollectorRegistry())
-    assert len(families) == 7
-    for family in families:
-        exposed = (
-            family + "_total"
-            if family in {"background_task_scheduled", "background_task_exceptions", "background_task_skipped"}
-            else family
-        )
-        assert f"| `{exposed}` |" in README
+    assert registered == {family.name for family in names.FAMILIES}
+    for family in names.FAMILIES:
+        assert f"| `{family.total if family.kind == 'counter' else family.name}` |" in README
 
 
 def test_typed_package() -> None:

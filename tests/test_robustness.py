@@ -115,7 +115,7 @@ def test_tracing_failures_never_change_a_task(
     make_provider: Callable[[], trace.TracerProvider], caplog: pytest.LogCaptureFixture
 ) -> None:
     """When the tracer or a span processor raises, every task runs once with its own outcome, counts are exact,
-    and the failure is logged once, not per task."""
+    and the failure is logged once per task name, not per run."""
     registry = CollectorRegistry()
     traced_tasks.configure(tracer_provider=make_provider(), registry=registry)
     calls: list[str] = []
@@ -134,12 +134,16 @@ def test_tracing_failures_never_change_a_task(
     assert value("background_task_duration_seconds_count", task=PREFIX + "fail", status="error") == 3
     assert value("background_task_exceptions_total", task=PREFIX + "fail", exception="LookupError") == 3
     assert value("background_task_in_progress", task=PREFIX + "fail") == 0
-    assert len([record for record in caplog.records if record.name == "traced_tasks"]) == 1
+    logged = [record.getMessage() for record in caplog.records if record.name == "traced_tasks"]
+    assert len(logged) == 2
+    assert [PREFIX + "ok" in message for message in logged].count(True) == 1
+    assert [PREFIX + "fail" in message for message in logged].count(True) == 1
     traced_tasks.configure(registry=CollectorRegistry())
 
 
 def test_metrics_failure_never_changes_a_task(tmp_path: Path) -> None:
-    """When Prometheus storage fails (multiprocess files gone), tasks still run once with their outcome, logged once.
+    """When Prometheus storage fails (multiprocess files gone), tasks still run once with their outcome, and the
+    failure is logged once per task name.
 
     Runs in a subprocess because prometheus_client picks multiprocess mode when it is first imported.
     """
@@ -162,4 +166,6 @@ print([type(outcome).__name__ for outcome in outcomes])
     )
     assert result.stdout.splitlines() == [repr(["ok", "fail"] * 3), repr(["LookupError"] * 3)]
     logged = [line for line in result.stderr.splitlines() if line.startswith("traced_tasks|")]
-    assert len(logged) == 1, result.stderr
+    assert len(logged) == 2, result.stderr
+    assert "tests.test_robustness.ok;" in logged[0]
+    assert "tests.test_robustness.fail;" in logged[1]

@@ -4,14 +4,14 @@ from traced_tasks import BackgroundTasks      # instead of fastapi's or starlett
 app.mount("/metrics", traced_tasks.metrics_app)
 """
 
-from traced_tasks import _exposition, _fastapi, _multiprocess
+from traced_tasks import _fastapi, _multiprocess
 from traced_tasks._background import BackgroundTask, BackgroundTasks
 from traced_tasks._config import configure
+from traced_tasks._conventions import OVERFLOW
 from traced_tasks._exposition import make_metrics_app
 from traced_tasks._instrumentor import BackgroundTasksInstrumentor
-from traced_tasks._metrics import DEFAULT_BUCKETS
 from traced_tasks._middleware import TraceContextMiddleware
-from traced_tasks._names import OVERFLOW
+from traced_tasks._options import DEFAULT_BUCKETS
 from traced_tasks._setup import setup_tracing
 from traced_tasks._version import __version__
 
@@ -31,9 +31,9 @@ __all__ = [
 
 _multiprocess.check_directory()
 
-metrics_app = _exposition.default_metrics_app()
+metrics_app = make_metrics_app()
 """The /metrics ASGI app for the configuration in force: `app.mount("/metrics", traced_tasks.metrics_app)`.
 
-It requires `Authorization: Bearer <token>` when TRACED_TASKS_METRICS_TOKEN is set at startup."""
+It requires `Authorization: Bearer <token>` while TRACED_TASKS_METRICS_TOKEN is set."""
 
 _fastapi.install()

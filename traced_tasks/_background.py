@@ -7,23 +7,20 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 import types
 from collections.abc import Callable
 from typing import Any, ParamSpec
 
 from starlette import background
 from starlette._utils import is_async_callable
-from starlette.concurrency import run_in_threadpool
 
-from traced_tasks import _config
-from traced_tasks._telemetry import Scheduled, is_cancellation
+from traced_tasks import _config, _run
 
 P = ParamSpec("P")
 logger = logging.getLogger("traced_tasks")
 
 
-def schedule(task: background.BackgroundTask, func: Callable[..., Any], args: Any, kwargs: Any) -> None:
+def init(task: background.BackgroundTask, func: Callable[..., Any], args: Any, kwargs: Any) -> None:
     """Starlette's BackgroundTask.__init__, then schedule the task: count it, start its wait clock, capture context."""
     if not callable(func):
         raise TypeError(f"a background task must be callable, got {func!r}")
@@ -31,7 +28,7 @@ def schedule(task: background.BackgroundTask, func: Callable[..., Any], args: An
     task.args = args
     task.kwargs = kwargs
     task.is_async = _is_async_callable(func)
-    task._traced = _config.current().schedule(func)  # type: ignore[attr-defined]
+    task._traced = _run.schedule(_config.current(), func)  # type: ignore[attr-defined]
 
 
 def _is_async_callable(func: Callable[..., Any]) -> bool:
@@ -42,46 +39,16 @@ def _is_async_callable(func: Callable[..., Any]) -> bool:
     return is_async_callable(func)
 
 
-async def run(task: background.BackgroundTask) -> None:
-    """Run one task inside its span, counting its outcome."""
-    scheduled: Scheduled | None = getattr(task, "_traced", None)  # None: made before instrumentation
-    if scheduled is None:
-        await _call(task)
-        return
-    target = scheduled.target
-    telemetry = target.telemetry
-    span, token = telemetry.start(scheduled)
-    started_ns = time.perf_counter_ns()
-    try:
-        # _call(task), written out: a coroutine less per run.
-        if task.is_async:
-            await task.func(*task.args, **task.kwargs)
-        else:
-            await run_in_threadpool(task.func, *task.args, **task.kwargs)
-    except BaseException as exc:
-        telemetry.finish(target.metrics, span, token, started_ns, exc)
-        raise
-    telemetry.finish(target.metrics, span, token, started_ns, None)
-
-
-async def _call(task: background.BackgroundTask) -> None:
-    # Not Starlette's __call__: instrumentations patch it, and each task gets one span, ours.
-    if task.is_async:
-        await task.func(*task.args, **task.kwargs)
-    else:
-        await run_in_threadpool(task.func, *task.args, **task.kwargs)
-
-
 async def run_batch(batch: background.BackgroundTasks) -> None:
-    """Run a batch in order. By default the first failure stops it, as in Starlette; with isolate_tasks the rest
-    still run and the first failure is raised after them."""
+    """Run a batch in order. The first failure stops it, as in Starlette, unless the failed task was scheduled with
+    isolate_tasks: then the rest still run, and the first failure is raised after them."""
     tasks = batch.tasks
     first: Exception | None = None
     for index, task in enumerate(tasks):
         try:
             await task()
         except BaseException as exc:
-            if isinstance(exc, Exception) and not is_cancellation(exc) and _config.current().isolate_tasks:
+            if isinstance(exc, Exception) and not _run.is_cancellation(exc) and _run.isolates(task):
                 if first is None:
                     first = exc
                 else:
@@ -91,21 +58,10 @@ async def run_batch(batch: background.BackgroundTasks) -> None:
                 logger.error("traced_tasks: a background task failed before its batch was stopped", exc_info=first)
             # Starlette stops the batch here; count what never ran.
             for later in tasks[index + 1 :]:
-                skip(later)
+                _run.skip(later)
             raise
     if first is not None:
         raise first
-
-
-def skip(task: background.BackgroundTask) -> None:
-    nested = getattr(task, "tasks", None)
-    if isinstance(task, background.BackgroundTasks) and nested is not None:
-        for inner in nested:
-            skip(inner)
-        return
-    scheduled: Scheduled | None = getattr(task, "_traced", None)
-    if scheduled is not None:
-        scheduled.target.telemetry.skip(scheduled.target.metrics)
 
 
 class BackgroundTask(background.BackgroundTask):
@@ -117,9 +73,9 @@ class BackgroundTask(background.BackgroundTask):
     """
 
     def __init__(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
-        schedule(self, func, args, kwargs)
+        init(self, func, args, kwargs)
 
-    __call__ = run
+    __call__ = _run.run
 
 
 class BackgroundTasks(background.BackgroundTasks):

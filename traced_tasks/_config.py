@@ -1,100 +1,151 @@
-"""The one configuration entry point, and the configuration in force."""
+"""The configuration in force: what one `configure()` call chose, each choice made once."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
-import math
-import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import Any, ParamSpec
 
-from opentelemetry.trace import TracerProvider
-from prometheus_client import REGISTRY, CollectorRegistry
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
 
-from traced_tasks._metrics import DEFAULT_BUCKETS
-from traced_tasks._telemetry import DEFAULT_MAX_TASK_NAMES, Telemetry
+from traced_tasks import _backends
+from traced_tasks._activity import Activity
+from traced_tasks._conventions import INSTRUMENTATION_NAME
+from traced_tasks._labels import Labels
+from traced_tasks._options import Options
+from traced_tasks._profiles import Profiles
+from traced_tasks._version import __version__
 
-_NAMESPACE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+P = ParamSpec("P")
 
 logger = logging.getLogger("traced_tasks")
 
+# Instrumentation failures logged per kind and task name, up to this many; past it, nothing more is logged.
+MAX_REPORTED = 100
+
+
+class Configuration:
+    """The tracer, the metrics backend, the task profiles and the activity record of one set of options."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        # With no provider this is the API's proxy tracer, which follows the global provider whenever it is set.
+        self.tracer = trace.get_tracer(INSTRUMENTATION_NAME, __version__, tracer_provider=options.tracer_provider)
+        self.use_span_links = options.use_span_links
+        self.isolate_tasks = options.isolate_tasks
+        self.backend = _backends.choose(options)
+        self.labels = Labels(options.max_task_names, options.route_label)
+        self.profiles = Profiles(self.labels, self.backend, options.max_task_names)
+        self.activity = Activity()
+        self._reported: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def report(self, part: str, task: str) -> None:
+        """Log the exception being handled, once per part and task, so a broken exporter cannot flood the logs."""
+        with self._lock:
+            if (part, task) in self._reported or len(self._reported) > MAX_REPORTED:
+                return
+            self._reported.add((part, task))
+            last = len(self._reported) > MAX_REPORTED
+        logger.exception(
+            "traced_tasks: %s failed for task %s; it runs on without it, and this failure is not logged again%s",
+            part,
+            task,
+            " (nor are further instrumentation failures of any task)" if last else "",
+        )
+
+
 _lock = threading.Lock()
-_current: Telemetry | None = None
+_current: Configuration | None = None
 
 
-def configure(
-    *,
-    tracer_provider: TracerProvider | None = None,
-    registry: CollectorRegistry = REGISTRY,
-    namespace: str = "",
-    buckets: Sequence[float] = DEFAULT_BUCKETS,
-    max_task_names: int = DEFAULT_MAX_TASK_NAMES,
-    use_span_links: bool = False,
-    isolate_tasks: bool = False,
-    route_label: bool = False,
-) -> None:
+def _takes(options: Callable[P, object]) -> Callable[[Callable[..., None]], Callable[P, None]]:
+    """Give the decorated function the keyword parameters of `options`, for type checkers and help()."""
+
+    def decorate(function: Callable[..., None]) -> Callable[P, None]:
+        function.__signature__ = inspect.signature(options).replace(return_annotation=None)  # type: ignore[attr-defined]
+        return function
+
+    return decorate
+
+
+@_takes(Options)
+def configure(**options: Any) -> None:
     """Set how tasks scheduled from now on are traced and counted. Call it once, at startup.
 
-    Every option has a default, and calling nothing at all works: spans go to the global tracer
-    provider (whenever the application sets it) and metrics to prometheus_client's default registry.
+    Every option has a default, and calling nothing at all works: spans go to the global tracer provider (whenever
+    the application sets it) and metrics to prometheus_client's default registry.
 
         traced_tasks.configure(namespace="shop", max_task_names=200, isolate_tasks=True)
 
-    Calling it again replaces the previous configuration and unregisters its metrics.
+    Calling it again replaces the whole configuration, unregistering the previous metrics; tasks already scheduled
+    finish under the configuration they were scheduled with. A bad value raises before anything changes.
+
+    Args:
+        tracer_provider: The TracerProvider task spans go to. None: the global one, whenever it is set.
+        registry: The prometheus_client registry to count in. Default: prometheus_client.REGISTRY.
+        namespace: A prefix for every metric name: "shop" gives shop_background_task_scheduled_total.
+        buckets: Upper bounds in seconds of the run-time and wait histograms. Default: DEFAULT_BUCKETS, 5 ms to 1 h.
+        max_task_names: Distinct task label values before further names count as "__overflow__". Default: 1000.
+        use_span_links: True: each task starts a trace of its own, linked to the span that scheduled it.
+        isolate_tasks: True: a failing task does not stop the rest of its batch.
+        route_label: True: every metric family also gets a `route` label, the scheduling request's route template.
     """
-    if namespace and not _NAMESPACE.fullmatch(namespace):
-        raise ValueError(
-            f"namespace must be a Prometheus metric name prefix like 'shop' (letters, digits, _), got {namespace!r}"
-        )
-    bounds = [float(bound) for bound in buckets]
-    if not bounds or any(not b > 0 or math.isnan(b) for b in bounds) or bounds != sorted(set(bounds)):
-        raise ValueError(f"buckets must be positive, strictly increasing upper bounds in seconds, got {buckets!r}")
-    if isinstance(max_task_names, bool) or not isinstance(max_task_names, int) or max_task_names < 1:
-        raise ValueError(f"max_task_names must be an int of at least 1, got {max_task_names!r}")
-    if not isinstance(registry, CollectorRegistry):
-        raise TypeError(f"registry must be a prometheus_client CollectorRegistry, got {registry!r}")
+    _install(Options(**options))
+
+
+def reconfigure(**changes: Any) -> None:
+    """Replace some options of the configuration in force, keeping the others."""
+    _install(dataclasses.replace(current().options, **changes))
+
+
+def _install(options: Options) -> None:
     global _current
+    configuration = Configuration(options)  # registers nothing yet: a failure here changes nothing
     with _lock:
         previous = _current
         if previous is not None:
-            previous.metrics.unregister()
+            previous.backend.close()
         try:
-            _current = Telemetry(
-                tracer_provider=tracer_provider,
-                registry=registry,
-                namespace=namespace,
-                buckets=bounds,
-                max_task_names=max_task_names,
-                use_span_links=use_span_links,
-                isolate_tasks=isolate_tasks,
-                route_label=route_label,
-            )
+            configuration.backend.open()
         except ValueError as exc:
             if previous is not None:
-                previous.metrics.register()
+                previous.backend.open()
             raise ValueError(
                 f"traced_tasks metrics are already registered in this registry by something else ({exc}); "
                 "pass another namespace or registry to traced_tasks.configure()"
             ) from exc
+        _current = configuration
 
 
-def current() -> Telemetry:
+def current() -> Configuration:
     """The configuration in force, made with the defaults on first use."""
+    configuration = _current
+    if configuration is None:
+        configuration = _default()
+    return configuration
+
+
+def _default() -> Configuration:
     global _current
-    telemetry = _current
-    if telemetry is None:
-        with _lock:
-            if _current is None:
-                try:
-                    _current = Telemetry()
-                except ValueError:
-                    # Names taken in the default registry: count in a registry of our own, which
-                    # metrics_app still serves, rather than fail every add_task.
-                    logger.exception(
-                        "traced_tasks: cannot register its metrics in prometheus_client's default registry; "
-                        "they are served by traced_tasks.metrics_app only. Call traced_tasks.configure() "
-                        "with another namespace or registry to choose"
-                    )
-                    _current = Telemetry(registry=CollectorRegistry())
-            telemetry = _current
-    return telemetry
+    with _lock:
+        if _current is None:
+            configuration = Configuration(Options())
+            try:
+                configuration.backend.open()
+            except ValueError:
+                # Names taken in the default registry: count in a registry of our own, which metrics_app still
+                # serves, rather than fail every add_task.
+                logger.exception(
+                    "traced_tasks: cannot register its metrics in prometheus_client's default registry; "
+                    "they are served by traced_tasks.metrics_app only. Call traced_tasks.configure() "
+                    "with another namespace or registry to choose"
+                )
+                configuration = Configuration(Options(registry=CollectorRegistry()))
+                configuration.backend.open()
+            _current = configuration
+        return _current

@@ -10,7 +10,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from starlette import applications, background
 from starlette.types import Receive, Scope, Send
 
-from traced_tasks import _background, _fastapi, _request, _server
+from traced_tasks import _background, _fastapi, _request, _run, _server
 
 logger = logging.getLogger("traced_tasks")
 
@@ -20,7 +20,7 @@ _OTEL_FASTAPI_MARK = "_otel_original_call"
 
 
 def _init(self: background.BackgroundTask, func: Any, *args: Any, **kwargs: Any) -> None:
-    _background.schedule(self, func, args, kwargs)
+    _background.init(self, func, args, kwargs)
 
 
 class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -56,7 +56,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         replacements = {
             (background.BackgroundTask, "__init__"): _init,
-            (background.BackgroundTask, "__call__"): _background.run,
+            (background.BackgroundTask, "__call__"): _run.run,
             (background.BackgroundTasks, "__call__"): _background.run_batch,
             (applications.Starlette, "__call__"): app_call,
         }
@@ -64,14 +64,14 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for (owner, name), replacement in replacements.items():
             setattr(owner, name, replacement)
         if _OTEL_FASTAPI_MARK not in background.BackgroundTask.__dict__:
-            setattr(background.BackgroundTask, _OTEL_FASTAPI_MARK, _background.run)
+            setattr(background.BackgroundTask, _OTEL_FASTAPI_MARK, _run.run)
         _fastapi.install()
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for (owner, name), original in self._originals.items():
             setattr(owner, name, original)
         self._originals = {}
-        if background.BackgroundTask.__dict__.get(_OTEL_FASTAPI_MARK) is _background.run:
+        if background.BackgroundTask.__dict__.get(_OTEL_FASTAPI_MARK) is _run.run:
             delattr(background.BackgroundTask, _OTEL_FASTAPI_MARK)
         _fastapi.uninstall()
         if self._metrics_server is not None:

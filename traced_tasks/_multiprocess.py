@@ -1,20 +1,34 @@
-"""prometheus_client's multiprocess mode: the folder it needs, and the gauges of workers that died."""
+"""The metrics backend for prometheus_client's multiprocess mode: counts in its files, summed over every worker
+when scraped, and the folder those files live in."""
 
 from __future__ import annotations
 
+import glob
+import math
 import os
 import re
+import threading
+import time
 from collections.abc import Iterable
+from typing import Any
 
-from prometheus_client import CollectorRegistry
+from opentelemetry.trace import SpanContext
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from traced_tasks import _conventions as names
+from traced_tasks._options import Options
+from traced_tasks._prometheus import exemplar_labels, labelnames
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
+# What a worker with no run of a task in progress writes for it: `livemin` then takes the other workers' oldest.
+_NOTHING_RUNS = math.inf
 
 
 def directory() -> str | None:
+    """The multiprocess folder, when multiprocess mode is on."""
     return os.environ.get(ENV) or None
 
 
@@ -32,7 +46,7 @@ def check_directory() -> None:
 
 
 def forget_dead_workers(path: str) -> None:
-    """Drop the live gauges (in progress) of worker processes that no longer exist.
+    """Drop the live gauges (in progress, and since when) of worker processes that no longer exist.
 
     prometheus_client keeps a dead worker's files, so its running tasks would count as running forever.
     gunicorn can call mark_process_dead from its child_exit hook; uvicorn --workers has no such hook,
@@ -54,19 +68,181 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _LiveWorkersCollector(MultiProcessCollector):
-    def __init__(self, registry: CollectorRegistry, path: str) -> None:
-        super().__init__(registry, path)  # type: ignore[no-untyped-call]
-        self._folder = path
+class _Counts:
+    """prometheus_client's children for one set of label values, resolved once and reused."""
+
+    __slots__ = (
+        "_backend",
+        "_exceptions",
+        "_failures",
+        "_in_progress",
+        "_in_progress_since",
+        "_last_success",
+        "_scheduled",
+        "_skipped",
+        "_starts",
+        "_success",
+        "_wait",
+        "values",
+    )
+
+    def __init__(self, backend: MultiprocessBackend, values: tuple[str, ...]) -> None:
+        self.values = values
+        self._backend = backend
+        self._scheduled = backend.scheduled.labels(*values)
+        self._wait = backend.wait.labels(*values)
+        self._in_progress = backend.in_progress.labels(*values)
+        self._in_progress_since = backend.in_progress_since.labels(*values)
+        self._in_progress_since.set(_NOTHING_RUNS)
+        self._skipped = backend.skipped.labels(*values)
+        self._last_success = backend.last_success.labels(*values)
+        self._success = backend.duration.labels(*values, names.STATUS_SUCCESS)
+        # The error series from the first schedule, at 0, so that rate() sees a task's first failures; cancelled
+        # with its first run.
+        self._failures = {names.STATUS_ERROR: backend.duration.labels(*values, names.STATUS_ERROR)}
+        # Keyed by label, not class: classes made at run time would grow it without end.
+        self._exceptions: dict[str, Any] = {}
+        self._starts: list[float] = []  # Unix start times of this worker's runs in progress
+
+    def schedule(self) -> None:
+        self._scheduled.inc()
+
+    def start(self, wait: float, started_at: float) -> None:
+        self._wait.observe(wait)
+        self._in_progress.inc()
+        with self._backend.lock:
+            self._starts.append(started_at)
+            if started_at <= min(self._starts):
+                self._in_progress_since.set(started_at)
+
+    def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None:
+        self._finish(started_at)
+        self._success.observe(seconds, None if exemplar is None else exemplar_labels(exemplar))
+        self._last_success.set(time.time())
+
+    def fail(
+        self, status: str, seconds: float, started_at: float, exemplar: SpanContext | None, exception: str | None
+    ) -> None:
+        self._finish(started_at)
+        duration = self._failures.get(status)
+        if duration is None:
+            duration = self._failures[status] = self._backend.duration.labels(*self.values, status)
+        duration.observe(seconds, None if exemplar is None else exemplar_labels(exemplar))
+        if exception is not None:
+            counter = self._exceptions.get(exception)
+            if counter is None:
+                counter = self._exceptions[exception] = self._backend.exceptions.labels(*self.values, exception)
+            counter.inc()
+
+    def skip(self) -> None:
+        self._skipped.inc()
+
+    def _finish(self, started_at: float) -> None:
+        self._in_progress.dec()
+        with self._backend.lock:
+            self._starts.remove(started_at)
+            self._in_progress_since.set(min(self._starts) if self._starts else _NOTHING_RUNS)
+
+
+class MultiprocessBackend:
+    """The families as prometheus_client metric objects, whose values live in the multiprocess folder."""
+
+    def __init__(self, options: Options, folder: str) -> None:
+        self.folder = folder
+        self.lock = threading.Lock()
+        self._registry = options.registry
+        self._prefix = f"{options.namespace}_" if options.namespace else ""
+        self._counts: dict[tuple[str, ...], _Counts] = {}
+        task = labelnames(options)
+        # Made unregistered, then registered together by open(), so a clash leaves the registry as it was.
+        common: dict[str, Any] = {"namespace": options.namespace, "registry": None}
+        buckets = options.buckets
+        self.scheduled = Counter(names.SCHEDULED.name, names.SCHEDULED.help, task, **common)
+        self.wait = Histogram(names.WAIT.name, names.WAIT.help, task, buckets=buckets, **common)
+        self.duration = Histogram(
+            names.DURATION.name, names.DURATION.help, [*task, names.LABEL_STATUS], buckets=buckets, **common
+        )
+        self.in_progress = Gauge(
+            names.IN_PROGRESS.name, names.IN_PROGRESS.help, task, multiprocess_mode="livesum", **common
+        )
+        self.in_progress_since = Gauge(
+            names.IN_PROGRESS_SINCE.name, names.IN_PROGRESS_SINCE.help, task, multiprocess_mode="livemin", **common
+        )
+        self.exceptions = Counter(
+            names.EXCEPTIONS.name, names.EXCEPTIONS.help, [*task, names.LABEL_EXCEPTION], **common
+        )
+        self.skipped = Counter(names.SKIPPED.name, names.SKIPPED.help, task, **common)
+        self.last_success = Gauge(
+            names.LAST_SUCCESS.name, names.LAST_SUCCESS.help, task, multiprocess_mode="max", **common
+        )
+        self._families = (
+            self.scheduled,
+            self.wait,
+            self.duration,
+            self.in_progress,
+            self.in_progress_since,
+            self.exceptions,
+            self.skipped,
+            self.last_success,
+        )
+
+    def open(self) -> None:
+        registered = []
+        try:
+            for family in self._families:
+                self._registry.register(family)
+                registered.append(family)
+        except ValueError:
+            for family in registered:
+                self._registry.unregister(family)
+            raise
+
+    def counts(self, values: tuple[str, ...]) -> _Counts:
+        # One per set of values: its runs in progress are one list, whichever route scheduled them.
+        with self.lock:
+            counts = self._counts.get(values)
+            if counts is None:
+                counts = self._counts[values] = _Counts(self, values)
+            return counts
+
+    def registry(self) -> CollectorRegistry:
+        """A fresh registry that sums every worker's files when collected, as multiprocess mode requires."""
+        served = CollectorRegistry()
+        served.register(_LiveWorkers(self.folder, self._prefix + names.IN_PROGRESS_SINCE.name))
+        return served
+
+    def collect(self) -> Iterable[Metric]:
+        ours = {self._prefix + family.name for family in names.FAMILIES}
+        return [metric for metric in self.registry().collect() if metric.name in ours]
+
+    def close(self) -> None:
+        for family in self._families:
+            self._registry.unregister(family)
+
+    def task_names(self) -> set[str]:
+        """The task label values already in the folder, from workers alive or gone: they count toward the cap."""
+        files = glob.glob(os.path.join(self.folder, "counter_*.db"))
+        scheduled = self._prefix + names.SCHEDULED.name
+        found: set[str] = set()
+        for metric in MultiProcessCollector.merge(files, accumulate=False):  # type: ignore[no-untyped-call]
+            if metric.name == scheduled:
+                found.update(sample.labels[names.LABEL_TASK] for sample in metric.samples)
+        return found
+
+
+class _LiveWorkers:
+    """Every worker's files, after dropping the live gauges of workers that died, and without the oldest-start
+    series of tasks that no worker runs now."""
+
+    def __init__(self, folder: str, since: str) -> None:
+        self._folder = folder
+        self._since = since
 
     def collect(self) -> Iterable[Metric]:
         forget_dead_workers(self._folder)
-        metrics: Iterable[Metric] = super().collect()  # type: ignore[no-untyped-call]
+        metrics: list[Metric] = list(MultiProcessCollector(None, self._folder).collect())  # type: ignore[no-untyped-call]
+        for metric in metrics:
+            if metric.name == self._since:
+                # 0 until the first set() of a worker that just made the series.
+                metric.samples = [sample for sample in metric.samples if 0 < sample.value < _NOTHING_RUNS]
         return metrics
-
-
-def registry(path: str) -> CollectorRegistry:
-    """A registry that sums every worker's files on each collection, after dropping dead workers' live gauges."""
-    served = CollectorRegistry()
-    _LiveWorkersCollector(served, path)
-    return served

@@ -12,7 +12,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import Metric
 
-from traced_tasks import _config, _multiprocess
+from traced_tasks import _config
+from traced_tasks._multiprocess import MultiprocessBackend
 
 PORT_ENV = "TRACED_TASKS_METRICS_PORT"
 ADDR_ENV = "TRACED_TASKS_METRICS_ADDR"
@@ -30,10 +31,10 @@ def port_from_environment() -> int | None:
 
 
 class _Configured:
-    """The registry traced_tasks counts in, looked up at each scrape, since configure() may come later."""
+    """What traced_tasks' /metrics serves, looked up at each scrape, since configure() may come later."""
 
     def collect(self) -> Iterable[Metric]:
-        return _config.current().metrics.registry.collect()
+        return _config.current().backend.registry().collect()
 
 
 class MetricsServer:
@@ -58,16 +59,12 @@ class MetricsServer:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()  # one attempt per process, whatever comes of it
-            folder = _multiprocess.directory()
-            if folder is not None:
-                registry = _multiprocess.registry(folder)
-            else:
-                registry = CollectorRegistry()
-                registry.register(_Configured())
+            registry = CollectorRegistry()
+            registry.register(_Configured())
             try:
-                self._server, _thread = start_http_server(self.port, os.environ.get(ADDR_ENV, "0.0.0.0"), registry)
+                self._server, _thread = start_http_server(self.port, os.environ.get(ADDR_ENV, "127.0.0.1"), registry)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE and folder is not None:
+                if exc.errno == errno.EADDRINUSE and isinstance(_config.current().backend, MultiprocessBackend):
                     logger.debug("traced_tasks: another worker serves metrics on port %s", self.port)
                 else:
                     logger.exception("traced_tasks: cannot serve metrics on port %s", self.port)

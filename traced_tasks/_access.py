@@ -1,0 +1,44 @@
+"""Who may read traced_tasks' pages: a bearer token, read when serving, and HTTP only."""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+from starlette.responses import PlainTextResponse
+from starlette.types import Receive, Scope, Send
+
+TOKEN_ENV = "TRACED_TASKS_METRICS_TOKEN"
+
+_UNAUTHORIZED = PlainTextResponse("unauthorized\n", 401, {"WWW-Authenticate": 'Bearer realm="traced_tasks"'})
+
+
+class Guard:
+    """Lets a request through when it carries the token: `bearer_token`, or else TRACED_TASKS_METRICS_TOKEN read
+    at each request, so a token set after the imports (load_dotenv()) still applies. Without either, everyone.
+
+    The scheme is case-insensitive (RFC 9110); whitespace around the token is ignored, as Prometheus trims its
+    credentials_file. Tokens are compared in constant time. Websocket connections are refused with a close.
+    """
+
+    def __init__(self, bearer_token: str | None) -> None:
+        self._token = bearer_token
+
+    async def admit(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})  # policy violation: refused before accept
+            return False
+        token = self._token if self._token is not None else os.environ.get(TOKEN_ENV)
+        token = (token or "").strip()
+        if not token:
+            return True
+        given = next((value for name, value in scope.get("headers") or [] if name.lower() == b"authorization"), b"")
+        scheme, _, credentials = given.strip().partition(b" ")
+        # Both sides compared whatever the scheme, so a wrong scheme takes as long as a wrong token.
+        matches = hmac.compare_digest(credentials.strip(), token.encode())
+        if matches and scheme.lower() == b"bearer":
+            return True
+        await _UNAUTHORIZED(scope, receive, send)
+        return False

@@ -1,0 +1,62 @@
+"""Where counts go: the interface every metrics backend implements, and the one place that chooses a backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from opentelemetry.trace import SpanContext
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+
+from traced_tasks import _multiprocess
+from traced_tasks._options import Options
+from traced_tasks._prometheus import InProcessBackend
+
+
+class TaskCounts(Protocol):
+    """The counts of one set of label values: (task,) or, with the route label, (task, route).
+
+    Each method is one event of a run, called once, in this order: schedule, then start and one of succeed or fail,
+    or skip. `started_at` is the Unix time at which the run started; `exemplar` is the span context of a sampled,
+    recording span of the run. Events of one set of label values come from many threads at once.
+    """
+
+    def schedule(self) -> None: ...
+
+    def start(self, wait: float, started_at: float) -> None: ...
+
+    def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None: ...
+
+    def fail(
+        self, status: str, seconds: float, started_at: float, exemplar: SpanContext | None, exception: str | None
+    ) -> None:
+        """A run that raised: status `error` with the exception label value, or `cancelled` with None."""
+
+    def skip(self) -> None: ...
+
+
+class Backend(Protocol):
+    """The metric families of one configuration."""
+
+    def counts(self, values: tuple[str, ...]) -> TaskCounts: ...
+
+    def registry(self) -> CollectorRegistry:
+        """The registry `/metrics` serves: what the application registered, and traced_tasks' families."""
+
+    def collect(self) -> Iterable[Metric]:
+        """traced_tasks' own families, as prometheus_client's metric families, for the task console."""
+
+    def open(self) -> None:
+        """Register the families in the registry, all or none: ValueError when one of the names is taken."""
+
+    def close(self) -> None:
+        """Take the families out of the registry."""
+
+
+def choose(options: Options) -> Backend:
+    """In-process numbers by default, prometheus_client's files in multiprocess mode."""
+    folder = _multiprocess.directory()
+    if folder is not None:
+        return _multiprocess.MultiprocessBackend(options, folder)
+    return InProcessBackend(options, options.registry)

@@ -1,0 +1,75 @@
+"""What a task's callable is called, and where its code lives."""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+_MAX_UNWRAP = 32
+
+
+@dataclass(frozen=True)
+class Description:
+    name: str  # module.qualname
+    file: str | None
+    line: int | None
+
+
+def describe(func: Callable[..., Any]) -> Description:
+    """The fully qualified name and code location of what `func` runs. Any callable gets a name: objects that
+    answer every attribute (mocks, proxies) and builtins included."""
+    target = _unwrap(func)
+    owner: Any = target
+    qualname = _text(target, "__qualname__")
+    if qualname is None:
+        owner = type(target)  # a callable object: name it by its class
+        qualname = owner.__qualname__
+        target = owner.__call__
+    module = _text(owner, "__module__")
+    if module is None and hasattr(owner, "__objclass__"):
+        module = _text(owner.__objclass__, "__module__")  # a method of a builtin type: `str.upper`
+    elif module is None and hasattr(owner, "__self__"):
+        module = type(owner.__self__).__module__  # a bound one: `some_list.append`
+    name = f"{module}.{qualname}" if module else qualname
+    code = getattr(target, "__code__", None)
+    file = getattr(code, "co_filename", None)
+    line = getattr(code, "co_firstlineno", None)
+    if isinstance(file, str) and type(line) is int:
+        return Description(name, file, line)
+    return Description(name, None, None)
+
+
+def code_of(func: Callable[..., Any]) -> tuple[types.CodeType, str, str] | None:
+    """What every call of `func` runs, for plain functions and their bound methods and partials: the code object,
+    the module and the qualified name. None for other callables."""
+    target: Any = func
+    while type(target) is functools.partial:
+        target = target.func
+    if type(target) is types.MethodType:
+        target = target.__func__
+    if type(target) is not types.FunctionType:
+        return None
+    return target.__code__, target.__module__, target.__qualname__
+
+
+def _unwrap(func: Callable[..., Any]) -> Any:
+    target: Any = func
+    # Bounded, because objects that answer every attribute (mocks, proxies) would unwrap forever.
+    for _ in range(_MAX_UNWRAP):
+        if isinstance(target, functools.partial):
+            target = target.func
+        elif isinstance(target, types.MethodType):
+            target = target.__func__
+        elif hasattr(target, "__wrapped__"):
+            target = target.__wrapped__
+        else:
+            break
+    return target
+
+
+def _text(value: object, attribute: str) -> str | None:
+    found = getattr(value, attribute, None)
+    return found if isinstance(found, str) else None

@@ -1,0 +1,130 @@
+"""Every metric, label, span and attribute name traced_tasks emits.
+
+The backends, the dashboards (dashboards/generate.py), the alert rules' tests and the test suite read these, so a
+rename happens here or nowhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family, under its Prometheus name and as an OpenTelemetry instrument.
+
+    OpenTelemetry's Prometheus translation turns `instrument` and `unit` into `name`: dots become underscores,
+    unit `s` appends `_seconds`, `{...}` units add nothing, and counters get `_total`.
+    """
+
+    name: str  # Prometheus name, without a counter's `_total`
+    kind: str  # counter, histogram or gauge
+    help: str
+    instrument: str
+    unit: str
+
+    @property
+    def total(self) -> str:
+        return self.name + "_total"
+
+    @property
+    def bucket(self) -> str:
+        return self.name + "_bucket"
+
+    @property
+    def count(self) -> str:
+        return self.name + "_count"
+
+    @property
+    def sum(self) -> str:
+        return self.name + "_sum"
+
+
+SCHEDULED = Family(
+    "background_task_scheduled",
+    "counter",
+    "Background tasks scheduled (add_task calls).",
+    "background_task.scheduled",
+    "{task}",
+)
+WAIT = Family(
+    "background_task_wait_seconds",
+    "histogram",
+    "Time from scheduling a background task to the start of its run, in seconds.",
+    "background_task.wait",
+    "s",
+)
+DURATION = Family(
+    "background_task_duration_seconds",
+    "histogram",
+    "Run time of background tasks by outcome, in seconds.",
+    "background_task.duration",
+    "s",
+)
+IN_PROGRESS = Family(
+    "background_task_in_progress",
+    "gauge",
+    "Background tasks running now.",
+    "background_task.in_progress",
+    "{task}",
+)
+IN_PROGRESS_SINCE = Family(
+    "background_task_in_progress_since_timestamp_seconds",
+    "gauge",
+    "Unix time at which the oldest run of a background task still in progress started.",
+    "background_task.in_progress_since.timestamp",
+    "s",
+)
+EXCEPTIONS = Family(
+    "background_task_exceptions",
+    "counter",
+    "Background tasks that failed, by exception class.",
+    "background_task.exceptions",
+    "{task}",
+)
+SKIPPED = Family(
+    "background_task_skipped",
+    "counter",
+    "Background tasks never started because an earlier task of their batch failed.",
+    "background_task.skipped",
+    "{task}",
+)
+LAST_SUCCESS = Family(
+    "background_task_last_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the last successful run of a background task.",
+    "background_task.last_success.timestamp",
+    "s",
+)
+
+FAMILIES = (SCHEDULED, WAIT, DURATION, IN_PROGRESS, IN_PROGRESS_SINCE, EXCEPTIONS, SKIPPED, LAST_SUCCESS)
+
+LABEL_TASK = "task"
+LABEL_STATUS = "status"
+LABEL_EXCEPTION = "exception"
+LABEL_ROUTE = "route"
+
+STATUS_SUCCESS = "success"
+STATUS_ERROR = "error"
+STATUS_CANCELLED = "cancelled"
+STATUS_SKIPPED = "skipped"  # not a metric label value: skipped runs have a family of their own
+
+# The label value that stands for every task name, route or exception past its cap.
+OVERFLOW = "__overflow__"
+
+EXEMPLAR_TRACE_ID = "trace_id"
+EXEMPLAR_SPAN_ID = "span_id"
+
+SPAN_NAME_PREFIX = "BackgroundTask "
+
+ATTR_FUNCTION = "code.function.name"
+ATTR_FILE = "code.file.path"
+ATTR_LINE = "code.line.number"
+ATTR_ERROR_TYPE = "error.type"
+ATTR_ROUTE = "http.route"
+ATTR_STATUS = "background_task.status"
+EVENT_EXCEPTION = "exception"
+ATTR_EXCEPTION_TYPE = "exception.type"
+ATTR_EXCEPTION_STACKTRACE = "exception.stacktrace"
+
+INSTRUMENTATION_NAME = "traced_tasks"

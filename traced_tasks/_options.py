@@ -1,0 +1,81 @@
+"""Every option of traced_tasks, with its default, validated once."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from opentelemetry.trace import TracerProvider
+from prometheus_client import REGISTRY, CollectorRegistry
+
+# Background work runs from milliseconds (a cache write) to many minutes (a report): the client's
+# default buckets stop at 10 s.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
+
+DEFAULT_MAX_TASK_NAMES = 1000
+
+_NAMESPACE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """What `traced_tasks.configure()` takes; its docstring says what each option does."""
+
+    tracer_provider: TracerProvider | None = None
+    registry: CollectorRegistry = REGISTRY
+    namespace: str = ""
+    buckets: Sequence[float] = DEFAULT_BUCKETS
+    max_task_names: int = DEFAULT_MAX_TASK_NAMES
+    use_span_links: bool = False
+    isolate_tasks: bool = False
+    route_label: bool = False
+
+    def __post_init__(self) -> None:
+        _provider("tracer_provider", self.tracer_provider, "get_tracer", "an OpenTelemetry TracerProvider")
+        if not isinstance(self.registry, CollectorRegistry):
+            raise TypeError(f"registry must be a prometheus_client CollectorRegistry, got {self.registry!r}")
+        if not isinstance(self.namespace, str) or (self.namespace and not _NAMESPACE.fullmatch(self.namespace)):
+            raise ValueError(
+                "namespace must be a Prometheus metric name prefix like 'shop' (letters, digits, _), "
+                f"got {self.namespace!r}"
+            )
+        object.__setattr__(self, "buckets", _buckets(self.buckets))
+        if type(self.max_task_names) is not int or self.max_task_names < 1:
+            raise ValueError(f"max_task_names must be an int of at least 1, got {self.max_task_names!r}")
+        for name in ("use_span_links", "isolate_tasks", "route_label"):
+            value = getattr(self, name)
+            if type(value) is not bool:
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def option_names() -> list[str]:
+    return [field.name for field in fields(Options)]
+
+
+def _provider(name: str, value: object, method: str, what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, type) or not callable(getattr(value, method, None)):
+        raise TypeError(f"{name} must be {what} instance (or None for the global one), got {value!r}")
+
+
+def _buckets(value: Any) -> tuple[float, ...]:
+    """The bounds as floats, without the +Inf bucket every histogram has anyway."""
+    problem = "buckets must be a sequence of positive, strictly increasing upper bounds in seconds"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{problem}, such as (0.1, 1, 10), got {value!r}")
+    if not all(isinstance(bound, numbers.Real) and not isinstance(bound, bool) for bound in value):
+        raise TypeError(f"{problem}, got {value!r}")
+    bounds = [float(bound) for bound in value]
+    if bounds and bounds[-1] == math.inf:
+        bounds.pop()
+    if not bounds or any(not 0 < bound < math.inf for bound in bounds) or bounds != sorted(set(bounds)):
+        raise ValueError(f"{problem}, got {value!r}")
+    return tuple(bounds)

@@ -1,0 +1,267 @@
+"""The default metrics backend: counts kept in this process as plain numbers under one lock, and handed to
+prometheus_client as a custom collector when scraped, its documented extension point.
+
+One lock per update costs a fraction of prometheus_client's own metric objects, which lock per child and value.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from opentelemetry.trace import SpanContext
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
+
+from traced_tasks import _conventions as names
+from traced_tasks._options import Options
+
+
+def exemplar_labels(span_context: SpanContext) -> dict[str, str] | None:
+    """An exemplar's labels: the trace and span IDs of the run's span, in hex, as tracing backends show them.
+    None, and no exemplar, when the IDs are not numbers, as only a tracer other than the SDK's could make them."""
+    try:
+        return {
+            names.EXEMPLAR_TRACE_ID: format(span_context.trace_id, "032x"),
+            names.EXEMPLAR_SPAN_ID: format(span_context.span_id, "016x"),
+        }
+    except Exception:
+        return None
+
+
+def labelnames(options: Options) -> list[str]:
+    return [names.LABEL_TASK, names.LABEL_ROUTE] if options.route_label else [names.LABEL_TASK]
+
+
+class _Histogram:
+    __slots__ = ("counts", "exemplars", "sum")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0.0] * size  # per bucket, not cumulative; the last is +Inf
+        # Per bucket, the last exemplar: (span context, value, Unix time).
+        self.exemplars: list[tuple[SpanContext, float, float] | None] = [None] * size
+        self.sum = 0.0
+
+    def copy(self) -> _Histogram:
+        copied = _Histogram(0)
+        copied.counts = list(self.counts)
+        copied.exemplars = list(self.exemplars)
+        copied.sum = self.sum
+        return copied
+
+
+class _Snapshot(NamedTuple):
+    values: tuple[str, ...]
+    scheduled: float
+    wait: _Histogram
+    durations: dict[str, _Histogram]
+    in_progress: float
+    oldest_start: float | None
+    exceptions: dict[str, float]
+    skipped: float
+    last_success: float
+
+
+class _Families(NamedTuple):
+    scheduled: CounterMetricFamily
+    wait: HistogramMetricFamily
+    duration: HistogramMetricFamily
+    in_progress: GaugeMetricFamily
+    in_progress_since: GaugeMetricFamily
+    exceptions: CounterMetricFamily
+    skipped: CounterMetricFamily
+    last_success: GaugeMetricFamily
+
+
+class InProcessCounts:
+    """The counts of one set of label values. Every update takes the backend's one lock once."""
+
+    __slots__ = (
+        "_bounds",
+        "_lock",
+        "durations",
+        "exceptions",
+        "in_progress",
+        "last_success",
+        "scheduled",
+        "skipped",
+        "starts",
+        "success",
+        "values",
+        "wait",
+    )
+
+    def __init__(self, bounds: Sequence[float], lock: threading.Lock, values: tuple[str, ...]) -> None:
+        self.values = values
+        self._bounds = bounds
+        self._lock = lock
+        size = len(bounds) + 1
+        # Floats, as prometheus_client keeps them, so the exposition reads the same (1.0, not 1).
+        self.scheduled = 0.0
+        self.skipped = 0.0
+        self.in_progress = 0.0
+        self.last_success = 0.0
+        self.starts: list[float] = []  # Unix start times of the runs in progress
+        self.wait = _Histogram(size)
+        self.success = _Histogram(size)
+        # success and error from the first schedule, at 0, so that rate() sees a task's first failures; cancelled
+        # with its first run: it is rare, mostly at shutdown, and no rule reads it.
+        self.durations = {names.STATUS_SUCCESS: self.success, names.STATUS_ERROR: _Histogram(size)}
+        self.exceptions: dict[str, float] = {}
+
+    def schedule(self) -> None:
+        with self._lock:
+            self.scheduled += 1
+
+    def start(self, wait: float, started_at: float) -> None:
+        index = bisect.bisect_left(self._bounds, wait)
+        with self._lock:
+            histogram = self.wait
+            histogram.counts[index] += 1
+            histogram.sum += wait
+            self.in_progress += 1
+            self.starts.append(started_at)
+
+    def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None:
+        index = bisect.bisect_left(self._bounds, seconds)
+        now = time.time()
+        with self._lock:
+            self.in_progress -= 1
+            self.starts.remove(started_at)
+            self.last_success = now
+            histogram = self.success
+            histogram.counts[index] += 1
+            histogram.sum += seconds
+            if exemplar is not None:
+                histogram.exemplars[index] = (exemplar, seconds, now)
+
+    def fail(
+        self, status: str, seconds: float, started_at: float, exemplar: SpanContext | None, exception: str | None
+    ) -> None:
+        index = bisect.bisect_left(self._bounds, seconds)
+        now = time.time()
+        with self._lock:
+            self.in_progress -= 1
+            self.starts.remove(started_at)
+            histogram = self.durations.get(status)
+            if histogram is None:
+                histogram = self.durations[status] = _Histogram(len(self._bounds) + 1)
+            histogram.counts[index] += 1
+            histogram.sum += seconds
+            if exemplar is not None:
+                histogram.exemplars[index] = (exemplar, seconds, now)
+            if exception is not None:
+                self.exceptions[exception] = self.exceptions.get(exception, 0.0) + 1
+
+    def skip(self) -> None:
+        with self._lock:
+            self.skipped += 1
+
+    def snapshot(self) -> _Snapshot:
+        # Under the backend's lock.
+        return _Snapshot(
+            self.values,
+            self.scheduled,
+            self.wait.copy(),
+            {status: histogram.copy() for status, histogram in self.durations.items()},
+            self.in_progress,
+            min(self.starts) if self.starts else None,
+            dict(self.exceptions),
+            self.skipped,
+            self.last_success,
+        )
+
+
+class InProcessBackend:
+    """The families of one configuration, counted in this process and collected as one custom collector.
+
+    With a registry it registers there, all families at once or none; without one it only counts, for the task
+    console and the gauges of another backend.
+    """
+
+    def __init__(self, options: Options, registry: CollectorRegistry | None) -> None:
+        self.bounds = tuple(options.buckets)
+        self._lock = threading.Lock()
+        self._prefix = f"{options.namespace}_" if options.namespace else ""
+        self._labelnames = labelnames(options)
+        self._le = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
+        self._counts: dict[tuple[str, ...], InProcessCounts] = {}
+        self._registry = registry
+
+    def counts(self, values: tuple[str, ...]) -> InProcessCounts:
+        with self._lock:
+            counts = self._counts.get(values)
+            if counts is None:
+                counts = self._counts[values] = InProcessCounts(self.bounds, self._lock, values)
+            return counts
+
+    def registry(self) -> CollectorRegistry:
+        return self._registry if self._registry is not None else CollectorRegistry()
+
+    def open(self) -> None:
+        if self._registry is not None:
+            self._registry.register(self)
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.unregister(self)
+
+    def describe(self) -> list[Metric]:
+        """The families without samples, so the registry can refuse names that are taken."""
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            snapshots = [counts.snapshot() for counts in self._counts.values()]
+        # Built outside the lock, so tasks finishing during a scrape wait only for the copy.
+        families = self._families()
+        scheduled, wait, duration, in_progress, in_progress_since, exceptions, skipped, last_success = families
+        for task in snapshots:
+            labels = list(task.values)
+            scheduled.add_metric(labels, task.scheduled)
+            self._add_histogram(wait, labels, task.wait)
+            for status, histogram in task.durations.items():
+                self._add_histogram(duration, [*labels, status], histogram)
+            in_progress.add_metric(labels, task.in_progress)
+            if task.oldest_start is not None:  # absent while nothing runs
+                in_progress_since.add_metric(labels, task.oldest_start)
+            for label, count in task.exceptions.items():
+                exceptions.add_metric([*labels, label], count)
+            skipped.add_metric(labels, task.skipped)
+            last_success.add_metric(labels, task.last_success)
+        return list(families)
+
+    def _families(self) -> _Families:
+        labels = self._labelnames
+        prefix = self._prefix
+        by_status = [*labels, names.LABEL_STATUS]
+        by_exception = [*labels, names.LABEL_EXCEPTION]
+        return _Families(
+            CounterMetricFamily(prefix + names.SCHEDULED.name, names.SCHEDULED.help, labels=labels),
+            HistogramMetricFamily(prefix + names.WAIT.name, names.WAIT.help, labels=labels),
+            HistogramMetricFamily(prefix + names.DURATION.name, names.DURATION.help, labels=by_status),
+            GaugeMetricFamily(prefix + names.IN_PROGRESS.name, names.IN_PROGRESS.help, labels=labels),
+            GaugeMetricFamily(prefix + names.IN_PROGRESS_SINCE.name, names.IN_PROGRESS_SINCE.help, labels=labels),
+            CounterMetricFamily(prefix + names.EXCEPTIONS.name, names.EXCEPTIONS.help, labels=by_exception),
+            CounterMetricFamily(prefix + names.SKIPPED.name, names.SKIPPED.help, labels=labels),
+            GaugeMetricFamily(prefix + names.LAST_SUCCESS.name, names.LAST_SUCCESS.help, labels=labels),
+        )
+
+    def _add_histogram(self, family: HistogramMetricFamily, values: list[str], histogram: _Histogram) -> None:
+        buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+        total = 0.0
+        for le, count, exemplar in zip(self._le, histogram.counts, histogram.exemplars, strict=True):
+            total += count
+            if exemplar is not None:
+                span_context, value, timestamp = exemplar
+                ids = exemplar_labels(span_context)
+                if ids is not None:
+                    buckets.append((le, total, Exemplar(ids, value, timestamp)))
+                    continue
+            buckets.append((le, total))
+        family.add_metric(values, buckets, histogram.sum)

@@ -1,0 +1,305 @@
+"""A task's life as traced_tasks sees it: scheduled, then run, or skipped.
+
+What add_task captures travels in a `Scheduled`; a `Run` owns one run's span, context, clock and counts from start to
+finish. Both only call down, into the configuration the task was scheduled under and its metrics backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any
+
+import anyio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from starlette import background
+from starlette.concurrency import run_in_threadpool
+
+from traced_tasks import _activity, _request
+from traced_tasks import _conventions as names
+from traced_tasks._activity import TaskRun
+from traced_tasks._callables import describe
+from traced_tasks._config import Configuration
+from traced_tasks._profiles import Profile
+
+_ROOT = Context()
+
+
+class Scheduled:
+    """A task as add_task left it: the configuration and profile it was scheduled under, its context and clock."""
+
+    __slots__ = ("config", "context", "profile", "scheduled_ns")
+
+    def __init__(self, config: Configuration, profile: Profile) -> None:
+        self.config = config
+        self.profile = profile
+        self.context = otel_context.get_current()
+        self.scheduled_ns = time.perf_counter_ns()
+
+
+def schedule(config: Configuration, func: Callable[..., Any]) -> Scheduled | None:
+    """Capture what a task needs at its run and count it as scheduled; never raises. None: not a task of its own
+    (a nested batch), or the setup failed."""
+    if is_container(func):
+        return None
+    try:
+        scheduled = Scheduled(config, config.profiles.get(func, _request.route()))
+    except Exception:
+        config.report("task setup", _name(func))
+        return None
+    try:
+        scheduled.profile.counts.schedule()
+    except Exception:
+        config.report("metrics", scheduled.profile.name)
+    return scheduled
+
+
+def is_container(func: object) -> bool:
+    """A batch, or a task, passed as a task: it runs tasks of its own, and is not one."""
+    return isinstance(func, (background.BackgroundTasks, background.BackgroundTask))
+
+
+class Run:
+    """One run of a scheduled task: its span, the context it makes current, its clock and its counts.
+
+        with Run(scheduled):
+            await func(*args, **kwargs)
+
+    The span is current inside the block, in the context captured at add_task. An exception leaves the block
+    untouched.
+    """
+
+    __slots__ = ("_span", "_started_ns", "_token", "scheduled", "started_at")
+
+    def __init__(self, scheduled: Scheduled) -> None:
+        self.scheduled = scheduled
+        self._started_ns = 0  # 0 until the run starts
+
+    @property
+    def task(self) -> str:
+        return self.scheduled.profile.name
+
+    @property
+    def route(self) -> str | None:
+        return self.scheduled.profile.route
+
+    @property
+    def started(self) -> bool:
+        return self._started_ns != 0
+
+    def __enter__(self) -> None:
+        scheduled = self.scheduled
+        config = scheduled.config
+        profile = scheduled.profile
+        self._started_ns = started_ns = time.perf_counter_ns()
+        self.started_at = time.time()
+        parent = scheduled.context
+        span: Span | None = None
+        token: object = None
+        try:
+            span = _start_span(config, profile, parent)
+            # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
+            token = otel_context.attach(parent if span is None else trace.set_span_in_context(span, parent))
+        except Exception:
+            config.report("tracing", profile.name)
+            if token is None:
+                with contextlib.suppress(Exception):
+                    token = otel_context.attach(parent)
+        self._span = span
+        self._token = token
+        try:
+            profile.counts.start((started_ns - scheduled.scheduled_ns) / 1e9, self.started_at)
+        except Exception:
+            config.report("metrics", profile.name)
+        config.activity.running.add(self)
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        seconds = (time.perf_counter_ns() - self._started_ns) / 1e9
+        scheduled = self.scheduled
+        config = scheduled.config
+        profile = scheduled.profile
+        config.activity.running.discard(self)
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]  # logs, never raises
+        span = self._span
+        cancelled = exc is not None and is_cancellation(exc)
+        exemplar = None
+        if span is not None:
+            try:
+                span_context = span.get_span_context()
+                if span_context.trace_flags.sampled and span.is_recording():
+                    exemplar = span_context
+                if cancelled:
+                    span.set_attribute(names.ATTR_STATUS, names.STATUS_CANCELLED)
+                elif exc is not None:
+                    span.add_event(names.EVENT_EXCEPTION, _exception_attributes(exc))
+                    span.set_attribute(names.ATTR_ERROR_TYPE, type(exc).__qualname__)
+                    span.set_status(Status(StatusCode.ERROR))
+                span.end()
+            except Exception:
+                config.report("tracing", profile.name)
+        if exc is None:
+            status, exception = names.STATUS_SUCCESS, None
+        elif cancelled:
+            status, exception = names.STATUS_CANCELLED, None
+        else:
+            status, exception = names.STATUS_ERROR, config.labels.exception(type(exc))
+        try:
+            if exc is None:
+                profile.counts.succeed(seconds, self.started_at, exemplar)
+            else:
+                profile.counts.fail(status, seconds, self.started_at, exemplar, exception)
+        except Exception:
+            config.report("metrics", profile.name)
+        if exc is not None or _activity.captures:
+            record = TaskRun(profile.task, status, exception, self._trace_id(), seconds, profile.route, time.time())
+            if exc is not None:
+                config.activity.failures.append(record)
+            for captured in _activity.captures:
+                captured.append(record)
+
+    def call(self, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """Run a sync task in this run, in a threadpool thread: its run starts when the thread starts it."""
+        with self:
+            return func(*args, **kwargs)
+
+    def cancelled_before_start(self, exc: BaseException) -> None:
+        """Count a run that was cancelled while it waited for a thread, with no run time to speak of."""
+        self.__enter__()
+        self.__exit__(type(exc), exc, exc.__traceback__)
+
+    def _trace_id(self) -> str | None:
+        """The trace ID of the span current in the task, when it is sampled: where its trace can be found."""
+        span = self._span if self._span is not None else trace.get_current_span(self.scheduled.context)
+        span_context = span.get_span_context()
+        if not span_context.is_valid or not span_context.trace_flags.sampled:
+            return None
+        return format(span_context.trace_id, "032x")
+
+
+def _start_span(config: Configuration, profile: Profile, parent: Context) -> Span | None:
+    """The run's span, or None when the tracer makes none of ours (the API's no-op tracer)."""
+    if config.use_span_links:
+        request = trace.get_current_span(parent).get_span_context()
+        links = [Link(request)] if request.is_valid else None
+        return config.tracer.start_span(
+            profile.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=profile.attributes, links=links
+        )
+    span = config.tracer.start_span(
+        profile.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=profile.attributes
+    )
+    if not span.is_recording() and span is trace.get_current_span(parent):
+        # The API's no-op tracer hands back the parent's own span: nothing of ours to end or annotate.
+        return None
+    return span
+
+
+async def run(task: background.BackgroundTask) -> None:
+    """Run one task inside its span, counting its outcome. Starlette's BackgroundTask.__call__, traced."""
+    scheduled: Scheduled | None = getattr(task, "_traced", None)  # None: made before instrumentation
+    if scheduled is None:
+        await call(task)
+    elif task.is_async:
+        with Run(scheduled):
+            await task.func(*task.args, **task.kwargs)
+    else:
+        current = Run(scheduled)
+        try:
+            await run_in_threadpool(current.call, task.func, task.args, task.kwargs)
+        except BaseException as exc:
+            if not current.started:
+                current.cancelled_before_start(exc)
+            raise
+
+
+async def call(task: background.BackgroundTask) -> None:
+    # Not Starlette's __call__: instrumentations patch it, and each task gets one span, ours.
+    if task.is_async:
+        await task.func(*task.args, **task.kwargs)
+    else:
+        await run_in_threadpool(task.func, *task.args, **task.kwargs)
+
+
+def skip(task: object) -> None:
+    """Count a task that never ran because an earlier one stopped its batch. A nested batch, or a task that runs
+    one, counts every task it holds."""
+    for inner in _tasks_in(task):
+        scheduled: Scheduled | None = getattr(inner, "_traced", None)
+        if scheduled is None:
+            continue
+        config, profile = scheduled.config, scheduled.profile
+        try:
+            profile.counts.skip()
+        except Exception:
+            config.report("metrics", profile.name)
+        if _activity.captures:
+            record = TaskRun(profile.task, names.STATUS_SKIPPED, None, None, 0.0, profile.route, time.time())
+            for captured in _activity.captures:
+                captured.append(record)
+
+
+def isolates(task: object) -> bool:
+    """Whether the configuration `task` was scheduled under lets its batch go on after it fails. For a nested
+    batch, its first task decides."""
+    for inner in _tasks_in(task):
+        scheduled: Scheduled | None = getattr(inner, "_traced", None)
+        if scheduled is not None:
+            return scheduled.config.isolate_tasks
+    return False
+
+
+def _tasks_in(task: object) -> Iterator[object]:
+    """The tasks `task` stands for, in order: itself, or what a nested batch holds, at any depth."""
+    pending = [task]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:  # a batch that holds itself
+            continue
+        seen.add(id(item))
+        if isinstance(item, background.BackgroundTasks):
+            pending.extend(reversed(item.tasks))
+        elif isinstance(item, background.BackgroundTask) and is_container(item.func):
+            pending.append(item.func)
+        else:
+            yield item
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    # GeneratorExit: the task's coroutine was closed, as at interpreter shutdown.
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return True
+    try:
+        return isinstance(exc, anyio.get_cancelled_exc_class())  # trio's Cancelled under the trio backend
+    except Exception:  # no async library running
+        return False
+
+
+def _name(func: Callable[..., Any]) -> str:
+    try:
+        return describe(func).name
+    except Exception:
+        return type(func).__qualname__
+
+
+def _exception_attributes(exc: BaseException) -> dict[str, str]:
+    """The exception event's attributes, without the exception's message, which may hold personal data.
+
+    Span.record_exception would add the message twice: as exception.message and as the last line of
+    the stack trace.
+    """
+    kind = type(exc)
+    module = kind.__module__
+    name = kind.__qualname__ if module in (None, "builtins") else f"{module}.{kind.__qualname__}"
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    return {
+        names.ATTR_EXCEPTION_TYPE: name,
+        names.ATTR_EXCEPTION_STACKTRACE: f"Traceback (most recent call last):\n{stack}{name}",
+    }
