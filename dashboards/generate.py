@@ -2,7 +2,8 @@
 
     python dashboards/generate.py
 
-The JSON files are committed; a test fails when they differ from what this script writes.
+The JSON files are committed; a test fails when they differ from what this script writes. Metric names come from
+traced_tasks' list of everything it emits.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from traced_tasks import _conventions as names
 
 HERE = Path(__file__).resolve().parent
 
@@ -86,9 +89,9 @@ def variables(extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
                 "current": {},
                 "refresh": 1,
             },
-            query("job", "Job", "background_task_scheduled_total"),
-            query("instance", "Instance", 'background_task_scheduled_total{job=~"$job"}'),
-            query("task", "Task", 'background_task_scheduled_total{job=~"$job", instance=~"$instance"}'),
+            query("job", "Job", names.SCHEDULED.total),
+            query("instance", "Instance", f'{names.SCHEDULED.total}{{job=~"$job"}}'),
+            query("task", "Task", f'{names.SCHEDULED.total}{{job=~"$job", instance=~"$instance"}}'),
             *(extra or []),
         ]
     }
@@ -118,14 +121,14 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict[str, Any
 
 
 def overview() -> dict[str, Any]:
-    runs = "background_task_duration_seconds_count"
-    duration = "background_task_duration_seconds_bucket"
+    runs = names.DURATION.count
+    duration = names.DURATION.bucket
     # Counters only: each task is counted once when scheduled, once when it starts (its wait is observed)
     # and once if skipped; what is left is work dropped before it started, plus tasks still waiting.
     never_started = (
-        f"sum by (task) ({rate('background_task_scheduled_total', func='increase')})"
-        f" - sum by (task) ({rate('background_task_wait_seconds_count', func='increase')})"
-        f" - sum by (task) ({rate('background_task_skipped_total', func='increase')})"
+        f"sum by (task) ({rate(names.SCHEDULED.total, func='increase')})"
+        f" - sum by (task) ({rate(names.WAIT.count, func='increase')})"
+        f" - sum by (task) ({rate(names.SKIPPED.total, func='increase')})"
     )
     top_runs = f"topk(10, sum by (task) ({rate(runs, window='$__range', func='increase')}))"
     top = f" and on (task) {top_runs}"  # the same ten tasks in every column
@@ -146,8 +149,7 @@ def overview() -> dict[str, Any]:
             format="table",
         ),
         target(
-            quantile(0.95, "background_task_wait_seconds_bucket", by="task, le", window="$__range", func="increase")
-            + top,
+            quantile(0.95, names.WAIT.bucket, by="task, le", window="$__range", func="increase") + top,
             "wait p95",
             "D",
             instant=True,
@@ -191,21 +193,21 @@ def overview() -> dict[str, Any]:
             "Wait time p95 by task",
             "p95 of the time from add_task to the start of the run: response sending plus earlier tasks of the batch.",
             "s",
-            [target(quantile(0.95, "background_task_wait_seconds_bucket", by="task, le"), "{{task}}", "A")],
+            [target(quantile(0.95, names.WAIT.bucket, by="task, le"), "{{task}}", "A")],
             (12, 8, 12, 8),
         ),
         panel(
             "In progress",
             "Tasks running now, by task.",
             "short",
-            [target(f"sum by (task) (background_task_in_progress{{{SELECTOR}}})", "{{task}}", "A")],
+            [target(f"sum by (task) ({names.IN_PROGRESS.name}{{{SELECTOR}}})", "{{task}}", "A")],
             (0, 16, 8, 8),
         ),
         panel(
             "Skipped",
             "Tasks per second that never started because an earlier task of their batch failed.",
             "ops",
-            [target(f"sum by (task) ({rate('background_task_skipped_total')})", "{{task}}", "A")],
+            [target(f"sum by (task) ({rate(names.SKIPPED.total)})", "{{task}}", "A")],
             (8, 16, 8, 8),
         ),
         panel(
@@ -223,7 +225,7 @@ def overview() -> dict[str, Any]:
             "ops",
             [
                 target(
-                    f"sum by (task, exception) ({rate('background_task_exceptions_total')})",
+                    f"sum by (task, exception) ({rate(names.EXCEPTIONS.total)})",
                     "{{task}}: {{exception}}",
                     "A",
                 )
@@ -271,8 +273,8 @@ def overview() -> dict[str, Any]:
 
 
 def per_task() -> dict[str, Any]:
-    runs = "background_task_duration_seconds_count"
-    duration = "background_task_duration_seconds_bucket"
+    runs = names.DURATION.count
+    duration = names.DURATION.bucket
     jaeger_search = "${jaeger_url}/search?service=${service}&operation=BackgroundTask%20${task}&limit=20"
     trace_link = {"title": "Traces of ${task} in Jaeger", "url": jaeger_search, "targetBlank": True}
     span_link = {
@@ -295,7 +297,7 @@ def per_task() -> dict[str, Any]:
             "ops",
             [
                 target(
-                    f"sum by (task, exception) ({rate('background_task_exceptions_total')})",
+                    f"sum by (task, exception) ({rate(names.EXCEPTIONS.total)})",
                     "{{task}}: {{exception}}",
                     "A",
                 )
@@ -333,8 +335,8 @@ def per_task() -> dict[str, Any]:
             "p50 and p95 of the time from add_task to the start of the run.",
             "s",
             [
-                target(quantile(0.5, "background_task_wait_seconds_bucket", by="task, le"), "{{task}} p50", "A"),
-                target(quantile(0.95, "background_task_wait_seconds_bucket", by="task, le"), "{{task}} p95", "B"),
+                target(quantile(0.5, names.WAIT.bucket, by="task, le"), "{{task}} p50", "A"),
+                target(quantile(0.95, names.WAIT.bucket, by="task, le"), "{{task}} p95", "B"),
             ],
             (0, 17, 12, 8),
         ),
@@ -343,8 +345,8 @@ def per_task() -> dict[str, Any]:
             "Runs per second skipped after an earlier failure in their batch, and tasks running now.",
             "short",
             [
-                target(f"sum by (task) ({rate('background_task_skipped_total')})", "{{task}} skipped/s", "A"),
-                target(f"sum by (task) (background_task_in_progress{{{SELECTOR}}})", "{{task}} running", "B"),
+                target(f"sum by (task) ({rate(names.SKIPPED.total)})", "{{task}} skipped/s", "A"),
+                target(f"sum by (task) ({names.IN_PROGRESS.name}{{{SELECTOR}}})", "{{task}} running", "B"),
             ],
             (12, 17, 12, 8),
         ),

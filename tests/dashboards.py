@@ -11,13 +11,15 @@ from typing import Any
 
 import yaml
 
+from traced_tasks import _conventions as names
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "dashboards"
 DASHBOARD_FILES = sorted(DASHBOARDS.glob("*.json"))
 RULES = DASHBOARDS / "rules.yml"
 
 COUNTER_SUFFIXES = ("_total", "_count", "_bucket", "_sum")
-METRIC = re.compile(r"\b(background_task_\w+|up)\b")
+METRIC = re.compile(rf"\b({names.PREFIX}\w+|up)\b")
 
 
 @dataclass

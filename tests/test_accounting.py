@@ -22,6 +22,7 @@ import traced_tasks
 from tests.conftest import Telemetry
 from tests.support import Server, wait_until
 from traced_tasks import BackgroundTasks
+from traced_tasks import _conventions as names
 
 PREFIX = "tests.test_accounting."
 REQUESTS = 3000
@@ -60,12 +61,12 @@ def ledger(value: Callable[..., float | None], task: str) -> dict[str, float]:
         return 0.0 if found is None else found
 
     return {
-        "scheduled": sample("background_task_scheduled_total"),
-        "success": sample("background_task_duration_seconds_count", status="success"),
-        "error": sample("background_task_duration_seconds_count", status="error"),
-        "cancelled": sample("background_task_duration_seconds_count", status="cancelled"),
-        "skipped": sample("background_task_skipped_total"),
-        "in_progress": sample("background_task_in_progress"),
+        "scheduled": sample(names.SCHEDULED.total),
+        "success": sample(names.DURATION.count, status="success"),
+        "error": sample(names.DURATION.count, status="error"),
+        "cancelled": sample(names.DURATION.count, status="cancelled"),
+        "skipped": sample(names.SKIPPED.total),
+        "in_progress": sample(names.IN_PROGRESS.name),
     }
 
 

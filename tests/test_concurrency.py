@@ -17,6 +17,7 @@ from starlette.routing import Route
 from tests.conftest import Telemetry
 from tests.support import Server, wait_until
 from traced_tasks import BackgroundTasks
+from traced_tasks import _conventions as names
 
 REQUESTS = 300
 
@@ -85,7 +86,7 @@ def test_no_task_lands_in_another_requests_trace(telemetry: Telemetry, serve: ty
         assert span.context.trace_id == trace_ids[request_id]
         assert span.parent is not None
         assert span.parent.span_id == servers[trace_ids[request_id]].context.span_id
-    assert telemetry.value("background_task_in_progress", task="tests.test_concurrency." + _qualname("sync_task")) == 0
+    assert telemetry.value(names.IN_PROGRESS.name, task="tests.test_concurrency." + _qualname("sync_task")) == 0
 
 
 def _qualname(name: str) -> str:

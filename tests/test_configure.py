@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter
 import traced_tasks
 from tests.conftest import Telemetry
 from tests.test_metrics import PREFIX, ok, run
+from traced_tasks import _conventions as names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 from traced_tasks import BackgroundTasks
+from traced_tasks import _conventions as names
 
 def cleanup():
     pass
@@ -39,7 +41,7 @@ trace.set_tracer_provider(provider)
 asyncio.run(batch())  # after
 print([span.name for span in exporter.get_finished_spans()])
 labels = {"task": "__main__.cleanup", "status": "success"}
-print(REGISTRY.get_sample_value("background_task_duration_seconds_count", labels))
+print(REGISTRY.get_sample_value(names.DURATION.count, labels))
 """
 
 
@@ -56,11 +58,11 @@ def test_zero_configuration() -> None:
 def test_taken_metric_names_fail_clearly_and_keep_the_configuration(telemetry: Telemetry) -> None:
     """A registry that already holds a traced_tasks metric name is refused with advice; the previous one stays."""
     taken = CollectorRegistry()
-    Counter("background_task_scheduled", "someone else's", registry=taken)
+    Counter(names.SCHEDULED.name, "someone else's", registry=taken)
     with pytest.raises(ValueError, match="another namespace or registry"):
         traced_tasks.configure(registry=taken)
     run((ok, ()))
-    assert telemetry.value("background_task_scheduled_total", task=PREFIX + "ok") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=PREFIX + "ok") == 1
 
 
 CLASH = """
@@ -68,8 +70,9 @@ import asyncio, logging
 logging.basicConfig(level=logging.ERROR, format="%(name)s|%(message)s")
 from prometheus_client import REGISTRY, Counter
 from starlette.testclient import TestClient
-Counter("background_task_wait_seconds", "an older metric of the application")
 import traced_tasks
+from traced_tasks import _conventions as names
+Counter(names.WAIT.name, "an older metric of the application")
 
 def cleanup():
     pass
@@ -81,9 +84,9 @@ async def batch():
 
 asyncio.run(batch())
 asyncio.run(batch())
-print(REGISTRY.get_sample_value("background_task_scheduled_total", {"task": "__main__.cleanup"}))
+print(REGISTRY.get_sample_value(names.SCHEDULED.total, {"task": "__main__.cleanup"}))
 text = TestClient(traced_tasks.metrics_app).get("/").text
-print([line for line in text.splitlines() if line.startswith("background_task_scheduled_total")])
+print([line for line in text.splitlines() if line.startswith(names.SCHEDULED.total)])
 """
 
 
@@ -95,18 +98,18 @@ def test_default_registry_clash_never_breaks_add_task() -> None:
     result = subprocess.run(
         [sys.executable, "-c", CLASH], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=120
     )
-    assert result.stdout.splitlines() == ["None", "['background_task_scheduled_total{task=\"__main__.cleanup\"} 2.0']"]
+    assert result.stdout.splitlines() == ["None", f"['{names.SCHEDULED.total}{{task=\"__main__.cleanup\"}} 2.0']"]
     assert len([line for line in result.stderr.splitlines() if line.startswith("traced_tasks|")]) == 1
 
 
 def test_failed_registration_leaves_the_registry_as_it_was(telemetry: Telemetry) -> None:
     """A clash on one name registers none of the seven families, so configure() succeeds once the clash is gone."""
     registry = CollectorRegistry()
-    clash = Counter("background_task_skipped", "someone else's", registry=registry)
+    clash = Counter(names.SKIPPED.name, "someone else's", registry=registry)
     with pytest.raises(ValueError, match="already registered"):
         traced_tasks.configure(registry=registry)
-    assert [metric.name for metric in registry.collect()] == ["background_task_skipped"]
+    assert [metric.name for metric in registry.collect()] == [names.SKIPPED.name]
     registry.unregister(clash)
     traced_tasks.configure(registry=registry)
     run((ok, ()))
-    assert registry.get_sample_value("background_task_scheduled_total", {"task": PREFIX + "ok"}) == 1
+    assert registry.get_sample_value(names.SCHEDULED.total, {"task": PREFIX + "ok"}) == 1

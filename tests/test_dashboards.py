@@ -27,8 +27,10 @@ from tests.dashboards import (
     rules,
 )
 from tests.support import require_tool
+from traced_tasks import _conventions as names
 
 README = (ROOT / "README.md").read_text()
+PREFIX = names.PREFIX
 DEPLOY = ROOT / "deploy"
 
 
@@ -121,12 +123,11 @@ def lint_expr(expr: str, instant: bool) -> list[str]:
 
 def test_lint_catches_mistakes() -> None:
     """The linter helper itself: it flags a fixed window, a bare counter and a counter in sum() without rate()."""
-    assert lint_expr('rate(background_task_skipped_total{job="a"}[5m])', instant=False) == ["rate over [5m]"]
-    assert lint_expr("sum(background_task_skipped_total)", instant=False) == [
-        "background_task_skipped_total outside rate()/increase()"
-    ]
-    assert lint_expr("sum(rate(background_task_skipped_total{}[$__range]))", instant=False) == ["rate over [$__range]"]
-    assert lint_expr("sum(rate(background_task_skipped_total{}[$__range]))", instant=True) == []
+    skipped = names.SKIPPED.total
+    assert lint_expr(f'rate({skipped}{{job="a"}}[5m])', instant=False) == ["rate over [5m]"]
+    assert lint_expr(f"sum({skipped})", instant=False) == [f"{skipped} outside rate()/increase()"]
+    assert lint_expr(f"sum(rate({skipped}{{}}[$__range]))", instant=False) == ["rate over [$__range]"]
+    assert lint_expr(f"sum(rate({skipped}{{}}[$__range]))", instant=True) == []
 
 
 def test_every_metric_used_is_exposed() -> None:
@@ -134,7 +135,7 @@ def test_every_metric_used_is_exposed() -> None:
     exposed = exposed_names() | {"up"}
     used = {name for query in queries() for name in metric_names(query.expr)}
     used |= {name for rule in rules() for name in metric_names(rule["expr"])}
-    assert "background_task_duration_seconds_bucket" in used
+    assert names.DURATION.bucket in used
     assert sorted(used - exposed) == []
 
 
@@ -142,13 +143,13 @@ def test_dashboards_cover_every_family() -> None:
     """Every metric family shows up somewhere on the overview dashboard."""
     used = {name for query in queries() if query.dashboard == "overview.json" for name in metric_names(query.expr)}
     families = {
-        "background_task_scheduled_total",
-        "background_task_wait_seconds_bucket",
-        "background_task_duration_seconds_count",
-        "background_task_duration_seconds_bucket",
-        "background_task_in_progress",
-        "background_task_exceptions_total",
-        "background_task_skipped_total",
+        names.SCHEDULED.total,
+        names.WAIT.bucket,
+        names.DURATION.count,
+        names.DURATION.bucket,
+        names.IN_PROGRESS.name,
+        names.EXCEPTIONS.total,
+        names.SKIPPED.total,
     }
     assert families <= used
 
@@ -198,7 +199,10 @@ def test_recording_rule_names_follow_level_metric_operations() -> None:
     recorded = [rule["record"] for rule in rules() if "record" in rule]
     assert recorded
     for name in recorded:
-        assert re.fullmatch(r"[a-z_]+:background_task_[a-z_]+:[a-z0-9_]+", name), name
+        level, metric, operations = name.split(":")
+        assert re.fullmatch(r"[a-z_]+", level), name
+        assert metric.startswith(PREFIX), name
+        assert re.fullmatch(r"[a-z0-9_]+", operations), name
     assert all(":" not in name for name in exposed_names())
 
 
@@ -269,3 +273,17 @@ def test_stack_is_wired_together() -> None:
     mounts = dict(volume.rsplit(":", 2)[:2] for volume in grafana["volumes"])
     assert mounts["../dashboards"] == provider["options"]["path"]
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+
+
+def test_metric_names_are_written_in_one_place() -> None:
+    """No Python file but traced_tasks/_conventions.py spells out a metric name, so a rename happens there or nowhere;
+    the dashboards, the rules' tests and the tests read it."""
+    spelled = re.compile(rf"(?<![\w:]){PREFIX}[a-z_]+")
+    found = [
+        f"{path.relative_to(ROOT)}: {match.group(0)}"
+        for folder in ("traced_tasks", "dashboards", "tests", "benchmarks", "examples")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path.name != "_conventions.py"
+        for match in spelled.finditer(path.read_text())
+    ]
+    assert found == []

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 
 from tests.support import free_port, wait_until
+from traced_tasks import _conventions as names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,7 @@ def test_demo_serves_traffic_spans_and_metrics() -> None:
             seen["metrics"] = httpx.get(f"http://127.0.0.1:{port}/metrics/").text
         except httpx.TransportError:
             return False
-        return 'background_task_skipped_total{task="__main__.send_receipt"} 1.0' in seen["metrics"]
+        return f'{names.SKIPPED.total}{{task="__main__.send_receipt"}} 1.0' in seen["metrics"]
 
     try:
         wait_until(skipped_after_failure, timeout=60)
@@ -41,7 +42,7 @@ def test_demo_serves_traffic_spans_and_metrics() -> None:
         process.send_signal(signal.SIGINT)  # Ctrl-C
         output, _ = process.communicate(timeout=30)
     assert (
-        'background_task_exceptions_total{exception="PaymentProviderDown",task="__main__.capture_payment"}'
+        f'{names.EXCEPTIONS.total}{{exception="PaymentProviderDown",task="__main__.capture_payment"}}'
         in seen["metrics"]
     )
     assert '"name": "BackgroundTask __main__.notify_warehouse"' in output

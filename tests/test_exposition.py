@@ -23,6 +23,7 @@ import traced_tasks
 from tests.conftest import Telemetry
 from tests.support import free_port, require_tool, wait_until
 from traced_tasks import BackgroundTasks
+from traced_tasks import _conventions as names
 
 ROOT = Path(__file__).resolve().parent.parent
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -53,8 +54,8 @@ def test_text_format_by_default(telemetry: Telemetry) -> None:
     client.get("/")
     response = client.get("/metrics/")
     assert response.headers["content-type"].startswith("text/plain")
-    assert 'background_task_scheduled_total{task="tests.test_exposition.ok"} 2.0' in response.text
-    assert 'background_task_skipped_total{task="tests.test_exposition.ok"} 1.0' in response.text
+    assert f'{names.SCHEDULED.total}{{task="tests.test_exposition.ok"}} 2.0' in response.text
+    assert f'{names.SKIPPED.total}{{task="tests.test_exposition.ok"}} 1.0' in response.text
     assert "trace_id" not in response.text
 
 
@@ -92,7 +93,7 @@ def test_exposition_passes_promtool(telemetry: Telemetry) -> None:
     client = TestClient(app_with_metrics(), raise_server_exceptions=False)
     client.get("/")
     text = client.get("/metrics/").text
-    assert "background_task_exceptions_total" in text
+    assert names.EXCEPTIONS.total in text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
@@ -148,12 +149,12 @@ def test_multiprocess_sums_every_worker(workers: str) -> None:
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         }
-        return samples.get(("background_task_duration_seconds_count", (("status", "success"), ("task", name))), 0.0)
+        return samples.get((names.DURATION.count, (("status", "success"), ("task", name))), 0.0)
 
     wait_until(lambda: finished() == sent)
     text = httpx.get(workers + "/metrics/", headers={"accept": OPENMETRICS}).text
-    assert f'background_task_scheduled_total{{task="{name}"}} {float(sent)}' in text
-    assert f'background_task_in_progress{{task="{name}"}} 0.0' in text
+    assert f'{names.SCHEDULED.total}{{task="{name}"}} {float(sent)}' in text
+    assert f'{names.IN_PROGRESS.name}{{task="{name}"}} 0.0' in text
     assert "trace_id" not in text  # multiprocess mode drops exemplars
 
 
@@ -194,10 +195,10 @@ def test_gzip_and_name_filter(telemetry: Telemetry) -> None:
     client.get("/")
     response = client.get("/metrics/", headers={"accept-encoding": "gzip"})
     assert response.headers["content-encoding"] == "gzip"
-    assert "background_task_scheduled_total" in response.text  # httpx decodes it
-    filtered = client.get("/metrics/", params={"name[]": "background_task_skipped_total"}).text
-    assert "background_task_skipped_total" in filtered
-    assert "background_task_scheduled_total" not in filtered
+    assert names.SCHEDULED.total in response.text  # httpx decodes it
+    filtered = client.get("/metrics/", params={"name[]": names.SKIPPED.total}).text
+    assert names.SKIPPED.total in filtered
+    assert names.SCHEDULED.total not in filtered
 
 
 def test_metrics_app_serves_the_applications_metrics_beside_ours(telemetry: Telemetry) -> None:
@@ -211,10 +212,10 @@ def test_metrics_app_serves_the_applications_metrics_beside_ours(telemetry: Tele
     client.get("/")
     text = client.get("/metrics/").text
     assert "shop_orders_total 3.0" in text
-    assert 'background_task_scheduled_total{task="tests.test_exposition.ok"} 2.0' in text
+    assert f'{names.SCHEDULED.total}{{task="tests.test_exposition.ok"}} 2.0' in text
     openmetrics = client.get("/metrics/", headers={"accept": OPENMETRICS}).text
     assert "shop_orders_total 3.0" in openmetrics
     assert openmetrics.count("# EOF") == 1
     assert openmetrics.endswith("# EOF\n")
     families = {family.name for family in parse_openmetrics(openmetrics)}
-    assert {"shop_orders", "background_task_scheduled", "background_task_duration_seconds"} <= families
+    assert {"shop_orders", names.SCHEDULED.name, names.DURATION.name} <= families

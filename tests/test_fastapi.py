@@ -17,6 +17,7 @@ from starlette.background import BackgroundTask as StarletteBackgroundTask
 
 import traced_tasks
 from tests.conftest import Telemetry
+from traced_tasks import _conventions as names
 
 TASK = "tests.test_fastapi.audit"
 
@@ -45,7 +46,7 @@ def test_annotated_parameter_gets_traced_tasks(telemetry: Telemetry) -> None:
     (tasks,) = injected
     assert isinstance(tasks, traced_tasks.BackgroundTasks)
     assert isinstance(tasks, fastapi.BackgroundTasks)
-    assert telemetry.value("background_task_duration_seconds_count", task=TASK, status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=TASK, status="success") == 1
     assert [span.name for span in telemetry.task_spans()] == ["BackgroundTask " + TASK]
 
 
@@ -66,7 +67,7 @@ def test_dependency_shares_the_traced_instance(telemetry: Telemetry) -> None:
 
     TestClient(app).get("/")
     assert injected[0] is injected[1]
-    assert telemetry.value("background_task_duration_seconds_count", task=TASK, status="success") == 2
+    assert telemetry.value(names.DURATION.count, task=TASK, status="success") == 2
 
 
 def test_fastapi_annotation_is_traced_too(telemetry: Telemetry) -> None:
@@ -79,7 +80,7 @@ def test_fastapi_annotation_is_traced_too(telemetry: Telemetry) -> None:
         return "ok"
 
     TestClient(app).get("/")
-    assert telemetry.value("background_task_scheduled_total", task=TASK) == 1
+    assert telemetry.value(names.SCHEDULED.total, task=TASK) == 1
 
 
 def test_response_background_task(telemetry: Telemetry) -> None:
@@ -91,7 +92,7 @@ def test_response_background_task(telemetry: Telemetry) -> None:
         return PlainTextResponse("ok", background=traced_tasks.BackgroundTask(audit, []))
 
     TestClient(app).get("/")
-    assert telemetry.value("background_task_duration_seconds_count", task=TASK, status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=TASK, status="success") == 1
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ import traced_tasks
 from tests.conftest import Telemetry
 from tests.support import Server, require_tool, wait_until
 from traced_tasks import BackgroundTasks
+from traced_tasks import _conventions as names
 
 ROOT = Path(__file__).resolve().parent.parent
 ODD = 'quote" back\\slash\nnewline ünïcødé ✓'
@@ -75,7 +76,7 @@ def test_odd_task_and_exception_names_keep_the_exposition_valid(telemetry: Telem
 
     asyncio.run(main())
     name = f"tests.test_hardening.{ODD}"
-    assert telemetry.value("background_task_exceptions_total", task=name, exception=ODD) == 1
+    assert telemetry.value(names.EXCEPTIONS.total, task=name, exception=ODD) == 1
 
     text = TestClient(traced_tasks.make_metrics_app(telemetry.registry)).get("/").text
     openmetrics = generate_openmetrics(telemetry.registry).decode()
@@ -99,7 +100,7 @@ def test_bearer_token(telemetry: Telemetry) -> None:
     assert client.get("/", headers={"authorization": "s3cret"}).status_code == 401
     served = client.get("/", headers={"authorization": "Bearer s3cret"})
     assert served.status_code == 200
-    assert "background_task_scheduled_total" in served.text
+    assert names.SCHEDULED.total in served.text
 
 
 def test_default_metrics_app_takes_its_token_from_the_environment() -> None:
@@ -158,7 +159,7 @@ def test_broken_exporter_never_holds_up_tasks(
             asyncio.run(main())
         assert len(ran) == 3000
         labels = {"task": "builtins.list.append", "status": "success"}
-        assert registry.get_sample_value("background_task_duration_seconds_count", labels) == 3000
+        assert registry.get_sample_value(names.DURATION.count, labels) == 3000
         assert [record for record in caplog.records if record.name == "traced_tasks"] == []
         if isinstance(exporter, HangingExporter):
             assert exporter.calls == 1  # still stuck in its first export
@@ -202,17 +203,17 @@ def test_graceful_shutdown_finishes_or_cancels(telemetry: Telemetry, serve: type
         assert sample is not None
         return sample
 
-    assert value("background_task_duration_seconds_count", "quick", status="success") == 1
-    assert value("background_task_duration_seconds_count", "slow", status="cancelled") == 1
-    assert value("background_task_skipped_total", "quick") == 1
-    assert value("background_task_in_progress", "slow") == 0
-    assert value("background_task_scheduled_total", "quick") == 2
+    assert value(names.DURATION.count, "quick", status="success") == 1
+    assert value(names.DURATION.count, "slow", status="cancelled") == 1
+    assert value(names.SKIPPED.total, "quick") == 1
+    assert value(names.IN_PROGRESS.name, "slow") == 0
+    assert value(names.SCHEDULED.total, "quick") == 2
     (span,) = [span for span in telemetry.task_spans() if span.name.endswith(".slow")]
     assert (span.attributes or {})["background_task.status"] == "cancelled"
 
 
 def test_dead_worker_stops_counting_as_running(tmp_path: Path) -> None:
-    """Under uvicorn --workers 2, a worker killed mid-task stops counting in background_task_in_progress at the next
+    """Under uvicorn --workers 2, a worker killed mid-task stops counting in the in-progress gauge at the next
     scrape, while its counters stay. Without the cleanup, the dead worker's 1 would stay forever."""
     from tests.test_exposition import OPENMETRICS, start_workers
 
@@ -225,11 +226,11 @@ def test_dead_worker_stops_counting_as_running(tmp_path: Path) -> None:
             return lines[0].rsplit(" ", 1)[1] if lines else None
 
         pid = httpx.post(url + "/long").json()["pid"]
-        wait_until(lambda: metric("background_task_in_progress") == "1.0")
+        wait_until(lambda: metric(names.IN_PROGRESS.name) == "1.0")
         os.kill(pid, 9)
         # No live worker ever ran the task, so its in-progress series goes away rather than reading 0.
-        wait_until(lambda: metric("background_task_in_progress") is None)
-        assert metric("background_task_scheduled_total") == "1.0"
+        wait_until(lambda: metric(names.IN_PROGRESS.name) is None)
+        assert metric(names.SCHEDULED.total) == "1.0"
 
 
 def test_worker_folder_is_cleaned_for_dead_pids_only(tmp_path: Path) -> None:

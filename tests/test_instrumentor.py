@@ -21,6 +21,7 @@ from starlette.routing import Route
 import traced_tasks
 from tests.conftest import Telemetry
 from tests.support import free_port, wait_until
+from traced_tasks import _conventions as names
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "tests.test_instrumentor.audit"
@@ -72,15 +73,10 @@ def test_plain_starlette_classes_are_traced(telemetry: Telemetry, instrumentor: 
     client = TestClient(starlette_app(), raise_server_exceptions=False)
     client.get("/batch")
     client.get("/single")
-    assert telemetry.value("background_task_scheduled_total", task=TASK) == 3
-    assert telemetry.value("background_task_duration_seconds_count", task=TASK, status="success") == 2
-    assert telemetry.value("background_task_skipped_total", task=TASK) == 1
-    assert (
-        telemetry.value(
-            "background_task_exceptions_total", task="tests.test_instrumentor.fail", exception="LookupError"
-        )
-        == 1
-    )
+    assert telemetry.value(names.SCHEDULED.total, task=TASK) == 3
+    assert telemetry.value(names.DURATION.count, task=TASK, status="success") == 2
+    assert telemetry.value(names.SKIPPED.total, task=TASK) == 1
+    assert telemetry.value(names.EXCEPTIONS.total, task="tests.test_instrumentor.fail", exception="LookupError") == 1
     assert sorted(span.name for span in telemetry.task_spans()) == sorted(
         ["BackgroundTask " + TASK] * 2 + ["BackgroundTask tests.test_instrumentor.fail"]
     )
@@ -89,7 +85,7 @@ def test_plain_starlette_classes_are_traced(telemetry: Telemetry, instrumentor: 
 def test_fastapi_injection_is_traced(telemetry: Telemetry, instrumentor: object) -> None:
     """Instrumented, a path operation annotated with fastapi.BackgroundTasks gets traced tasks."""
     TestClient(fastapi_app()).get("/")
-    assert telemetry.value("background_task_duration_seconds_count", task=TASK, status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=TASK, status="success") == 1
 
 
 def test_instrument_is_idempotent_and_uninstrument_reverses_it(telemetry: Telemetry) -> None:
@@ -116,7 +112,7 @@ def test_instrument_is_idempotent_and_uninstrument_reverses_it(telemetry: Teleme
     client.get("/single")
     TestClient(fastapi_app()).get("/")
     assert len(telemetry.task_spans()) == 1
-    assert telemetry.value("background_task_scheduled_total", task=TASK) == 1
+    assert telemetry.value(names.SCHEDULED.total, task=TASK) == 1
 
 
 def test_bad_metrics_port_never_stops_instrumentation(
@@ -229,9 +225,7 @@ def test_opentelemetry_instrument_command(tmp_path: Path) -> None:
     assert output.count('"name": "BackgroundTask tests.apps.plain.notify_warehouse"') == 2
     assert '"name": "BackgroundTask send_receipt"' not in output  # no second span from the FastAPI instrumentation
     assert '"name": "POST /orders/{order_id}"' in output
-    assert (
-        'background_task_duration_seconds_count{status="success",task="tests.apps.plain.send_receipt"} 1.0' in metrics
-    )
+    assert f'{names.DURATION.count}{{status="success",task="tests.apps.plain.send_receipt"}} 1.0' in metrics
 
 
 def test_disabled_by_environment(tmp_path: Path) -> None:
@@ -260,6 +254,6 @@ def test_metrics_port_serves_the_registry_configured_later(
             text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
         instance.uninstrument()
-    assert f'background_task_scheduled_total{{task="{TASK}"}} 1.0' in text
+    assert f'{names.SCHEDULED.total}{{task="{TASK}"}} 1.0' in text
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/metrics")

@@ -8,6 +8,7 @@ import pytest
 import traced_tasks
 from tests.conftest import Telemetry
 from traced_tasks import BackgroundTasks
+from traced_tasks import _conventions as names
 
 PREFIX = "tests.test_isolation."
 
@@ -57,9 +58,9 @@ def test_isolated_batch_runs_every_task_and_raises_the_first_failure(
     with caplog.at_level(logging.ERROR, logger="traced_tasks"):
         asyncio.run(main())
     assert ran == ["fine", "fine"]
-    assert isolated.value("background_task_exceptions_total", task=PREFIX + "first", exception="First") == 1
-    assert isolated.value("background_task_exceptions_total", task=PREFIX + "second", exception="Second") == 1
-    assert isolated.value("background_task_skipped_total", task=PREFIX + "fine") == 0
+    assert isolated.value(names.EXCEPTIONS.total, task=PREFIX + "first", exception="First") == 1
+    assert isolated.value(names.EXCEPTIONS.total, task=PREFIX + "second", exception="Second") == 1
+    assert isolated.value(names.SKIPPED.total, task=PREFIX + "fine") == 0
     (logged,) = [record for record in caplog.records if record.name == "traced_tasks"]
     assert logged.exc_info is not None
     assert logged.exc_info[0] is Second
@@ -81,7 +82,7 @@ def test_cancellation_still_stops_an_isolated_batch(isolated: Telemetry) -> None
 
     asyncio.run(main())
     assert ran == []
-    assert isolated.value("background_task_skipped_total", task=PREFIX + "fine") == 1
+    assert isolated.value(names.SKIPPED.total, task=PREFIX + "fine") == 1
 
 
 def test_cancellation_after_an_isolated_failure_still_reports_it(

@@ -21,6 +21,7 @@ from starlette.testclient import TestClient
 import traced_tasks
 from tests.conftest import Telemetry
 from traced_tasks import BackgroundTask, BackgroundTasks
+from traced_tasks import _conventions as names
 
 PREFIX = "tests.test_metrics."
 
@@ -81,14 +82,14 @@ def test_success_counts(telemetry: Telemetry) -> None:
     before = time.time()
     run((ok, ()))
     task = PREFIX + "ok"
-    assert telemetry.value("background_task_scheduled_total", task=task) == 1
-    assert telemetry.value("background_task_wait_seconds_count", task=task) == 1
-    assert telemetry.value("background_task_duration_seconds_count", task=task, status="success") == 1
-    assert telemetry.value("background_task_duration_seconds_count", task=task, status="error") == 0
-    assert telemetry.value("background_task_duration_seconds_count", task=task, status="cancelled") is None
-    assert telemetry.value("background_task_in_progress", task=task) == 0
-    assert telemetry.value("background_task_skipped_total", task=task) == 0
-    last = telemetry.value("background_task_last_success_timestamp_seconds", task=task)
+    assert telemetry.value(names.SCHEDULED.total, task=task) == 1
+    assert telemetry.value(names.WAIT.count, task=task) == 1
+    assert telemetry.value(names.DURATION.count, task=task, status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=task, status="error") == 0
+    assert telemetry.value(names.DURATION.count, task=task, status="cancelled") is None
+    assert telemetry.value(names.IN_PROGRESS.name, task=task) == 0
+    assert telemetry.value(names.SKIPPED.total, task=task) == 0
+    last = telemetry.value(names.LAST_SUCCESS.name, task=task)
     assert last is not None
     assert before <= last <= time.time()
 
@@ -98,14 +99,14 @@ def test_failure_counts_exception_and_skips_the_rest(telemetry: Telemetry) -> No
     ran: list[str] = []
     run((ok, ()), (fail, ()), (ran.append, ("never",)), (ok_async, ()))
     assert ran == []
-    assert telemetry.value("background_task_duration_seconds_count", task=PREFIX + "ok", status="success") == 1
-    assert telemetry.value("background_task_duration_seconds_count", task=PREFIX + "fail", status="error") == 1
-    assert telemetry.value("background_task_exceptions_total", task=PREFIX + "fail", exception="KeyError") == 1
-    assert telemetry.value("background_task_skipped_total", task=PREFIX + "ok_async") == 1
-    assert telemetry.value("background_task_skipped_total", task="builtins.list.append") == 1
-    assert telemetry.value("background_task_skipped_total", task=PREFIX + "ok") == 0
-    assert telemetry.value("background_task_last_success_timestamp_seconds", task=PREFIX + "fail") == 0
-    assert telemetry.value("background_task_in_progress", task=PREFIX + "fail") == 0
+    assert telemetry.value(names.DURATION.count, task=PREFIX + "ok", status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=PREFIX + "fail", status="error") == 1
+    assert telemetry.value(names.EXCEPTIONS.total, task=PREFIX + "fail", exception="KeyError") == 1
+    assert telemetry.value(names.SKIPPED.total, task=PREFIX + "ok_async") == 1
+    assert telemetry.value(names.SKIPPED.total, task="builtins.list.append") == 1
+    assert telemetry.value(names.SKIPPED.total, task=PREFIX + "ok") == 0
+    assert telemetry.value(names.LAST_SUCCESS.name, task=PREFIX + "fail") == 0
+    assert telemetry.value(names.IN_PROGRESS.name, task=PREFIX + "fail") == 0
 
 
 def test_in_progress_while_running(telemetry: Telemetry) -> None:
@@ -114,22 +115,19 @@ def test_in_progress_while_running(telemetry: Telemetry) -> None:
 
     def look() -> None:
         seen.append(
-            telemetry.value("background_task_in_progress", task=PREFIX + "test_in_progress_while_running.<locals>.look")
+            telemetry.value(names.IN_PROGRESS.name, task=PREFIX + "test_in_progress_while_running.<locals>.look")
         )
 
     run((look, ()))
     assert seen == [1.0]
-    assert (
-        telemetry.value("background_task_in_progress", task=PREFIX + "test_in_progress_while_running.<locals>.look")
-        == 0
-    )
+    assert telemetry.value(names.IN_PROGRESS.name, task=PREFIX + "test_in_progress_while_running.<locals>.look") == 0
 
 
 def test_wait_includes_earlier_tasks(telemetry: Telemetry) -> None:
     """A task's wait covers the run of the tasks before it in the batch."""
     run((time.sleep, (0.2,)), (ok, ()))
-    wait = telemetry.value("background_task_wait_seconds_sum", task=PREFIX + "ok")
-    duration = telemetry.value("background_task_duration_seconds_sum", task="time.sleep", status="success")
+    wait = telemetry.value(names.WAIT.sum, task=PREFIX + "ok")
+    duration = telemetry.value(names.DURATION.sum, task="time.sleep", status="success")
     assert wait is not None
     assert duration is not None
     assert duration >= 0.2
@@ -157,7 +155,7 @@ def test_no_exemplar_when_not_sampled(telemetry: Telemetry) -> None:
 
     traced_tasks.configure(tracer_provider=TracerProvider(sampler=ALWAYS_OFF), registry=telemetry.registry)
     run((ok, ()))
-    assert telemetry.value("background_task_duration_seconds_count", task=PREFIX + "ok", status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=PREFIX + "ok", status="success") == 1
     assert "trace_id" not in generate_latest(telemetry.registry).decode()
 
 
@@ -168,8 +166,8 @@ def test_response_background_task_is_counted(telemetry: Telemetry) -> None:
         return PlainTextResponse("ok", background=BackgroundTask(ok_async))
 
     TestClient(Starlette(routes=[Route("/", endpoint)])).get("/")
-    assert telemetry.value("background_task_scheduled_total", task=PREFIX + "ok_async") == 1
-    assert telemetry.value("background_task_duration_seconds_count", task=PREFIX + "ok_async", status="success") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=PREFIX + "ok_async") == 1
+    assert telemetry.value(names.DURATION.count, task=PREFIX + "ok_async", status="success") == 1
 
 
 def test_scheduled_but_never_run_is_visible(telemetry: Telemetry) -> None:
@@ -180,8 +178,8 @@ def test_scheduled_but_never_run_is_visible(telemetry: Telemetry) -> None:
         raise RuntimeError("handler bug")
 
     TestClient(Starlette(routes=[Route("/", endpoint)]), raise_server_exceptions=False).get("/")
-    assert telemetry.value("background_task_scheduled_total", task=PREFIX + "ok") == 1
-    assert telemetry.value("background_task_duration_seconds_count", task=PREFIX + "ok", status="success") == 0
+    assert telemetry.value(names.SCHEDULED.total, task=PREFIX + "ok") == 1
+    assert telemetry.value(names.DURATION.count, task=PREFIX + "ok", status="success") == 0
 
 
 @pytest.mark.parametrize(
@@ -200,7 +198,7 @@ def test_scheduled_but_never_run_is_visible(telemetry: Telemetry) -> None:
 def test_task_label_is_the_qualified_function_name(telemetry: Telemetry, func: Callable[[], None], name: str) -> None:
     """Partials are unwrapped, bound methods and callable objects are named by class, decorators by what they wrap."""
     run((func, ()))
-    assert telemetry.value("background_task_duration_seconds_count", task=name, status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=name, status="success") == 1
     (span,) = telemetry.task_spans()
     assert span.name == "BackgroundTask " + name
 
@@ -238,8 +236,8 @@ def test_functions_sharing_code_keep_their_names(telemetry: Telemetry) -> None:
     assert emails.__code__ == sms.__code__
     run((emails, ()), (sms, ()), (renamed_one, ()), (renamed_two, ()), (str.upper, ("a",)), (list.clear, ([],)))
     for name in ("emails.send", "sms.send", PREFIX + "renamed_one", PREFIX + "renamed_two", "builtins.str.upper"):
-        assert telemetry.value("background_task_duration_seconds_count", task=name, status="success") == 1, name
-    assert telemetry.value("background_task_duration_seconds_count", task="builtins.list.clear", status="success") == 1
+        assert telemetry.value(names.DURATION.count, task=name, status="success") == 1, name
+    assert telemetry.value(names.DURATION.count, task="builtins.list.clear", status="success") == 1
 
 
 def test_nested_batch_counts_as_skipped(telemetry: Telemetry) -> None:
@@ -256,8 +254,8 @@ def test_nested_batch_counts_as_skipped(telemetry: Telemetry) -> None:
             await outer()
 
     asyncio.run(main())
-    assert telemetry.value("background_task_skipped_total", task=PREFIX + "ok") == 1
-    assert telemetry.value("background_task_skipped_total", task=PREFIX + "ok_async") == 1
+    assert telemetry.value(names.SKIPPED.total, task=PREFIX + "ok") == 1
+    assert telemetry.value(names.SKIPPED.total, task=PREFIX + "ok_async") == 1
 
 
 def test_closures_made_per_request_share_one_series(telemetry: Telemetry) -> None:
@@ -271,7 +269,7 @@ def test_closures_made_per_request_share_one_series(telemetry: Telemetry) -> Non
 
     run(*[(make(), ()) for _ in range(5)])
     name = PREFIX + "test_closures_made_per_request_share_one_series.<locals>.make.<locals>.notify"
-    assert telemetry.value("background_task_duration_seconds_count", task=name, status="success") == 5
+    assert telemetry.value(names.DURATION.count, task=name, status="success") == 5
 
 
 def test_task_names_past_the_cap_collapse_into_overflow(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
@@ -284,10 +282,10 @@ def test_task_names_past_the_cap_collapse_into_overflow(telemetry: Telemetry, ca
         funcs.append(namespace[f"task_{index}"])
     with caplog.at_level(logging.WARNING, logger="traced_tasks"):
         run(*[(func, ()) for func in funcs + funcs])
-    assert telemetry.value("background_task_scheduled_total", task="task_0") == 2
-    assert telemetry.value("background_task_scheduled_total", task="task_1") == 2
-    assert telemetry.value("background_task_scheduled_total", task="task_2") is None
-    assert telemetry.value("background_task_scheduled_total", task=traced_tasks.OVERFLOW) == 4
+    assert telemetry.value(names.SCHEDULED.total, task="task_0") == 2
+    assert telemetry.value(names.SCHEDULED.total, task="task_1") == 2
+    assert telemetry.value(names.SCHEDULED.total, task="task_2") is None
+    assert telemetry.value(names.SCHEDULED.total, task=traced_tasks.OVERFLOW) == 4
     assert len([record for record in caplog.records if "task names" in record.getMessage()]) == 1
     assert sorted({span.name for span in telemetry.task_spans()}) == [f"BackgroundTask task_{i}" for i in range(4)]
 
@@ -310,17 +308,15 @@ def test_exception_labels_are_capped(telemetry: Telemetry, caplog: pytest.LogCap
     with caplog.at_level(logging.WARNING, logger="traced_tasks"):
         asyncio.run(main())
     task = PREFIX + "test_exception_labels_are_capped.<locals>.raise_"
-    assert telemetry.value("background_task_exceptions_total", task=task, exception="Error0") == 1
-    assert (
-        telemetry.value("background_task_exceptions_total", task=task, exception=f"Error{MAX_EXCEPTION_TYPES}") is None
-    )
-    assert telemetry.value("background_task_exceptions_total", task=task, exception=traced_tasks.OVERFLOW) == 5
+    assert telemetry.value(names.EXCEPTIONS.total, task=task, exception="Error0") == 1
+    assert telemetry.value(names.EXCEPTIONS.total, task=task, exception=f"Error{MAX_EXCEPTION_TYPES}") is None
+    assert telemetry.value(names.EXCEPTIONS.total, task=task, exception=traced_tasks.OVERFLOW) == 5
     assert len([record for record in caplog.records if "exception classes" in record.getMessage()]) == 1
     labels = {
         sample.labels["exception"]
         for metric in telemetry.registry.collect()
         for sample in metric.samples
-        if sample.name == "background_task_exceptions_total" and sample.labels["task"] == task
+        if sample.name == names.EXCEPTIONS.total and sample.labels["task"] == task
     }
     assert len(labels) == MAX_EXCEPTION_TYPES + 1
 
@@ -341,11 +337,11 @@ def test_namespace_and_buckets(telemetry: Telemetry) -> None:
     traced_tasks.configure(registry=registry, namespace="shop", buckets=[0.5, 90])
     run((ok, ()))
     task = PREFIX + "ok"
-    assert registry.get_sample_value("shop_background_task_scheduled_total", {"task": task}) == 1
+    assert registry.get_sample_value("shop_" + names.SCHEDULED.total, {"task": task}) == 1
     labels = {"task": task, "status": "success"}
-    assert registry.get_sample_value("shop_background_task_duration_seconds_bucket", {**labels, "le": "90.0"}) == 1
-    assert registry.get_sample_value("shop_background_task_duration_seconds_bucket", {**labels, "le": "10.0"}) is None
-    assert registry.get_sample_value("background_task_scheduled_total", {"task": task}) is None
+    assert registry.get_sample_value("shop_" + names.DURATION.bucket, {**labels, "le": "90.0"}) == 1
+    assert registry.get_sample_value("shop_" + names.DURATION.bucket, {**labels, "le": "10.0"}) is None
+    assert registry.get_sample_value(names.SCHEDULED.total, {"task": task}) is None
 
 
 def test_default_buckets_reach_an_hour() -> None:
@@ -359,7 +355,7 @@ def test_reconfigure_on_same_registry_unregisters_previous(telemetry: Telemetry)
     traced_tasks.configure(registry=telemetry.registry)
     traced_tasks.configure(registry=telemetry.registry)
     run((ok, ()))
-    assert telemetry.value("background_task_scheduled_total", task=PREFIX + "ok") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=PREFIX + "ok") == 1
 
 
 @pytest.mark.parametrize(
@@ -380,7 +376,7 @@ def test_bad_configuration_fails_clearly(telemetry: Telemetry, options: dict[str
     with pytest.raises((ValueError, TypeError), match=message):
         traced_tasks.configure(**options)
     run((ok, ()))
-    assert telemetry.value("background_task_scheduled_total", task=PREFIX + "ok") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=PREFIX + "ok") == 1
 
 
 def test_unknown_option_is_rejected() -> None:

@@ -18,6 +18,7 @@ from starlette.routing import Mount, Route
 import traced_tasks
 from tests.conftest import Telemetry
 from traced_tasks import BackgroundTasks, _config
+from traced_tasks import _conventions as names
 from traced_tasks._labels import MAX_ROUTES
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -140,7 +141,7 @@ def _batch() -> BackgroundTasks:
 def test_route_label_is_off_by_default(telemetry: Telemetry) -> None:
     """Without route_label, the series have only the task label, even when the route is known."""
     TestClient(orders([])).post("/orders/7")
-    assert telemetry.value("background_task_scheduled_total", task="tests.test_middleware.remember") == 1
+    assert telemetry.value(names.SCHEDULED.total, task="tests.test_middleware.remember") == 1
 
 
 def test_route_label(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
@@ -164,14 +165,14 @@ def test_route_label(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> 
     asyncio.run(_batch()())  # outside any request
 
     task = "tests.test_middleware.remember"
-    assert telemetry.value("background_task_scheduled_total", task=task, route="/r0/{order_id:int}") == 2
-    assert telemetry.value("background_task_wait_seconds_count", task=task, route="/r99/{order_id:int}") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=task, route="/r0/{order_id:int}") == 2
+    assert telemetry.value(names.WAIT.count, task=task, route="/r99/{order_id:int}") == 1
     labels = {"task": task, "route": "/r1/{order_id:int}", "status": "success"}
-    assert telemetry.registry.get_sample_value("background_task_duration_seconds_count", labels) == 1
-    assert telemetry.value("background_task_scheduled_total", task=task, route="/r100/{order_id:int}") is None
-    assert telemetry.value("background_task_scheduled_total", task=task, route="__overflow__") == 2
-    assert telemetry.value("background_task_scheduled_total", task=task, route="") == 1
-    assert telemetry.value("background_task_scheduled_total", task=task) is None
+    assert telemetry.registry.get_sample_value(names.DURATION.count, labels) == 1
+    assert telemetry.value(names.SCHEDULED.total, task=task, route="/r100/{order_id:int}") is None
+    assert telemetry.value(names.SCHEDULED.total, task=task, route="__overflow__") == 2
+    assert telemetry.value(names.SCHEDULED.total, task=task, route="") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=task) is None
     assert len([record for record in caplog.records if "routes seen" in record.getMessage()]) == 1
 
 
@@ -180,8 +181,8 @@ def test_route_label_makes_no_unknown_route_series_for_routed_tasks(telemetry: T
     traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry, route_label=True)
     TestClient(orders([])).post("/orders/7")
     task = "tests.test_middleware.remember"
-    assert telemetry.value("background_task_scheduled_total", task=task, route="/orders/{order_id:int}") == 1
-    assert telemetry.value("background_task_scheduled_total", task=task, route="") is None
+    assert telemetry.value(names.SCHEDULED.total, task=task, route="/orders/{order_id:int}") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=task, route="") is None
 
 
 def test_every_route_reaches_its_spans_and_the_cache_per_task_stays_bounded(telemetry: Telemetry) -> None:
@@ -202,7 +203,7 @@ def test_every_route_reaches_its_spans_and_the_cache_per_task_stays_bounded(tele
     routes = [(span.attributes or {})["http.route"] for span in telemetry.task_spans()]
     assert routes == [f"/r{index}/{{order_id:int}}" for index in [*range(count), count - 1]]
     assert len(_config.current().profiles.routes(remember)) == MAX_ROUTES
-    assert telemetry.value("background_task_scheduled_total", task="tests.test_middleware.remember") == count + 1
+    assert telemetry.value(names.SCHEDULED.total, task="tests.test_middleware.remember") == count + 1
 
 
 def test_without_an_sdk_the_task_still_carries_the_callers_context() -> None:
@@ -230,5 +231,5 @@ def test_without_an_sdk_the_task_still_carries_the_callers_context() -> None:
         traced_tasks.configure(registry=CollectorRegistry())
     assert seen == [(TRACE_ID, SPAN_ID, "acme")]
     name = f"{__name__}.test_without_an_sdk_the_task_still_carries_the_callers_context.<locals>.propagate"
-    assert f'background_task_duration_seconds_count{{status="success",task="{name}"}} 1.0' in exposition
+    assert f'{names.DURATION.count}{{status="success",task="{name}"}} 1.0' in exposition
     assert "trace_id" not in exposition

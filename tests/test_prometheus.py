@@ -23,6 +23,7 @@ from tests.conftest import Telemetry
 from tests.dashboards import RULES, concrete, queries, rules
 from tests.support import Server, free_port, require_tool, wait_until
 from traced_tasks import BackgroundTasks
+from traced_tasks import _conventions as names
 
 JOB = "traced-tasks-test"
 
@@ -172,7 +173,7 @@ def check_every_query(prometheus: Prometheus, target: str) -> None:
         checked += 1
         values = [float(sample["value"][1]) for sample in result]
         # Running and not-yet-started counts are legitimately 0 between requests; everything else has moved.
-        may_be_zero = "background_task_in_progress" in query.expr or "wait_seconds_count" in query.expr
+        may_be_zero = names.IN_PROGRESS.name in query.expr or "wait_seconds_count" in query.expr
         if not values:
             problems.append(f"no data: {query.dashboard} / {query.panel}: {query.expr}")
         elif not may_be_zero and not any(value > 0 for value in values):
@@ -180,9 +181,9 @@ def check_every_query(prometheus: Prometheus, target: str) -> None:
     assert checked >= 20
     assert problems == []
     for name, selector in (
-        ("job", "background_task_scheduled_total"),
-        ("instance", f'background_task_scheduled_total{{job=~"{JOB}"}}'),
-        ("task", f'background_task_scheduled_total{{job=~"{JOB}", instance=~".*"}}'),
+        ("job", names.SCHEDULED.total),
+        ("instance", f'{names.SCHEDULED.total}{{job=~"{JOB}"}}'),
+        ("task", f'{names.SCHEDULED.total}{{job=~"{JOB}", instance=~".*"}}'),
     ):
         values = prometheus.api(f"label/{name}/values", **{"match[]": selector})
         assert values, name
@@ -211,9 +212,7 @@ def check_rules(prometheus: Prometheus) -> None:
 
 def check_exemplars(prometheus: Prometheus, telemetry: Telemetry) -> None:
     now = time.time()
-    data = prometheus.api(
-        "query_exemplars", query="background_task_duration_seconds_bucket", start=now - 300, end=now + 60
-    )
+    data = prometheus.api("query_exemplars", query=names.DURATION.bucket, start=now - 300, end=now + 60)
     exemplars = [exemplar for series in data for exemplar in series["exemplars"]]
     assert exemplars
     exported = {format(span.context.trace_id, "032x") for span in telemetry.task_spans()}
@@ -227,6 +226,6 @@ def test_prometheus_fixture_can_fail(prometheus_binary: str, tmp_path: Path) -> 
     """Control: a query for a metric nothing exposes returns no data, so an empty panel would be caught."""
     prometheus = Prometheus(prometheus_binary, tmp_path, f"127.0.0.1:{free_port()}")
     try:
-        assert prometheus.query("background_task_nonexistent_total") == []
+        assert prometheus.query(names.SCHEDULED.name + "_nonexistent_total") == []
     finally:
         prometheus.stop()

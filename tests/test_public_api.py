@@ -50,6 +50,7 @@ def test_every_metric_is_documented() -> None:
     finally:
         traced_tasks.configure(registry=CollectorRegistry())
     assert registered == {family.name for family in names.FAMILIES}
+    assert all(family.name.startswith(names.PREFIX) for family in names.FAMILIES)
     for family in names.FAMILIES:
         assert f"| `{family.total if family.kind == 'counter' else family.name}` |" in README
 

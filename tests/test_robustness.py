@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 import traced_tasks
 from traced_tasks import BackgroundTasks
+from traced_tasks import _conventions as names
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "tests.test_robustness."
@@ -128,12 +129,12 @@ def test_tracing_failures_never_change_a_task(
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, labels)
 
-    assert value("background_task_scheduled_total", task=PREFIX + "ok") == 6
-    assert value("background_task_duration_seconds_count", task=PREFIX + "ok", status="success") == 3
-    assert value("background_task_skipped_total", task=PREFIX + "ok") == 3
-    assert value("background_task_duration_seconds_count", task=PREFIX + "fail", status="error") == 3
-    assert value("background_task_exceptions_total", task=PREFIX + "fail", exception="LookupError") == 3
-    assert value("background_task_in_progress", task=PREFIX + "fail") == 0
+    assert value(names.SCHEDULED.total, task=PREFIX + "ok") == 6
+    assert value(names.DURATION.count, task=PREFIX + "ok", status="success") == 3
+    assert value(names.SKIPPED.total, task=PREFIX + "ok") == 3
+    assert value(names.DURATION.count, task=PREFIX + "fail", status="error") == 3
+    assert value(names.EXCEPTIONS.total, task=PREFIX + "fail", exception="LookupError") == 3
+    assert value(names.IN_PROGRESS.name, task=PREFIX + "fail") == 0
     logged = [record.getMessage() for record in caplog.records if record.name == "traced_tasks"]
     assert len(logged) == 2
     assert [PREFIX + "ok" in message for message in logged].count(True) == 1

@@ -21,6 +21,7 @@ from starlette.testclient import TestClient
 import traced_tasks
 from tests.conftest import Telemetry
 from traced_tasks import BackgroundTask, BackgroundTasks
+from traced_tasks import _conventions as names
 
 PREFIX = "tests.test_spans."
 
@@ -207,8 +208,8 @@ def test_cancellation_by_closing_the_coroutine(telemetry: Telemetry) -> None:
     batch.send(None)  # now suspended inside the task, with no event loop running
     batch.close()
     name = "tests.test_spans.test_cancellation_by_closing_the_coroutine.<locals>.parked"
-    assert telemetry.value("background_task_duration_seconds_count", task=name, status="cancelled") == 1
-    assert telemetry.value("background_task_in_progress", task=name) == 0
+    assert telemetry.value(names.DURATION.count, task=name, status="cancelled") == 1
+    assert telemetry.value(names.IN_PROGRESS.name, task=name) == 0
     (task,) = telemetry.task_spans()
     assert (task.attributes or {})["background_task.status"] == "cancelled"
 
@@ -238,13 +239,13 @@ def test_cancellation_is_its_own_outcome(telemetry: Telemetry) -> None:
     assert (task.attributes or {})["background_task.status"] == "cancelled"
     assert (
         telemetry.value(
-            "background_task_duration_seconds_count",
+            names.DURATION.count,
             task="tests.test_spans.test_cancellation_is_its_own_outcome.<locals>.slow",
             status="cancelled",
         )
         == 1
     )
-    assert telemetry.value("background_task_skipped_total", task="tests.test_spans.record_current_span_async") == 1
+    assert telemetry.value(names.SKIPPED.total, task="tests.test_spans.record_current_span_async") == 1
 
 
 def test_link_mode_starts_a_new_trace_linked_to_the_request(telemetry: Telemetry) -> None:
@@ -351,7 +352,7 @@ def test_a_run_the_sampler_drops_still_has_its_own_span_current() -> None:
     try:
         asyncio.run(main())
         count = registry.get_sample_value(
-            "background_task_duration_seconds_count", {"task": PREFIX + "record_current_span", "status": "success"}
+            names.DURATION.count, {"task": PREFIX + "record_current_span", "status": "success"}
         )
     finally:
         traced_tasks.configure(registry=CollectorRegistry())

@@ -97,6 +97,9 @@ LAST_SUCCESS = Family(
     "s",
 )
 
+# What every family's name starts with, before a namespace.
+PREFIX = "background_task_"
+
 FAMILIES = (SCHEDULED, WAIT, DURATION, IN_PROGRESS, IN_PROGRESS_SINCE, EXCEPTIONS, SKIPPED, LAST_SUCCESS)
 
 LABEL_TASK = "task"
