@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -74,6 +75,7 @@ def balanced(entry: dict[str, float]) -> bool:
     return entry["scheduled"] == sum(entry[key] for key in ("success", "error", "cancelled", "skipped", "in_progress"))
 
 
+@pytest.mark.integration
 def test_counts_add_up_under_load(telemetry: Telemetry, serve: type[Server]) -> None:
     """3,000 requests at 50 concurrent connections through real uvicorn, each scheduling 4 sync and async tasks, some
     failing and some skipped: for every task the counts add up exactly, match what really ran, and in_progress ends

@@ -6,6 +6,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from opentelemetry import trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.trace import SpanKind
@@ -18,6 +19,8 @@ from tests.conftest import Telemetry
 from tests.support import Server, wait_until
 from traced_tasks import BackgroundTasks
 from traced_tasks import _conventions as names
+
+pytestmark = pytest.mark.integration  # real servers and processes: slow
 
 REQUESTS = 300
 

@@ -1,19 +1,13 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 import traced_tasks
+from tests.apps.tasks import NAME, ok, run
 from tests.conftest import Telemetry
-from tests.test_metrics import PREFIX, ok, run
+from tests.support import run_python
 from traced_tasks import _conventions as names
-
-ROOT = Path(__file__).resolve().parent.parent
 
 ZERO_CONFIG = """
 import asyncio
@@ -47,11 +41,8 @@ print(REGISTRY.get_sample_value(names.DURATION.count, labels))
 
 def test_zero_configuration() -> None:
     """With no configure() call, metrics go to the default registry and spans to the global provider once it is set."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    result = subprocess.run(
-        [sys.executable, "-c", ZERO_CONFIG], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=120
-    )
+    result = run_python(ZERO_CONFIG)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["['BackgroundTask __main__.cleanup']", "2.0"]
 
 
@@ -62,7 +53,7 @@ def test_taken_metric_names_fail_clearly_and_keep_the_configuration(telemetry: T
     with pytest.raises(ValueError, match="another namespace or registry"):
         traced_tasks.configure(registry=taken)
     run((ok, ()))
-    assert telemetry.value(names.SCHEDULED.total, task=PREFIX + "ok") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=NAME + "ok") == 1
 
 
 CLASH = """
@@ -93,11 +84,8 @@ print([line for line in text.splitlines() if line.startswith(names.SCHEDULED.tot
 def test_default_registry_clash_never_breaks_add_task() -> None:
     """When the default registry already holds one of the names, add_task still works, the error is logged once,
     nothing of ours is left half-registered there, and metrics_app serves the counts."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    result = subprocess.run(
-        [sys.executable, "-c", CLASH], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=120
-    )
+    result = run_python(CLASH)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["None", f"['{names.SCHEDULED.total}{{task=\"__main__.cleanup\"}} 2.0']"]
     assert len([line for line in result.stderr.splitlines() if line.startswith("traced_tasks|")]) == 1
 
@@ -112,4 +100,4 @@ def test_failed_registration_leaves_the_registry_as_it_was(telemetry: Telemetry)
     registry.unregister(clash)
     traced_tasks.configure(registry=registry)
     run((ok, ()))
-    assert registry.get_sample_value(names.SCHEDULED.total, {"task": PREFIX + "ok"}) == 1
+    assert registry.get_sample_value(names.SCHEDULED.total, {"task": NAME + "ok"}) == 1

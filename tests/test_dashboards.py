@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
 import traced_tasks
+from tests.apps.tasks import fail, ok, run
 from tests.dashboards import (
     COUNTER_SUFFIXES,
     DASHBOARD_FILES,
@@ -36,8 +37,6 @@ DEPLOY = ROOT / "deploy"
 
 def exposed_names() -> set[str]:
     """Every sample name the library exposes, read from a real scrape after tasks succeed, fail and are skipped."""
-    from tests.test_metrics import fail, ok, run
-
     registry = CollectorRegistry()
     traced_tasks.configure(registry=registry)
     try:

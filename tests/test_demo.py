@@ -1,24 +1,22 @@
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.support import free_port, wait_until
+from tests.support import ROOT, clean_environment, free_port, wait_until
 from traced_tasks import _conventions as names
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration  # real servers and processes: slow
 
 
 def test_demo_serves_traffic_spans_and_metrics() -> None:
     """The demo behind `make demo` drives its own traffic, prints task spans and serves live task metrics."""
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "PROMETHEUS_"))}
-    env.update(DEMO_PORT=str(port), DEMO_SECONDS="60", PYTHONPATH=str(ROOT))
+    env = clean_environment(DEMO_PORT=str(port), DEMO_SECONDS="60")
     process = subprocess.Popen(
         [sys.executable, "examples/demo.py"],
         cwd=ROOT,

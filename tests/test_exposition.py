@@ -1,16 +1,13 @@
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
@@ -21,12 +18,9 @@ from starlette.testclient import TestClient
 
 import traced_tasks
 from tests.conftest import Telemetry
-from tests.support import free_port, require_tool, wait_until
+from tests.support import OPENMETRICS, require_tool, start_workers, wait_until
 from traced_tasks import BackgroundTasks
 from traced_tasks import _conventions as names
-
-ROOT = Path(__file__).resolve().parent.parent
-OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 def ok() -> None:
@@ -82,9 +76,13 @@ def test_openmetrics_with_exemplars_when_asked(telemetry: Telemetry) -> None:
 def test_make_metrics_app_serves_the_given_registry(telemetry: Telemetry) -> None:
     """make_metrics_app(registry) serves that registry, not the one traced_tasks counts in."""
     other = CollectorRegistry()
+    Counter("shop_orders", "Orders placed.", registry=other).inc(2)
     client = TestClient(app_with_metrics(traced_tasks.make_metrics_app(other)), raise_server_exceptions=False)
     client.get("/")
-    assert "background_task" not in client.get("/metrics/").text
+    served = client.get("/metrics/").text
+    assert "shop_orders_total 2.0" in served
+    assert telemetry.value(names.SCHEDULED.total, task="tests.test_exposition.ok") == 2  # counted, elsewhere
+    assert names.SCHEDULED.total not in served
 
 
 def test_exposition_passes_promtool(telemetry: Telemetry) -> None:
@@ -98,39 +96,13 @@ def test_exposition_passes_promtool(telemetry: Telemetry) -> None:
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
-@contextlib.contextmanager
-def start_workers(tmp_path: Path) -> Iterator[str]:
-    """`uvicorn --workers 2` serving tests/apps/workers.py in multiprocess mode; yields its base URL."""
-    port = free_port()
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "uvicorn", "tests.apps.workers:app", "--workers", "2", "--port", str(port)]
-    log = (tmp_path / "uvicorn.log").open("wb")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/metrics/").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(up, timeout=60)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
-
-
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[str]:
     with start_workers(tmp_path) as url:
         yield url
 
 
+@pytest.mark.integration
 def test_multiprocess_sums_every_worker(workers: str) -> None:
     """Under uvicorn --workers 2, /metrics counts the tasks of both workers, whichever worker is scraped."""
     pids: set[int] = set()

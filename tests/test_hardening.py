@@ -27,25 +27,11 @@ from starlette.testclient import TestClient
 
 import traced_tasks
 from tests.conftest import Telemetry
-from tests.support import Server, require_tool, wait_until
+from tests.support import OPENMETRICS, Server, require_tool, run_python, start_workers, wait_until
 from traced_tasks import BackgroundTasks
 from traced_tasks import _conventions as names
 
-ROOT = Path(__file__).resolve().parent.parent
 ODD = 'quote" back\\slash\nnewline ünïcødé ✓'
-
-
-def python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    variables = {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env={**variables, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize("problem", ["missing", "a file"])
@@ -54,7 +40,7 @@ def test_unusable_multiprocess_directory_fails_at_import(tmp_path: Path, problem
     path = tmp_path / "metrics"
     if problem == "a file":
         path.write_text("")
-    result = python("import traced_tasks", PROMETHEUS_MULTIPROC_DIR=str(path))
+    result = run_python("import traced_tasks", PROMETHEUS_MULTIPROC_DIR=str(path))
     assert result.returncode == 1
     assert f"RuntimeError: PROMETHEUS_MULTIPROC_DIR={str(path)!r} is not a directory: create it" in result.stderr
 
@@ -83,9 +69,18 @@ def test_odd_task_and_exception_names_keep_the_exposition_valid(telemetry: Telem
     for families in (parse_text(text), parse_openmetrics(openmetrics)):
         samples = [sample for family in families for sample in family.samples]
         assert {"task": name, "exception": ODD} in [sample.labels for sample in samples]
-        exemplars = [sample.exemplar for sample in samples if sample.exemplar]
-        for exemplar in exemplars:
-            assert sum(len(key) + len(value) for key, value in exemplar.labels.items()) <= 128
+    # The exemplar of the failed run, whatever the names: its labels are the IDs only, within OpenMetrics' 128.
+    (span,) = telemetry.task_spans()
+    exemplars = [
+        sample.exemplar.labels
+        for family in parse_openmetrics(openmetrics)
+        for sample in family.samples
+        if sample.exemplar and sample.labels.get("task") == name
+    ]
+    assert exemplars == [
+        {"trace_id": format(span.context.trace_id, "032x"), "span_id": format(span.context.span_id, "016x")}
+    ]
+    assert sum(len(key) + len(value) for key, value in exemplars[0].items()) <= 128
     promtool = require_tool("promtool")
     checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
     assert checked.returncode == 0, checked.stderr
@@ -111,7 +106,7 @@ import traced_tasks
 client = TestClient(traced_tasks.metrics_app)
 print(client.get("/").status_code, client.get("/", headers={"authorization": "Bearer t0ken"}).status_code)
 """
-    result = python(code, TRACED_TASKS_METRICS_TOKEN="t0ken")
+    result = run_python(code, TRACED_TASKS_METRICS_TOKEN="t0ken")
     assert result.stdout.split() == ["401", "200"], result.stderr
 
 
@@ -212,10 +207,10 @@ def test_graceful_shutdown_finishes_or_cancels(telemetry: Telemetry, serve: type
     assert (span.attributes or {})["background_task.status"] == "cancelled"
 
 
+@pytest.mark.integration
 def test_dead_worker_stops_counting_as_running(tmp_path: Path) -> None:
     """Under uvicorn --workers 2, a worker killed mid-task stops counting in the in-progress gauge at the next
     scrape, while its counters stay. Without the cleanup, the dead worker's 1 would stay forever."""
-    from tests.test_exposition import OPENMETRICS, start_workers
 
     with start_workers(tmp_path) as url:
         long = "tests.apps.workers.long_job"

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,10 +19,9 @@ from starlette.routing import Route
 
 import traced_tasks
 from tests.conftest import Telemetry
-from tests.support import free_port, wait_until
+from tests.support import ROOT, clean_environment, free_port, wait_for_http, wait_until
 from traced_tasks import _conventions as names
 
-ROOT = Path(__file__).resolve().parent.parent
 TASK = "tests.test_instrumentor.audit"
 
 
@@ -174,9 +172,7 @@ def run_instrumented(tmp_path: Path, **env: str) -> tuple[str, str]:
     """`opentelemetry-instrument uvicorn tests.apps.plain:app` with the console exporter; returns its output and
     the metrics it served on TRACED_TASKS_METRICS_PORT after two requests."""
     port, metrics_port = free_port(), free_port()
-    variables = {key: value for key, value in os.environ.items() if not key.startswith(("OTEL_", "PROMETHEUS_"))}
-    variables.update(
-        PYTHONPATH=str(ROOT),
+    variables = clean_environment(
         OTEL_TRACES_EXPORTER="console",
         OTEL_METRICS_EXPORTER="none",
         OTEL_LOGS_EXPORTER="none",
@@ -190,7 +186,7 @@ def run_instrumented(tmp_path: Path, **env: str) -> tuple[str, str]:
     process = subprocess.Popen(command, cwd=ROOT, env=variables, stdout=output, stderr=subprocess.STDOUT)
     metrics = ""
     try:
-        wait_until(lambda: _up(f"http://127.0.0.1:{port}/ping"), timeout=60)
+        wait_for_http(f"http://127.0.0.1:{port}/ping")
         httpx.post(f"http://127.0.0.1:{port}/orders/7")
         if env.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS") != "traced_tasks":
             wait_until(lambda: "send_receipt" in _metrics(metrics_port))
@@ -202,13 +198,6 @@ def run_instrumented(tmp_path: Path, **env: str) -> tuple[str, str]:
     return (tmp_path / "output.txt").read_text(), metrics
 
 
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 def _metrics(port: int) -> str:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -216,6 +205,7 @@ def _metrics(port: int) -> str:
         return ""
 
 
+@pytest.mark.integration
 def test_opentelemetry_instrument_command(tmp_path: Path) -> None:
     """Under the real opentelemetry-instrument command, with FastAPI's instrumentation loaded too, unmodified code's
     tasks are each one span of ours, under the request's server span, and /metrics is served on its own port."""
@@ -228,6 +218,7 @@ def test_opentelemetry_instrument_command(tmp_path: Path) -> None:
     assert f'{names.DURATION.count}{{status="success",task="tests.apps.plain.send_receipt"}} 1.0' in metrics
 
 
+@pytest.mark.integration
 def test_disabled_by_environment(tmp_path: Path) -> None:
     """OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=traced_tasks keeps it out: FastAPI's instrumentation spans the tasks."""
     output, _ = run_instrumented(tmp_path, OTEL_PYTHON_DISABLED_INSTRUMENTATIONS="traced_tasks")

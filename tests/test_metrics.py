@@ -1,15 +1,19 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import inspect
 import logging
 import time
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 from starlette._utils import is_async_callable
 from starlette.applications import Starlette
@@ -19,23 +23,13 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 import traced_tasks
+from tests.apps.tasks import NAME, fail, ok, ok_async, run
 from tests.conftest import Telemetry
 from traced_tasks import BackgroundTask, BackgroundTasks
 from traced_tasks import _conventions as names
 
 PREFIX = "tests.test_metrics."
-
-
-def ok() -> None:
-    pass
-
-
-async def ok_async() -> None:
-    pass
-
-
-def fail() -> None:
-    raise KeyError("secret-customer-id")
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 class Mailer:
@@ -64,24 +58,12 @@ def decorated_two() -> None:
     pass
 
 
-def run(*tasks: tuple[Callable[..., Any], tuple[Any, ...]]) -> None:
-    """Run one batch after a real Starlette response, the way a request does."""
-
-    async def endpoint(request: Request) -> Response:
-        batch = BackgroundTasks()
-        for func, args in tasks:
-            batch.add_task(func, *args)
-        return PlainTextResponse("ok", background=batch)
-
-    TestClient(Starlette(routes=[Route("/", endpoint)]), raise_server_exceptions=False).get("/")
-
-
 def test_success_counts(telemetry: Telemetry) -> None:
     """One successful run gives exact counts in every family it touches; the error series exists at 0 from the first
     schedule, so that rate() sees a first failure, while cancelled, which no rule reads, waits for its first run."""
     before = time.time()
     run((ok, ()))
-    task = PREFIX + "ok"
+    task = NAME + "ok"
     assert telemetry.value(names.SCHEDULED.total, task=task) == 1
     assert telemetry.value(names.WAIT.count, task=task) == 1
     assert telemetry.value(names.DURATION.count, task=task, status="success") == 1
@@ -99,14 +81,14 @@ def test_failure_counts_exception_and_skips_the_rest(telemetry: Telemetry) -> No
     ran: list[str] = []
     run((ok, ()), (fail, ()), (ran.append, ("never",)), (ok_async, ()))
     assert ran == []
-    assert telemetry.value(names.DURATION.count, task=PREFIX + "ok", status="success") == 1
-    assert telemetry.value(names.DURATION.count, task=PREFIX + "fail", status="error") == 1
-    assert telemetry.value(names.EXCEPTIONS.total, task=PREFIX + "fail", exception="KeyError") == 1
-    assert telemetry.value(names.SKIPPED.total, task=PREFIX + "ok_async") == 1
+    assert telemetry.value(names.DURATION.count, task=NAME + "ok", status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=NAME + "fail", status="error") == 1
+    assert telemetry.value(names.EXCEPTIONS.total, task=NAME + "fail", exception="KeyError") == 1
+    assert telemetry.value(names.SKIPPED.total, task=NAME + "ok_async") == 1
     assert telemetry.value(names.SKIPPED.total, task="builtins.list.append") == 1
-    assert telemetry.value(names.SKIPPED.total, task=PREFIX + "ok") == 0
-    assert telemetry.value(names.LAST_SUCCESS.name, task=PREFIX + "fail") == 0
-    assert telemetry.value(names.IN_PROGRESS.name, task=PREFIX + "fail") == 0
+    assert telemetry.value(names.SKIPPED.total, task=NAME + "ok") == 0
+    assert telemetry.value(names.LAST_SUCCESS.name, task=NAME + "fail") == 0
+    assert telemetry.value(names.IN_PROGRESS.name, task=NAME + "fail") == 0
 
 
 def test_in_progress_while_running(telemetry: Telemetry) -> None:
@@ -126,7 +108,7 @@ def test_in_progress_while_running(telemetry: Telemetry) -> None:
 def test_wait_includes_earlier_tasks(telemetry: Telemetry) -> None:
     """A task's wait covers the run of the tasks before it in the batch."""
     run((time.sleep, (0.2,)), (ok, ()))
-    wait = telemetry.value(names.WAIT.sum, task=PREFIX + "ok")
+    wait = telemetry.value(names.WAIT.sum, task=NAME + "ok")
     duration = telemetry.value(names.DURATION.sum, task="time.sleep", status="success")
     assert wait is not None
     assert duration is not None
@@ -149,13 +131,12 @@ def test_duration_exemplar_carries_trace_and_span_id(telemetry: Telemetry) -> No
 
 def test_no_exemplar_when_not_sampled(telemetry: Telemetry) -> None:
     """With a sampler that drops everything, durations are counted but carry no exemplar."""
-    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
     from prometheus_client.openmetrics.exposition import generate_latest
 
     traced_tasks.configure(tracer_provider=TracerProvider(sampler=ALWAYS_OFF), registry=telemetry.registry)
     run((ok, ()))
-    assert telemetry.value(names.DURATION.count, task=PREFIX + "ok", status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=NAME + "ok", status="success") == 1
     assert "trace_id" not in generate_latest(telemetry.registry).decode()
 
 
@@ -166,8 +147,8 @@ def test_response_background_task_is_counted(telemetry: Telemetry) -> None:
         return PlainTextResponse("ok", background=BackgroundTask(ok_async))
 
     TestClient(Starlette(routes=[Route("/", endpoint)])).get("/")
-    assert telemetry.value(names.SCHEDULED.total, task=PREFIX + "ok_async") == 1
-    assert telemetry.value(names.DURATION.count, task=PREFIX + "ok_async", status="success") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=NAME + "ok_async") == 1
+    assert telemetry.value(names.DURATION.count, task=NAME + "ok_async", status="success") == 1
 
 
 def test_scheduled_but_never_run_is_visible(telemetry: Telemetry) -> None:
@@ -178,14 +159,14 @@ def test_scheduled_but_never_run_is_visible(telemetry: Telemetry) -> None:
         raise RuntimeError("handler bug")
 
     TestClient(Starlette(routes=[Route("/", endpoint)]), raise_server_exceptions=False).get("/")
-    assert telemetry.value(names.SCHEDULED.total, task=PREFIX + "ok") == 1
-    assert telemetry.value(names.DURATION.count, task=PREFIX + "ok", status="success") == 0
+    assert telemetry.value(names.SCHEDULED.total, task=NAME + "ok") == 1
+    assert telemetry.value(names.DURATION.count, task=NAME + "ok", status="success") == 0
 
 
 @pytest.mark.parametrize(
     ("func", "name"),
     [
-        (functools.partial(functools.partial(ok)), PREFIX + "ok"),
+        (functools.partial(functools.partial(ok)), NAME + "ok"),
         (Mailer().send, PREFIX + "Mailer.send"),
         (Mailer(), PREFIX + "Mailer"),
         (decorated_one, PREFIX + "decorated_one"),
@@ -254,8 +235,8 @@ def test_nested_batch_counts_as_skipped(telemetry: Telemetry) -> None:
             await outer()
 
     asyncio.run(main())
-    assert telemetry.value(names.SKIPPED.total, task=PREFIX + "ok") == 1
-    assert telemetry.value(names.SKIPPED.total, task=PREFIX + "ok_async") == 1
+    assert telemetry.value(names.SKIPPED.total, task=NAME + "ok") == 1
+    assert telemetry.value(names.SKIPPED.total, task=NAME + "ok_async") == 1
 
 
 def test_closures_made_per_request_share_one_series(telemetry: Telemetry) -> None:
@@ -336,7 +317,7 @@ def test_namespace_and_buckets(telemetry: Telemetry) -> None:
     registry = CollectorRegistry()
     traced_tasks.configure(registry=registry, namespace="shop", buckets=[0.5, 90])
     run((ok, ()))
-    task = PREFIX + "ok"
+    task = NAME + "ok"
     assert registry.get_sample_value("shop_" + names.SCHEDULED.total, {"task": task}) == 1
     labels = {"task": task, "status": "success"}
     assert registry.get_sample_value("shop_" + names.DURATION.bucket, {**labels, "le": "90.0"}) == 1
@@ -344,10 +325,21 @@ def test_namespace_and_buckets(telemetry: Telemetry) -> None:
     assert registry.get_sample_value(names.SCHEDULED.total, {"task": task}) is None
 
 
-def test_default_buckets_reach_an_hour() -> None:
-    """The default buckets span 5 ms to an hour, since background work outlasts the client's 10 s default."""
-    assert traced_tasks.DEFAULT_BUCKETS[0] == 0.005
-    assert traced_tasks.DEFAULT_BUCKETS[-1] == 3600
+def test_default_buckets_reach_an_hour(telemetry: Telemetry) -> None:
+    """Both histograms expose exactly the default buckets, which are the README's: 5 ms to an hour, since background
+    work outlasts the client's 10 s default."""
+    run((ok, ()))
+    exposed: dict[str, list[str]] = collections.defaultdict(list)  # bucket bounds per histogram, in order
+    for metric in telemetry.registry.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket") and sample.labels.get("status", "success") == "success":
+                exposed[sample.name].append(sample.labels["le"])
+    bounds = [str(bound) for bound in traced_tasks.DEFAULT_BUCKETS] + ["+Inf"]
+    assert exposed[names.WAIT.bucket] == bounds
+    assert exposed[names.DURATION.bucket] == bounds
+    documented = README.split("go from 5 ms to an hour: `", 1)[1].split("`", 1)[0]
+    assert tuple(float(bound) for bound in documented.replace("\n", " ").split(",")) == traced_tasks.DEFAULT_BUCKETS
+    assert (traced_tasks.DEFAULT_BUCKETS[0], traced_tasks.DEFAULT_BUCKETS[-1]) == (0.005, 3600)
 
 
 def test_reconfigure_on_same_registry_unregisters_previous(telemetry: Telemetry) -> None:
@@ -355,7 +347,7 @@ def test_reconfigure_on_same_registry_unregisters_previous(telemetry: Telemetry)
     traced_tasks.configure(registry=telemetry.registry)
     traced_tasks.configure(registry=telemetry.registry)
     run((ok, ()))
-    assert telemetry.value(names.SCHEDULED.total, task=PREFIX + "ok") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=NAME + "ok") == 1
 
 
 @pytest.mark.parametrize(
@@ -369,20 +361,57 @@ def test_reconfigure_on_same_registry_unregisters_previous(telemetry: Telemetry)
         ({"max_task_names": 0}, "max_task_names"),
         ({"max_task_names": True}, "max_task_names"),
         ({"registry": object()}, "registry"),
+        ({"buckets": "1,5,10"}, "buckets"),
+        ({"buckets": [1, "5"]}, "buckets"),
+        ({"tracer_provider": TracerProvider}, "tracer_provider"),
+        ({"tracer_provider": "jaeger"}, "tracer_provider"),
+        ({"isolate_tasks": "false"}, "isolate_tasks"),
+        ({"route_label": "no"}, "route_label"),
+        ({"use_span_links": "0"}, "use_span_links"),
+        ({"use_span_links": 1}, "use_span_links"),
     ],
 )
 def test_bad_configuration_fails_clearly(telemetry: Telemetry, options: dict[str, Any], message: str) -> None:
-    """Each bad option fails at configure() with a message naming it, and the configuration in force stays."""
+    """Each bad option fails at configure() with a message naming it, before anything changes: the metrics in force
+    are exactly as they were, and the configuration in force keeps counting."""
+    run((ok, ()))
+    before = sorted(map(str, (sample for metric in telemetry.registry.collect() for sample in metric.samples)))
     with pytest.raises((ValueError, TypeError), match=message):
         traced_tasks.configure(**options)
+    after = sorted(map(str, (sample for metric in telemetry.registry.collect() for sample in metric.samples)))
+    assert after == before
     run((ok, ()))
-    assert telemetry.value(names.SCHEDULED.total, task=PREFIX + "ok") == 1
+    assert telemetry.value(names.SCHEDULED.total, task=NAME + "ok") == 2
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry)  # a good call after it
+    run((ok, ()))
+    assert telemetry.value(names.SCHEDULED.total, task=NAME + "ok") == 1
 
 
-def test_unknown_option_is_rejected() -> None:
-    """A misspelt option raises TypeError at configure() instead of being ignored."""
-    with pytest.raises(TypeError, match="namespce"):
+class ProviderThatFails(trace.TracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        raise RuntimeError("no tracer today")
+
+
+def test_a_failing_configuration_changes_nothing(telemetry: Telemetry) -> None:
+    """A configuration that passes validation but fails while it is built (here its tracer provider raises) leaves the
+    configuration in force and its metrics in the registry, so later configure() calls work."""
+    run((ok, ()))
+    with pytest.raises(RuntimeError, match="no tracer today"):
+        traced_tasks.configure(tracer_provider=ProviderThatFails(), registry=telemetry.registry)
+    run((ok, ()))
+    assert telemetry.value(names.SCHEDULED.total, task=NAME + "ok") == 2
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry)
+    run((ok, ()))
+    assert telemetry.value(names.SCHEDULED.total, task=NAME + "ok") == 1
+
+
+def test_unknown_option_is_rejected(telemetry: Telemetry) -> None:
+    """A misspelt option raises TypeError at configure(), naming it and the options there are, and changes nothing."""
+    with pytest.raises(TypeError, match=r"unknown option 'namespce'.*namespace") as raised:
         traced_tasks.configure(namespce="shop")  # type: ignore[call-arg]
+    assert "tracer_provider" in str(raised.value)
+    run((ok, ()))
+    assert telemetry.value(names.SCHEDULED.total, task=NAME + "ok") == 1
 
 
 def test_non_callable_fails_at_add_task(telemetry: Telemetry) -> None:

@@ -21,9 +21,11 @@ from starlette.routing import Mount, Route
 import traced_tasks
 from tests.conftest import Telemetry
 from tests.dashboards import RULES, concrete, queries, rules
-from tests.support import Server, free_port, require_tool, wait_until
+from tests.support import Server, free_port, require_tool, wait_for_http, wait_until
 from traced_tasks import BackgroundTasks
 from traced_tasks import _conventions as names
+
+pytestmark = pytest.mark.integration  # real servers and processes: slow
 
 JOB = "traced-tasks-test"
 
@@ -92,13 +94,7 @@ class Prometheus:
             stderr=subprocess.STDOUT,
         )
 
-        def ready() -> bool:
-            try:
-                return httpx.get(self.url + "/-/ready").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, timeout=60)
+        wait_for_http(self.url + "/-/ready")
 
     def api(self, path: str, **params: Any) -> Any:
         response = httpx.get(self.url + "/api/v1/" + path, params=params, timeout=30)

@@ -1,11 +1,7 @@
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import subprocess
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +14,9 @@ from opentelemetry.util.types import Attributes
 from prometheus_client import CollectorRegistry
 
 import traced_tasks
-from traced_tasks import BackgroundTasks
+from tests.apps.tasks import NAME, run_batches
+from tests.support import run_python
 from traced_tasks import _conventions as names
-
-ROOT = Path(__file__).resolve().parent.parent
-PREFIX = "tests.test_robustness."
 
 
 class ExporterDown(SpanProcessor):
@@ -66,36 +60,6 @@ class BrokenTracerProvider(trace.TracerProvider):
         return BrokenTracer()
 
 
-def ok(calls: list[str]) -> None:
-    calls.append("ok")
-
-
-async def fail(calls: list[str]) -> None:
-    calls.append("fail")
-    raise LookupError("task bug")
-
-
-def run_batches(batches: int, calls: list[str]) -> list[BaseException | None]:
-    """Run `batches` batches of [ok, fail, ok]; returns what each batch raised."""
-
-    async def main() -> list[BaseException | None]:
-        outcomes: list[BaseException | None] = []
-        for _ in range(batches):
-            tasks = BackgroundTasks()
-            tasks.add_task(ok, calls)
-            tasks.add_task(fail, calls)
-            tasks.add_task(ok, calls)
-            try:
-                await tasks()
-            except LookupError as exc:
-                outcomes.append(exc)
-            else:
-                outcomes.append(None)
-        return outcomes
-
-    return asyncio.run(main())
-
-
 def provider_with(processor: SpanProcessor) -> TracerProvider:
     provider = TracerProvider()
     provider.add_span_processor(processor)
@@ -129,16 +93,16 @@ def test_tracing_failures_never_change_a_task(
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, labels)
 
-    assert value(names.SCHEDULED.total, task=PREFIX + "ok") == 6
-    assert value(names.DURATION.count, task=PREFIX + "ok", status="success") == 3
-    assert value(names.SKIPPED.total, task=PREFIX + "ok") == 3
-    assert value(names.DURATION.count, task=PREFIX + "fail", status="error") == 3
-    assert value(names.EXCEPTIONS.total, task=PREFIX + "fail", exception="LookupError") == 3
-    assert value(names.IN_PROGRESS.name, task=PREFIX + "fail") == 0
+    assert value(names.SCHEDULED.total, task=NAME + "record") == 6
+    assert value(names.DURATION.count, task=NAME + "record", status="success") == 3
+    assert value(names.SKIPPED.total, task=NAME + "record") == 3
+    assert value(names.DURATION.count, task=NAME + "fail_after", status="error") == 3
+    assert value(names.EXCEPTIONS.total, task=NAME + "fail_after", exception="LookupError") == 3
+    assert value(names.IN_PROGRESS.name, task=NAME + "fail_after") == 0
     logged = [record.getMessage() for record in caplog.records if record.name == "traced_tasks"]
     assert len(logged) == 2
-    assert [PREFIX + "ok" in message for message in logged].count(True) == 1
-    assert [PREFIX + "fail" in message for message in logged].count(True) == 1
+    assert [NAME + "record" in message for message in logged].count(True) == 1
+    assert [NAME + "fail_after" in message for message in logged].count(True) == 1
     traced_tasks.configure(registry=CollectorRegistry())
 
 
@@ -154,19 +118,17 @@ def test_metrics_failure_never_changes_a_task(tmp_path: Path) -> None:
 import asyncio, logging, os
 logging.basicConfig(level=logging.ERROR, format="%(name)s|%(message)s")
 import traced_tasks
-from tests.test_robustness import run_batches
+from tests.apps.tasks import run_batches
 os.rmdir({str(gone)!r})
 calls = []
 outcomes = run_batches(3, calls)
 print(calls)
 print([type(outcome).__name__ for outcome in outcomes])
 """
-    env: Mapping[str, str] = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(gone), "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=120
-    )
+    result = run_python(script, PROMETHEUS_MULTIPROC_DIR=str(gone))
+    assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [repr(["ok", "fail"] * 3), repr(["LookupError"] * 3)]
     logged = [line for line in result.stderr.splitlines() if line.startswith("traced_tasks|")]
     assert len(logged) == 2, result.stderr
-    assert "tests.test_robustness.ok;" in logged[0]
-    assert "tests.test_robustness.fail;" in logged[1]
+    assert f"{NAME}record;" in logged[0]
+    assert f"{NAME}fail_after;" in logged[1]

@@ -1,17 +1,14 @@
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import run_python
 
 SCRIPT = """
 import asyncio
@@ -71,16 +68,9 @@ def collector() -> Iterator[Collector]:
 
 
 def run_script(**env: str) -> subprocess.CompletedProcess[str]:
-    variables = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
-    return subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        cwd=ROOT,
-        env={**variables, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
+    result = run_python(SCRIPT, **env)
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 def test_spans_travel_over_otlp(collector: Collector) -> None:

@@ -16,7 +16,7 @@ from traced_tasks import _backends
 from traced_tasks._activity import Activity
 from traced_tasks._conventions import INSTRUMENTATION_NAME
 from traced_tasks._labels import Labels
-from traced_tasks._options import Options
+from traced_tasks._options import Options, option_names
 from traced_tasks._profiles import Profiles
 from traced_tasks._version import __version__
 
@@ -95,6 +95,11 @@ def configure(**options: Any) -> None:
         isolate_tasks: True: a failing task does not stop the rest of its batch.
         route_label: True: every metric family also gets a `route` label, the scheduling request's route template.
     """
+    unknown = sorted(set(options) - set(option_names()))
+    if unknown:
+        raise TypeError(
+            f"configure() got an unknown option {unknown[0]!r}; its options are {', '.join(option_names())}"
+        )
     _install(Options(**options))
 
 
