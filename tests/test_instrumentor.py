@@ -248,3 +248,46 @@ def test_metrics_port_serves_the_registry_configured_later(
     assert f'{names.SCHEDULED.total}{{task="{TASK}"}} 1.0' in text
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/metrics")
+
+
+def test_instrument_sends_spans_to_the_given_tracer_provider(telemetry: Telemetry) -> None:
+    """instrument(tracer_provider=...) sends task spans to that provider, as OpenTelemetry's instrumentations do,
+    and keeps the other options of the configuration in force."""
+    traced_tasks.configure(registry=telemetry.registry, route_label=True)  # spans would go to the global provider
+    instance = traced_tasks.BackgroundTasksInstrumentor()
+    instance.instrument(tracer_provider=telemetry.provider)
+    try:
+        TestClient(starlette_app()).get("/single")
+    finally:
+        instance.uninstrument()
+    assert [span.name for span in telemetry.task_spans()] == [f"BackgroundTask {TASK}"]
+    assert telemetry.value(names.SCHEDULED.total, task=TASK, route="/single") == 1
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses listening on `port`, as the kernel lists them (IPv4)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, local_port = local.split(":")
+        if int(local_port, 16) == port and state == "0A":  # LISTEN
+            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def test_metrics_port_listens_on_loopback_by_default(telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TRACED_TASKS_METRICS_ADDR the metrics port is bound to 127.0.0.1 only; the variable opens it."""
+    for addr, expected in ((None, {"127.0.0.1"}), ("0.0.0.0", {"0.0.0.0"})):
+        port = free_port()
+        monkeypatch.setenv("TRACED_TASKS_METRICS_PORT", str(port))
+        if addr is None:
+            monkeypatch.delenv("TRACED_TASKS_METRICS_ADDR", raising=False)
+        else:
+            monkeypatch.setenv("TRACED_TASKS_METRICS_ADDR", addr)
+        instance = traced_tasks.BackgroundTasksInstrumentor()
+        instance.instrument()
+        try:
+            TestClient(starlette_app()).get("/single")  # the first ASGI call starts the server
+            assert listening_addresses(port) == expected
+        finally:
+            instance.uninstrument()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 from pathlib import Path
@@ -58,3 +59,35 @@ def test_every_metric_is_documented() -> None:
 def test_typed_package() -> None:
     """The package ships py.typed, so type checkers read its annotations."""
     assert (Path(traced_tasks.__file__).parent / "py.typed").is_file()
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    """traced_tasks' modules import one another in one direction only: the task classes, then the run lifecycle, then
+    the backends. Every import counts, at module level or inside a function; the package's __init__ is left out."""
+    package = Path(traced_tasks.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "traced_tasks":
+                imported.update(f"traced_tasks.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("traced_tasks."):
+                imported.add(node.module or "")
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names if alias.name.startswith("traced_tasks."))
+        graph[f"traced_tasks.{path.stem}"] = imported
+    assert len(graph) > 10
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for imported in sorted(graph.get(module, ())):
+            if imported in path:
+                cycles.append([*path[path.index(imported) :], imported])
+            else:
+                visit(imported, [*path, imported])
+
+    for module in sorted(graph):
+        visit(module, [module])
+    assert cycles == []

@@ -4,7 +4,7 @@ from traced_tasks import BackgroundTasks      # instead of fastapi's or starlett
 app.mount("/metrics", traced_tasks.metrics_app)
 """
 
-from traced_tasks import _fastapi, _multiprocess
+from traced_tasks import _fastapi, _multiprocess, package, testing
 from traced_tasks._background import BackgroundTask, BackgroundTasks
 from traced_tasks._config import configure
 from traced_tasks._conventions import OVERFLOW
@@ -26,7 +26,9 @@ __all__ = [
     "configure",
     "make_metrics_app",
     "metrics_app",
+    "package",
     "setup_tracing",
+    "testing",
 ]
 
 _multiprocess.check_directory()

@@ -10,7 +10,8 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from starlette import applications, background
 from starlette.types import Receive, Scope, Send
 
-from traced_tasks import _background, _fastapi, _request, _run, _server
+from traced_tasks import _background, _config, _fastapi, _request, _run, _server
+from traced_tasks.package import _instruments
 
 logger = logging.getLogger("traced_tasks")
 
@@ -29,17 +30,26 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     `opentelemetry-instrument` finds it by its entry point, `traced_tasks`; or call it yourself:
 
-        traced_tasks.BackgroundTasksInstrumentor().instrument()
+        traced_tasks.BackgroundTasksInstrumentor().instrument(tracer_provider=provider)
+
+    `tracer_provider`, as in OpenTelemetry's instrumentations, sends task spans to that provider: it replaces the
+    `tracer_provider` option of the configuration in force and keeps the others.
     """
 
     _originals: dict[tuple[type, str], Any]
     _metrics_server: _server.MetricsServer | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
-        return ("starlette >= 0.37",)
+        return _instruments
 
     def _instrument(self, **kwargs: Any) -> None:
         # Never raise: opentelemetry-instrument would skip every instrumentation after this one.
+        tracer_provider = kwargs.get("tracer_provider")
+        if tracer_provider is not None:
+            try:
+                _config.reconfigure(tracer_provider=tracer_provider)
+            except Exception:
+                logger.exception("traced_tasks: cannot use the given tracer_provider; spans go to the global one")
         try:
             port = _server.port_from_environment()
         except ValueError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -52,7 +53,11 @@ class Profiles:
         self._lock = threading.Lock()
 
     def get(self, func: Callable[..., Any], route: str | None) -> Profile:
-        key, code = _key(func)
+        if type(func) is types.FunctionType:  # most tasks: _key(), written out
+            code: object = func.__code__
+            key: object = (id(code), func.__module__, func.__qualname__)
+        else:
+            key, code = _key(func)
         entry = self._callables.get(key)
         if entry is None:
             entry = self._add(func, key, code)

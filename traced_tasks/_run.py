@@ -1,7 +1,8 @@
 """A task's life as traced_tasks sees it: scheduled, then run, or skipped.
 
-What add_task captures travels in a `Scheduled`; a `Run` owns one run's span, context, clock and counts from start to
-finish. Both only call down, into the configuration the task was scheduled under and its metrics backend.
+A `Run` is made by add_task and owns the run from there: the context and clock add_task captured, then the span,
+the context token, the run clock and the counts. It only calls down, into the configuration the task was scheduled
+under and its metrics backend.
 """
 
 from __future__ import annotations
@@ -32,25 +33,13 @@ from traced_tasks._profiles import Profile
 _ROOT = Context()
 
 
-class Scheduled:
-    """A task as add_task left it: the configuration and profile it was scheduled under, its context and clock."""
-
-    __slots__ = ("config", "context", "profile", "scheduled_ns")
-
-    def __init__(self, config: Configuration, profile: Profile) -> None:
-        self.config = config
-        self.profile = profile
-        self.context = otel_context.get_current()
-        self.scheduled_ns = time.perf_counter_ns()
-
-
-def schedule(config: Configuration, func: Callable[..., Any]) -> Scheduled | None:
+def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
     """Capture what a task needs at its run and count it as scheduled; never raises. None: not a task of its own
     (a nested batch), or the setup failed."""
-    if is_container(func):
+    if isinstance(func, _CONTAINERS):
         return None
     try:
-        scheduled = Scheduled(config, config.profiles.get(func, _request.route()))
+        scheduled = Run(config, config.profiles.get(func, _request.route()))
     except Exception:
         config.report("task setup", _name(func))
         return None
@@ -61,50 +50,82 @@ def schedule(config: Configuration, func: Callable[..., Any]) -> Scheduled | Non
     return scheduled
 
 
-def is_container(func: object) -> bool:
-    """A batch, or a task, passed as a task: it runs tasks of its own, and is not one."""
-    return isinstance(func, (background.BackgroundTasks, background.BackgroundTask))
+# A batch, or a task, passed as a task: it runs tasks of its own, and is not one.
+_CONTAINERS = (background.BackgroundTasks, background.BackgroundTask)
 
 
 class Run:
-    """One run of a scheduled task: its span, the context it makes current, its clock and its counts.
+    """One run of a task, from add_task to its outcome: the configuration and profile it was scheduled under, the
+    context and clock add_task captured, then its span, the context it makes current, its run clock and counts.
 
-        with Run(scheduled):
+        with Run(config, profile):
             await func(*args, **kwargs)
 
-    The span is current inside the block, in the context captured at add_task. An exception leaves the block
-    untouched.
+    The span is current inside the block, in the context captured when the Run was made. An exception leaves the
+    block untouched.
     """
 
-    __slots__ = ("_span", "_started_ns", "_token", "scheduled", "started_at")
+    __slots__ = (
+        "_claimed",
+        "_span",
+        "_started_ns",
+        "_token",
+        "config",
+        "context",
+        "profile",
+        "scheduled_ns",
+        "started_at",
+    )
 
-    def __init__(self, scheduled: Scheduled) -> None:
-        self.scheduled = scheduled
+    def __init__(self, config: Configuration, profile: Profile) -> None:
+        self.config = config
+        self.profile = profile
+        self.context = otel_context.get_current()
+        self.scheduled_ns = time.perf_counter_ns()
+        self._claimed = False
         self._started_ns = 0  # 0 until the run starts
+
+    def claim(self) -> Run:
+        """This Run, for the run about to start; or, for a task object run more than once, a new Run with the
+        scheduling of the first: one task object attached to several responses runs several times."""
+        if self._claimed:
+            again = Run.__new__(Run)
+            again.config, again.profile, again.context = self.config, self.profile, self.context
+            again.scheduled_ns, again._claimed, again._started_ns = self.scheduled_ns, True, 0
+            return again
+        self._claimed = True
+        return self
 
     @property
     def task(self) -> str:
-        return self.scheduled.profile.name
+        return self.profile.name
 
     @property
     def route(self) -> str | None:
-        return self.scheduled.profile.route
+        return self.profile.route
 
     @property
     def started(self) -> bool:
         return self._started_ns != 0
 
     def __enter__(self) -> None:
-        scheduled = self.scheduled
-        config = scheduled.config
-        profile = scheduled.profile
+        config = self.config
+        profile = self.profile
         self._started_ns = started_ns = time.perf_counter_ns()
         self.started_at = time.time()
-        parent = scheduled.context
+        parent = self.context
         span: Span | None = None
         token: object = None
         try:
-            span = _start_span(config, profile, parent)
+            if config.use_span_links:
+                span = _start_linked_span(config, profile, parent)
+            else:
+                span = config.tracer.start_span(
+                    profile.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=profile.attributes
+                )
+                if not span.is_recording() and span is trace.get_current_span(parent):
+                    # The API's no-op tracer hands back the parent's own span: nothing of ours to end or annotate.
+                    span = None
             # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
             token = otel_context.attach(parent if span is None else trace.set_span_in_context(span, parent))
         except Exception:
@@ -115,16 +136,15 @@ class Run:
         self._span = span
         self._token = token
         try:
-            profile.counts.start((started_ns - scheduled.scheduled_ns) / 1e9, self.started_at)
+            profile.counts.start((started_ns - self.scheduled_ns) / 1e9, self.started_at)
         except Exception:
             config.report("metrics", profile.name)
         config.activity.running.add(self)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         seconds = (time.perf_counter_ns() - self._started_ns) / 1e9
-        scheduled = self.scheduled
-        config = scheduled.config
-        profile = scheduled.profile
+        config = self.config
+        profile = self.profile
         config.activity.running.discard(self)
         if self._token is not None:
             otel_context.detach(self._token)  # type: ignore[arg-type]  # logs, never raises
@@ -177,40 +197,32 @@ class Run:
 
     def _trace_id(self) -> str | None:
         """The trace ID of the span current in the task, when it is sampled: where its trace can be found."""
-        span = self._span if self._span is not None else trace.get_current_span(self.scheduled.context)
+        span = self._span if self._span is not None else trace.get_current_span(self.context)
         span_context = span.get_span_context()
         if not span_context.is_valid or not span_context.trace_flags.sampled:
             return None
         return format(span_context.trace_id, "032x")
 
 
-def _start_span(config: Configuration, profile: Profile, parent: Context) -> Span | None:
-    """The run's span, or None when the tracer makes none of ours (the API's no-op tracer)."""
-    if config.use_span_links:
-        request = trace.get_current_span(parent).get_span_context()
-        links = [Link(request)] if request.is_valid else None
-        return config.tracer.start_span(
-            profile.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=profile.attributes, links=links
-        )
-    span = config.tracer.start_span(
-        profile.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=profile.attributes
+def _start_linked_span(config: Configuration, profile: Profile, parent: Context) -> Span:
+    """The run's span in link mode: the first of a trace of its own, linked to the span that scheduled it."""
+    request = trace.get_current_span(parent).get_span_context()
+    links = [Link(request)] if request.is_valid else None
+    return config.tracer.start_span(
+        profile.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=profile.attributes, links=links
     )
-    if not span.is_recording() and span is trace.get_current_span(parent):
-        # The API's no-op tracer hands back the parent's own span: nothing of ours to end or annotate.
-        return None
-    return span
 
 
 async def run(task: background.BackgroundTask) -> None:
     """Run one task inside its span, counting its outcome. Starlette's BackgroundTask.__call__, traced."""
-    scheduled: Scheduled | None = getattr(task, "_traced", None)  # None: made before instrumentation
+    scheduled: Run | None = getattr(task, "_traced", None)  # None: made before instrumentation
     if scheduled is None:
         await call(task)
     elif task.is_async:
-        with Run(scheduled):
+        with scheduled.claim():
             await task.func(*task.args, **task.kwargs)
     else:
-        current = Run(scheduled)
+        current = scheduled.claim()
         try:
             await run_in_threadpool(current.call, task.func, task.args, task.kwargs)
         except BaseException as exc:
@@ -231,7 +243,7 @@ def skip(task: object) -> None:
     """Count a task that never ran because an earlier one stopped its batch. A nested batch, or a task that runs
     one, counts every task it holds."""
     for inner in _tasks_in(task):
-        scheduled: Scheduled | None = getattr(inner, "_traced", None)
+        scheduled: Run | None = getattr(inner, "_traced", None)
         if scheduled is None:
             continue
         config, profile = scheduled.config, scheduled.profile
@@ -249,7 +261,7 @@ def isolates(task: object) -> bool:
     """Whether the configuration `task` was scheduled under lets its batch go on after it fails. For a nested
     batch, its first task decides."""
     for inner in _tasks_in(task):
-        scheduled: Scheduled | None = getattr(inner, "_traced", None)
+        scheduled: Run | None = getattr(inner, "_traced", None)
         if scheduled is not None:
             return scheduled.config.isolate_tasks
     return False
@@ -266,7 +278,7 @@ def _tasks_in(task: object) -> Iterator[object]:
         seen.add(id(item))
         if isinstance(item, background.BackgroundTasks):
             pending.extend(reversed(item.tasks))
-        elif isinstance(item, background.BackgroundTask) and is_container(item.func):
+        elif isinstance(item, background.BackgroundTask) and isinstance(item.func, _CONTAINERS):
             pending.append(item.func)
         else:
             yield item
