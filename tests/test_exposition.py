@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 
 import traced_tasks
 from tests.conftest import Telemetry
-from tests.support import OPENMETRICS, require_tool, start_workers, wait_until
+from tests.support import OPENMETRICS, Server, require_tool, start_workers, wait_until
 from traced_tasks import BackgroundTasks
 from traced_tasks import _conventions as names
 
@@ -191,3 +191,35 @@ def test_metrics_app_serves_the_applications_metrics_beside_ours(telemetry: Tele
     assert openmetrics.endswith("# EOF\n")
     families = {family.name for family in parse_openmetrics(openmetrics)}
     assert {"shop_orders", names.SCHEDULED.name, names.DURATION.name} <= families
+
+
+@pytest.mark.integration
+def test_metrics_answer_while_sync_tasks_fill_the_threadpool(telemetry: Telemetry, serve: type[Server]) -> None:
+    """With 45 sync tasks blocked (a mail server down), more than the 40 threads Starlette's threadpool allows,
+    /metrics still answers through real uvicorn, and shows them running: it renders in threads of its own."""
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def send_mail() -> None:
+        started.release()
+        release.wait(60)
+
+    async def place_order(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(send_mail)
+        return PlainTextResponse("ok", background=tasks)
+
+    server = serve(Starlette(routes=[Route("/orders", place_order), Mount("/metrics", traced_tasks.metrics_app)]))
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for _ in range(45):
+                client.get("/orders")
+            for _ in range(40):  # the threadpool is full
+                assert started.acquire(timeout=30)
+            response = client.get("/metrics/")  # waits for nothing the tasks hold
+            assert not release.is_set()
+        name = "tests.test_exposition.test_metrics_answer_while_sync_tasks_fill_the_threadpool.<locals>.send_mail"
+        assert f'{names.IN_PROGRESS.name}{{task="{name}"}} 40.0' in response.text
+        assert f'{names.SCHEDULED.total}{{task="{name}"}} 45.0' in response.text
+    finally:
+        release.set()
