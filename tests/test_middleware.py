@@ -233,3 +233,71 @@ def test_without_an_sdk_the_task_still_carries_the_callers_context() -> None:
     name = f"{__name__}.test_without_an_sdk_the_task_still_carries_the_callers_context.<locals>.propagate"
     assert f'{names.DURATION.count}{{status="success",task="{name}"}} 1.0' in exposition
     assert "trace_id" not in exposition
+
+
+def routers_app() -> fastapi.FastAPI:
+    """Two routers with the same `/{id}` route, included with different prefixes, and a router in a router."""
+    users, admins, items, api = (fastapi.APIRouter() for _ in range(4))
+
+    @users.post("/{id}")
+    @admins.post("/{id}")
+    def touch(id: int, tasks: fastapi.BackgroundTasks) -> str:
+        tasks.add_task(remember, [])
+        return "ok"
+
+    @items.post("/items/{item_id:int}")
+    def touch_item(item_id: int, tasks: fastapi.BackgroundTasks) -> str:
+        tasks.add_task(remember, [])
+        return "ok"
+
+    api.include_router(items, prefix="/orgs/{org}")
+    app = fastapi.FastAPI()
+    app.include_router(users, prefix="/users")
+    app.include_router(admins, prefix="/admins")
+    app.include_router(api, prefix="/api")
+    return app
+
+
+INCLUDED = {
+    "/users/1": "/users/{id}",
+    "/admins/2": "/admins/{id}",
+    "/api/orgs/acme/items/5": "/api/orgs/{org}/items/{item_id:int}",
+}
+
+
+def test_route_of_an_included_router_keeps_its_prefixes(telemetry: Telemetry) -> None:
+    """Behind TraceContextMiddleware, a task scheduled under include_router(prefix=...) gets the whole template,
+    the one OpenTelemetry's FastAPI instrumentation reports on the server span, not the router's own `/{id}`; and
+    with the route label, the two routers' endpoints stay two series."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry, route_label=True)
+    app = routers_app()
+    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=telemetry.provider)
+    try:
+        client = TestClient(app)
+        for path in INCLUDED:
+            assert client.post(path).status_code == 200
+    finally:
+        FastAPIInstrumentor.uninstrument_app(app)  # it patches Starlette's BackgroundTask for every app
+    servers = [
+        (span.attributes or {})["http.route"] for span in telemetry.spans() if span.kind is trace.SpanKind.SERVER
+    ]
+    tasks = [(span.attributes or {})["http.route"] for span in telemetry.task_spans()]
+    assert tasks == servers == list(INCLUDED.values())
+    for route in INCLUDED.values():
+        assert telemetry.value(names.SCHEDULED.total, task="tests.test_middleware.remember", route=route) == 1
+
+
+def test_route_of_an_included_router_under_the_instrumentor(telemetry: Telemetry) -> None:
+    """Under the zero-code instrumentor, FastAPI's own injected tasks get the whole template too."""
+    instance = traced_tasks.BackgroundTasksInstrumentor()
+    instance.instrument()
+    try:
+        client = TestClient(routers_app())
+        for path in INCLUDED:
+            client.post(path)
+    finally:
+        instance.uninstrument()
+    assert [(span.attributes or {})["http.route"] for span in telemetry.task_spans()] == list(INCLUDED.values())

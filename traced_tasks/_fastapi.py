@@ -24,14 +24,6 @@ def install() -> None:
         utils.BackgroundTasks = _traced.get(fastapi_class) or _traced_class(fastapi_class)  # type: ignore[attr-defined]
 
 
-def uninstall() -> None:
-    """Give FastAPI its own class back (BackgroundTasksInstrumentor.uninstrument)."""
-    found = _fastapi()
-    if found is not None:
-        utils, fastapi_class = found
-        utils.BackgroundTasks = fastapi_class  # type: ignore[attr-defined]
-
-
 def _fastapi() -> tuple[ModuleType, type[Any]] | None:
     try:
         from fastapi import background

@@ -83,7 +83,6 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._originals = {}
         if background.BackgroundTask.__dict__.get(_OTEL_FASTAPI_MARK) is _run.run:
             delattr(background.BackgroundTask, _OTEL_FASTAPI_MARK)
-        _fastapi.uninstall()
         if self._metrics_server is not None:
             self._metrics_server.stop()
             self._metrics_server = None

@@ -21,17 +21,21 @@ def serving(scope: Scope) -> Iterator[None]:
 
 
 def route() -> str | None:
-    """The route template of the request being served, such as `/orders/{order_id}`, once routing matched it,
-    outside Starlette Mounts."""
+    """The route template of the request being served, such as `/orders/{order_id}`, once routing matched it:
+    the whole template under FastAPI's include_router(prefix=...), and nothing under a Starlette Mount."""
     scope = _scope.get()
     if scope is None:
-        return None
-    matched = scope.get("route")
-    path = getattr(matched, "path", None)
-    if not isinstance(path, str):
         return None
     # Under a Mount the route's path is relative to it, and the scope keeps only the matched prefix, with its
     # values (/tenants/acme), not its template: report nothing rather than a value or half a route.
     if scope.get("root_path", "") != scope.get("app_root_path", scope.get("root_path", "")):
         return None
-    return path
+    matched = scope.get("route")
+    # FastAPI 0.137 and later keep an included router's own route in the scope, its path without the prefixes
+    # include_router added, and the route as the application serves it beside it.
+    fastapi = scope.get("fastapi")
+    included = fastapi.get("effective_route_context") if isinstance(fastapi, dict) else None
+    if included is not None and getattr(included, "original_route", None) is matched:
+        matched = included
+    path = getattr(matched, "path", None)
+    return path if isinstance(path, str) else None
