@@ -221,22 +221,55 @@ def test_functions_sharing_code_keep_their_names(telemetry: Telemetry) -> None:
     assert telemetry.value(names.DURATION.count, task="builtins.list.clear", status="success") == 1
 
 
-def test_nested_batch_counts_as_skipped(telemetry: Telemetry) -> None:
-    """A traced batch nested in a batch, behind a failing task, has each of its tasks counted as skipped."""
+def nestings() -> list[tuple[str, Callable[[BackgroundTasks, BackgroundTasks], None]]]:
+    """Every way a batch can hold another: in its list, through add_task, as a task's func, two levels deep."""
+
+    def deeper(outer: BackgroundTasks, inner: BackgroundTasks) -> None:
+        middle = BackgroundTasks()
+        middle.add_task(inner)
+        outer.add_task(middle)
+
+    return [
+        ("in the list", lambda outer, inner: outer.tasks.append(inner)),
+        ("add_task", lambda outer, inner: outer.add_task(inner)),
+        ("BackgroundTask", lambda outer, inner: outer.tasks.append(BackgroundTask(inner))),
+        ("two levels", deeper),
+    ]
+
+
+@pytest.mark.parametrize(("how", "nest"), nestings(), ids=[how for how, _ in nestings()])
+def test_nested_batch_counts_as_skipped(
+    telemetry: Telemetry, how: str, nest: Callable[[BackgroundTasks, BackgroundTasks], None]
+) -> None:
+    """A batch nested in a batch, behind a failing task, has each of its tasks counted as skipped, however it is
+    nested; the nested batch is a container, not a task: no span and no series of its own. Run, its tasks are
+    counted as theirs."""
     inner = BackgroundTasks()
     inner.add_task(ok)
     inner.add_task(ok_async)
 
-    async def main() -> None:
+    async def main(failing: bool) -> None:
         outer = BackgroundTasks()
-        outer.add_task(fail)
-        outer.tasks.append(inner)
-        with pytest.raises(KeyError):
+        if failing:
+            outer.add_task(fail)
+        nest(outer, inner)
+        if failing:
+            with pytest.raises(KeyError):
+                await outer()
+        else:
             await outer()
 
-    asyncio.run(main())
+    asyncio.run(main(failing=True))
     assert telemetry.value(names.SKIPPED.total, task=NAME + "ok") == 1
     assert telemetry.value(names.SKIPPED.total, task=NAME + "ok_async") == 1
+    asyncio.run(main(failing=False))
+    assert telemetry.value(names.DURATION.count, task=NAME + "ok", status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=NAME + "ok_async", status="success") == 1
+    tasks = {sample.labels["task"] for metric in telemetry.registry.collect() for sample in metric.samples}
+    assert tasks == {NAME + "ok", NAME + "ok_async", NAME + "fail"}
+    assert sorted(span.name for span in telemetry.task_spans()) == sorted(
+        ["BackgroundTask " + NAME + name for name in ("fail", "ok", "ok_async")]
+    )
 
 
 def test_closures_made_per_request_share_one_series(telemetry: Telemetry) -> None:
