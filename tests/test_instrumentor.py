@@ -295,3 +295,54 @@ def test_metrics_port_listens_on_loopback_by_default(telemetry: Telemetry, monke
             assert listening_addresses(port) == expected
         finally:
             instance.uninstrument()
+
+
+class OwnLoop(background.BackgroundTasks):
+    """A batch class with a loop of its own, defined before instrument()."""
+
+    async def __call__(self) -> None:
+        for task in self.tasks:
+            await task()
+
+
+@pytest.mark.parametrize("kind", ["fastapi", "defined-before", "defined-after"])
+def test_skips_are_counted_whichever_class_runs_the_batch(telemetry: Telemetry, kind: str) -> None:
+    """Under the instrumentor, a batch whose class has a __call__ of its own (FastAPI's, made by hand, or any
+    subclass, defined before or after instrument()) counts the tasks after a failure as skipped; FastAPI's native
+    `fastapi.background_task` spans keep working alongside. uninstrument() gives each class its own method back."""
+    originals = (fastapi.BackgroundTasks.__call__, OwnLoop.__call__)
+    instance = traced_tasks.BackgroundTasksInstrumentor()
+    instance.instrument()
+    try:
+        if kind == "fastapi":
+            batch_class: type[background.BackgroundTasks] = fastapi.BackgroundTasks
+        elif kind == "defined-before":
+            batch_class = OwnLoop
+        else:
+
+            class Later(background.BackgroundTasks):
+                async def __call__(self) -> None:
+                    for task in self.tasks:
+                        await task()
+
+            batch_class = Later
+        app = fastapi.FastAPI(telemetry={"tracer_provider": telemetry.provider})
+
+        @app.get("/")
+        def endpoint() -> PlainTextResponse:
+            tasks = batch_class()
+            tasks.add_task(audit)
+            tasks.add_task(fail)
+            tasks.add_task(audit)
+            return PlainTextResponse("ok", background=tasks)
+
+        TestClient(app, raise_server_exceptions=False).get("/")
+    finally:
+        instance.uninstrument()
+    assert telemetry.value(names.SCHEDULED.total, task=TASK) == 2
+    assert telemetry.value(names.DURATION.count, task=TASK, status="success") == 1
+    assert telemetry.value(names.SKIPPED.total, task=TASK) == 1
+    assert telemetry.value(names.EXCEPTIONS.total, task="tests.test_instrumentor.fail", exception="LookupError") == 1
+    native = [span for span in telemetry.spans() if span.name == "fastapi.background_task"]
+    assert len(native) == (2 if kind == "fastapi" else 0)
+    assert (fastapi.BackgroundTasks.__call__, OwnLoop.__call__) == originals

@@ -37,6 +37,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """
 
     _originals: dict[tuple[type, str], Any]
+    _batches: _Batches
     _metrics_server: _server.MetricsServer | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -73,6 +74,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._originals = {key: key[0].__dict__[key[1]] for key in replacements}
         for (owner, name), replacement in replacements.items():
             setattr(owner, name, replacement)
+        self._batches = _Batches()
+        self._batches.install()
         if _OTEL_FASTAPI_MARK not in background.BackgroundTask.__dict__:
             setattr(background.BackgroundTask, _OTEL_FASTAPI_MARK, _run.run)
         _fastapi.install()
@@ -81,8 +84,57 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         for (owner, name), original in self._originals.items():
             setattr(owner, name, original)
         self._originals = {}
+        self._batches.uninstall()
         if background.BackgroundTask.__dict__.get(_OTEL_FASTAPI_MARK) is _run.run:
             delattr(background.BackgroundTask, _OTEL_FASTAPI_MARK)
         if self._metrics_server is not None:
             self._metrics_server.stop()
             self._metrics_server = None
+
+
+class _Batches:
+    """Skips counted for batch classes with a `__call__` of their own, FastAPI's first: their loop runs traced
+    tasks, but stops at a failure without counting the rest. Classes defined later are caught as they are made."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[type, Any] = {}
+        self._had_init_subclass = "__init_subclass__" in background.BackgroundTasks.__dict__
+        self._init_subclass = background.BackgroundTasks.__dict__.get("__init_subclass__")
+
+    def install(self) -> None:
+        pending = list(background.BackgroundTasks.__subclasses__())
+        while pending:
+            cls = pending.pop()
+            self.wrap(cls)
+            pending.extend(cls.__subclasses__())
+        batches = self
+
+        def init_subclass(cls: type[background.BackgroundTasks], /, **kwargs: Any) -> None:
+            super(background.BackgroundTasks, cls).__init_subclass__(**kwargs)
+            batches.wrap(cls)
+
+        background.BackgroundTasks.__init_subclass__ = classmethod(init_subclass)  # type: ignore[assignment,method-assign]
+
+    def wrap(self, cls: type) -> None:
+        original = cls.__dict__.get("__call__")
+        if original is None or original is _background.run_batch or cls in self._wrapped:
+            return
+        self._wrapped[cls] = original
+
+        async def __call__(batch: background.BackgroundTasks) -> None:
+            try:
+                await original(batch)
+            except BaseException:
+                _run.skip_unstarted(batch.tasks)
+                raise
+
+        cls.__call__ = __call__  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        for cls, original in self._wrapped.items():
+            cls.__call__ = original  # type: ignore[method-assign]
+        self._wrapped = {}
+        if self._had_init_subclass:
+            background.BackgroundTasks.__init_subclass__ = self._init_subclass  # type: ignore[assignment,method-assign]
+        else:
+            del background.BackgroundTasks.__init_subclass__

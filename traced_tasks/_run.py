@@ -85,6 +85,11 @@ class Run:
         self._claimed = False
         self._started_ns = 0  # 0 until the run starts
 
+    @property
+    def claimed(self) -> bool:
+        """Whether a run of this task began."""
+        return self._claimed
+
     def claim(self) -> Run:
         """This Run, for the run about to start; or, for a task object run more than once, a new Run with the
         scheduling of the first: one task object attached to several responses runs several times."""
@@ -255,6 +260,15 @@ def skip(task: object) -> None:
             record = TaskRun(profile.task, names.STATUS_SKIPPED, None, None, 0.0, profile.route, time.time())
             for captured in _activity.captures:
                 captured.append(record)
+
+
+def skip_unstarted(tasks: list[Any]) -> None:
+    """Count as skipped each task of a stopped batch that never started: those after the last one whose run began.
+    For batch classes whose own loop runs the tasks."""
+    flat = [inner for task in tasks for inner in _tasks_in(task)]
+    started = [index for index, task in enumerate(flat) if getattr(getattr(task, "_traced", None), "claimed", False)]
+    for task in flat[(started[-1] + 1 if started else 0) :]:
+        skip(task)
 
 
 def isolates(task: object) -> bool:
