@@ -2,15 +2,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import inspect
 import logging
+import threading
 import time
 import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -491,3 +495,54 @@ def test_is_async_is_starlettes_answer(func: Callable[[], Any]) -> None:
     """A task's is_async, which decides between awaiting it and the threadpool, is Starlette's is_async_callable's
     answer for every kind of callable, although traced_tasks reads async functions' code flags first."""
     assert traced_tasks.BackgroundTask(func).is_async is is_async_callable(func)
+
+
+def test_a_sync_task_waiting_for_a_thread_is_waiting_not_running(telemetry: Telemetry) -> None:
+    """With the threadpool full, a sync task's run starts when a thread starts it: the time before is wait, and its
+    span starts only then. A task cancelled while it waits is `cancelled`, and its function never runs."""
+    release = threading.Event()
+    ran: list[str] = []
+    prefix = PREFIX + "test_a_sync_task_waiting_for_a_thread_is_waiting_not_running.<locals>."
+
+    def hold() -> None:
+        release.wait(30)
+
+    def quick() -> None:
+        ran.append("quick")
+
+    def never() -> None:
+        ran.append("never")
+
+    async def main() -> float:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1  # this loop's threadpool: one thread
+        holding, waiting, cancelled = BackgroundTasks(), BackgroundTasks(), BackgroundTasks()
+        holding.add_task(hold)
+        async with anyio.create_task_group() as group:
+            group.start_soon(holding)
+            while telemetry.value(names.IN_PROGRESS.name, task=prefix + "hold") != 1:
+                await anyio.sleep(0.001)
+            waiting.add_task(quick)
+            scheduled = time.time_ns()
+            group.start_soon(waiting)
+            cancelled.add_task(never)
+            with anyio.move_on_after(0.05), contextlib.suppress(BaseException):
+                await cancelled()
+            await anyio.sleep(0.2)
+            release.set()
+        return scheduled
+
+    scheduled = asyncio.run(main())
+    spans = {span.name.rsplit(".", 1)[1]: span for span in telemetry.task_spans()}
+    held_until = spans["hold"].end_time or 0
+    assert (spans["quick"].start_time or 0) >= held_until  # not before a thread was free
+    wait = telemetry.value(names.WAIT.sum, task=prefix + "quick")
+    assert wait is not None
+    assert wait >= (held_until - scheduled) / 1e9
+    assert ran == ["quick"]
+    assert telemetry.value(names.DURATION.count, task=prefix + "never", status="cancelled") == 1
+    never_ran = telemetry.value(names.DURATION.sum, task=prefix + "never", status="cancelled")
+    never_waited = telemetry.value(names.WAIT.sum, task=prefix + "never")
+    assert never_ran is not None
+    assert never_waited is not None
+    assert never_ran < never_waited  # cancelled at once where it stood: waiting
+    assert (spans["never"].attributes or {})["background_task.status"] == "cancelled"
