@@ -98,6 +98,35 @@ def test_bearer_token(telemetry: Telemetry) -> None:
     assert names.SCHEDULED.total in served.text
 
 
+def test_the_token_is_read_when_serving(telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token set after the imports (load_dotenv() in the app) still protects metrics_app: it is read at each
+    request. The scheme is case-insensitive, and a secret file's trailing newline is ignored."""
+    client = TestClient(traced_tasks.metrics_app)
+    monkeypatch.delenv("TRACED_TASKS_METRICS_TOKEN", raising=False)
+    assert client.get("/").status_code == 200
+    monkeypatch.setenv("TRACED_TASKS_METRICS_TOKEN", "t0ken\n")
+    assert client.get("/").status_code == 401
+    assert client.get("/", headers={"authorization": "Bearer t0ken2"}).status_code == 401
+    assert client.get("/", headers={"authorization": "Basic t0ken"}).status_code == 401
+    for given in ("Bearer t0ken", "bearer t0ken", "BEARER  t0ken "):
+        assert client.get("/", headers={"authorization": given}).status_code == 200, given
+
+
+def test_a_websocket_to_metrics_is_refused_cleanly(telemetry: Telemetry) -> None:
+    """A websocket connection to /metrics is closed with a policy-violation code before it is accepted, instead of
+    failing an assertion in the server."""
+    from starlette.websockets import WebSocketDisconnect
+
+    app = Starlette(routes=[Mount("/metrics", traced_tasks.metrics_app)])
+    with (
+        TestClient(app) as client,
+        pytest.raises(WebSocketDisconnect) as refused,
+        client.websocket_connect("/metrics/"),
+    ):
+        pass
+    assert refused.value.code == 1008
+
+
 def test_default_metrics_app_takes_its_token_from_the_environment() -> None:
     """TRACED_TASKS_METRICS_TOKEN at startup protects traced_tasks.metrics_app."""
     code = """

@@ -120,3 +120,29 @@ def test_default_stays_starlettes(telemetry: Telemetry) -> None:
 
     asyncio.run(main())
     assert ran == []
+
+
+def test_tasks_keep_the_isolation_they_were_scheduled_with(telemetry: Telemetry) -> None:
+    """configure() between add_task and the run changes nothing for tasks already scheduled: a batch scheduled with
+    isolate_tasks runs on after a failure, and one scheduled without stops, whatever is configured when it runs."""
+    ran: list[str] = []
+
+    def batch() -> BackgroundTasks:
+        tasks = BackgroundTasks()
+        tasks.add_task(first)
+        tasks.add_task(fine, ran)
+        return tasks
+
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry, isolate_tasks=True)
+    isolated_batch = batch()
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry, isolate_tasks=False)
+    plain_batch = batch()
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry, isolate_tasks=True)
+
+    async def main() -> None:
+        for tasks in (isolated_batch, plain_batch):
+            with pytest.raises(First):
+                await tasks()
+
+    asyncio.run(main())
+    assert ran == ["fine"]  # the isolated batch's, not the other's

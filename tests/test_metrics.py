@@ -546,3 +546,20 @@ def test_a_sync_task_waiting_for_a_thread_is_waiting_not_running(telemetry: Tele
     assert never_waited is not None
     assert never_ran < never_waited  # cancelled at once where it stood: waiting
     assert (spans["never"].attributes or {})["background_task.status"] == "cancelled"
+
+
+def test_any_callable_gets_a_name_and_is_traced(telemetry: Telemetry) -> None:
+    """A mock as a task (AsyncMock answers every attribute, and its __code__ is not a function's) is traced and
+    counted under its class's name, like any callable object."""
+    from unittest.mock import AsyncMock, MagicMock
+
+    sent, logged = AsyncMock(), MagicMock()
+    run((sent, ("receipt",)), (logged, ()))
+    sent.assert_awaited_once_with("receipt")
+    logged.assert_called_once_with()
+    for name in ("unittest.mock.AsyncMock", "unittest.mock.MagicMock"):
+        assert telemetry.value(names.DURATION.count, task=name, status="success") == 1
+    assert sorted(span.name for span in telemetry.task_spans()) == [
+        "BackgroundTask unittest.mock.AsyncMock",
+        "BackgroundTask unittest.mock.MagicMock",
+    ]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -132,3 +133,26 @@ print([type(outcome).__name__ for outcome in outcomes])
     assert len(logged) == 2, result.stderr
     assert f"{NAME}record;" in logged[0]
     assert f"{NAME}fail_after;" in logged[1]
+
+
+def test_failures_are_logged_once_per_kind_and_task_name(caplog: pytest.LogCaptureFixture) -> None:
+    """A broken tracer is logged once for each task name it fails, so a second task's failure is not hidden behind
+    the first's; and the log stays bounded when task names keep coming."""
+    traced_tasks.configure(tracer_provider=BrokenTracerProvider(), registry=CollectorRegistry())
+    names_seen = 150
+
+    async def main() -> None:
+        for index in range(names_seen):
+            namespace: dict[str, Any] = {}
+            exec(f"def task_{index}():\n    pass", namespace)
+            for _ in range(2):
+                await traced_tasks.BackgroundTask(namespace[f"task_{index}"])()
+
+    with caplog.at_level(logging.ERROR, logger="traced_tasks"):
+        asyncio.run(main())
+    logged = [record.getMessage() for record in caplog.records if record.name == "traced_tasks"]
+    assert "task_0;" in logged[0]
+    assert "task_1;" in logged[1]
+    assert len(logged) == 101  # MAX_REPORTED, and the one that says nothing more will be logged
+    assert "nor are further instrumentation failures" in logged[-1]
+    traced_tasks.configure(registry=CollectorRegistry())
