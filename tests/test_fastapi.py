@@ -2,16 +2,19 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import fastapi
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.responses import PlainTextResponse
+from fastapi.telemetry import get_telemetry_data
 from fastapi.testclient import TestClient
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from starlette.background import BackgroundTask as StarletteBackgroundTask
 
@@ -158,3 +161,59 @@ def test_one_span_per_task_with_fastapi_native_telemetry(telemetry: Telemetry) -
     assert [span.name for span in named_audit(spans)] == ["BackgroundTask " + TASK]
     (task,) = named_audit(spans)
     assert task.context.trace_id in {span.context.trace_id for span in spans if span.kind is SpanKind.SERVER}
+
+
+def native_app(provider: TracerProvider, seen: list[Any]) -> FastAPI:
+    app = FastAPI(telemetry={"tracer_provider": provider})  # type: ignore[call-arg,unused-ignore]
+
+    def look(order_id: int) -> None:
+        data = get_telemetry_data()
+        seen.append(None if data is None or data.request is None else data.request.url.path)
+
+    async def look_async(order_id: int) -> None:
+        look(order_id)
+
+    @app.post("/orders/{order_id}")
+    def place_order(order_id: int, tasks: BackgroundTasks) -> str:
+        tasks.add_task(look, order_id)
+        tasks.add_task(look_async, order_id)
+        return "ok"
+
+    return app
+
+
+def test_native_telemetry_on_its_own_provider_keeps_one_recording_span_per_task(telemetry: Telemetry) -> None:
+    """FastAPI(telemetry={"tracer_provider": ...}) with no global SDK provider, as FastAPI's docs allow: each task
+    is exactly one recording span, in that provider, a child of the request's server span, and FastAPI's
+    get_telemetry_data() works inside the task."""
+    if "telemetry" not in inspect.signature(FastAPI).parameters:
+        pytest.skip("this FastAPI has no native telemetry")
+    traced_tasks.configure(registry=telemetry.registry)  # no tracer_provider: the global one, here the API's no-op
+    seen: list[Any] = []
+    TestClient(native_app(telemetry.provider, seen)).post("/orders/7")
+    spans = telemetry.spans()
+    (server,) = [span for span in spans if span.kind is SpanKind.SERVER]
+    tasks = [span for span in spans if "look" in span.name or span.name == "fastapi.background_task"]
+    assert sorted(span.name for span in tasks) == [
+        f"BackgroundTask {__name__}.native_app.<locals>.look",
+        f"BackgroundTask {__name__}.native_app.<locals>.look_async",
+    ]
+    assert [span.parent.span_id if span.parent else None for span in tasks] == [server.context.span_id] * 2
+    assert {span.instrumentation_scope.name for span in tasks if span.instrumentation_scope} == {"traced_tasks"}
+    assert seen == ["/orders/7", "/orders/7"]
+
+
+def test_configured_tracer_provider_wins_over_fastapis(telemetry: Telemetry) -> None:
+    """configure(tracer_provider=...) names where task spans go, whatever provider FastAPI's telemetry uses; they
+    stay children of the request's server span."""
+    if "telemetry" not in inspect.signature(FastAPI).parameters:
+        pytest.skip("this FastAPI has no native telemetry")
+    fastapis = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(fastapis))
+    TestClient(native_app(provider, [])).post("/orders/7")
+    (server,) = [span for span in fastapis.get_finished_spans() if span.kind is SpanKind.SERVER]
+    ours = telemetry.task_spans()
+    assert len(ours) == 2
+    assert {span.parent.span_id if span.parent else None for span in ours} == {server.context.span_id}
+    assert [span.name for span in fastapis.get_finished_spans() if span.name.startswith("BackgroundTask")] == []

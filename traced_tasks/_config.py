@@ -42,7 +42,15 @@ class Configuration:
         self.profiles = Profiles(self.labels, self.backend, options.max_task_names)
         self.activity = Activity()
         self._reported: set[tuple[str, str]] = set()
+        self._tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
         self._lock = threading.Lock()
+
+    def tracer_for(self, provider: trace.TracerProvider) -> trace.Tracer:
+        """traced_tasks' tracer from another provider: the one FastAPI's native telemetry traces a request with."""
+        found = self._tracers.get(id(provider))
+        if found is None:
+            found = self._tracers[id(provider)] = (provider, provider.get_tracer(INSTRUMENTATION_NAME, __version__))
+        return found[1]
 
     def report(self, part: str, task: str) -> None:
         """Log the exception being handled, once per part and task, so a broken exporter cannot flood the logs."""

@@ -1,12 +1,22 @@
-"""The request being served, where a middleware or the instrumentor made it known."""
+"""The request being served: its route, where a middleware or the instrumentor made it known, and FastAPI's
+native telemetry of it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, TracerProvider
 from starlette.types import Scope
+
+_NATIVE_KEY: str | None
+try:  # FastAPI 0.165 and later keep their telemetry of the request in the OpenTelemetry context, under this key.
+    from fastapi.telemetry._api import _REQUEST_TELEMETRY_KEY as _NATIVE_KEY
+except ImportError:
+    _NATIVE_KEY = None
 
 _scope: ContextVar[Scope | None] = ContextVar("traced_tasks_scope", default=None)
 
@@ -39,3 +49,19 @@ def route() -> str | None:
         matched = included
     path = getattr(matched, "path", None)
     return path if isinstance(path, str) else None
+
+
+def native_tracing(context: Context) -> tuple[TracerProvider | None, Span | None]:
+    """What FastAPI's native telemetry traces the request in `context` with: the tracer provider the application
+    gave it, if any, and the request's server span. (None, None) where it does not trace the request."""
+    if _NATIVE_KEY is None:
+        return None, None
+    request: Any = context.get(_NATIVE_KEY)
+    span = getattr(request, "span", None)
+    if not isinstance(span, Span):
+        return None, None
+    # FastAPI(telemetry={"tracer_provider": ...}) keeps it on the application; None means the global provider.
+    app = getattr(getattr(getattr(request, "data", None), "request", None), "app", None)
+    settings = getattr(app, "_telemetry", None)
+    provider = settings.get("tracer_provider") if isinstance(settings, dict) else None
+    return (provider if isinstance(provider, TracerProvider) else None), span

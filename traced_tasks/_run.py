@@ -19,7 +19,7 @@ import anyio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from starlette import background
 from starlette.concurrency import run_in_threadpool
 
@@ -40,6 +40,13 @@ def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
         return None
     try:
         scheduled = Run(config, config.profiles.get(func, _request.route()))
+        provider, server_span = _request.native_tracing(scheduled.context)
+        if server_span is not None:
+            # Under FastAPI's native telemetry the current span is its endpoint or dependency span, which ends
+            # before the task runs: the task belongs under the request's server span, in FastAPI's provider.
+            scheduled.context = trace.set_span_in_context(server_span, scheduled.context)
+            if provider is not None and config.options.tracer_provider is None:
+                scheduled.tracer = config.tracer_for(provider)
     except Exception:
         config.report("task setup", _name(func))
         return None
@@ -75,11 +82,13 @@ class Run:
         "profile",
         "scheduled_ns",
         "started_at",
+        "tracer",
     )
 
     def __init__(self, config: Configuration, profile: Profile) -> None:
         self.config = config
         self.profile = profile
+        self.tracer = config.tracer
         self.context = otel_context.get_current()
         self.scheduled_ns = time.perf_counter_ns()
         self._claimed = False
@@ -95,7 +104,12 @@ class Run:
         scheduling of the first: one task object attached to several responses runs several times."""
         if self._claimed:
             again = Run.__new__(Run)
-            again.config, again.profile, again.context = self.config, self.profile, self.context
+            again.config, again.profile, again.context, again.tracer = (
+                self.config,
+                self.profile,
+                self.context,
+                self.tracer,
+            )
             again.scheduled_ns, again._claimed, again._started_ns = self.scheduled_ns, True, 0
             return again
         self._claimed = True
@@ -123,9 +137,9 @@ class Run:
         token: object = None
         try:
             if config.use_span_links:
-                span = _start_linked_span(config, profile, parent)
+                span = _start_linked_span(self.tracer, profile, parent)
             else:
-                span = config.tracer.start_span(
+                span = self.tracer.start_span(
                     profile.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=profile.attributes
                 )
                 if not span.is_recording() and span is trace.get_current_span(parent):
@@ -209,11 +223,11 @@ class Run:
         return format(span_context.trace_id, "032x")
 
 
-def _start_linked_span(config: Configuration, profile: Profile, parent: Context) -> Span:
+def _start_linked_span(tracer: Tracer, profile: Profile, parent: Context) -> Span:
     """The run's span in link mode: the first of a trace of its own, linked to the span that scheduled it."""
     request = trace.get_current_span(parent).get_span_context()
     links = [Link(request)] if request.is_valid else None
-    return config.tracer.start_span(
+    return tracer.start_span(
         profile.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=profile.attributes, links=links
     )
 
