@@ -120,6 +120,24 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict[str, Any
     }
 
 
+def longest_running(grid: tuple[int, int, int, int]) -> dict[str, Any]:
+    """How long the oldest run in progress of each task has been running: a hung task climbs without end."""
+    return panel(
+        "Longest-running run",
+        "For each task, how long its oldest run still in progress has been running. A run that never ends (a socket "
+        "with no timeout, a deadlock) climbs here while nothing else shows it; BackgroundTaskHung fires at 15 minutes.",
+        "s",
+        [
+            target(
+                f"time() - min by (task) ({names.IN_PROGRESS_SINCE.name}{{{SELECTOR}}})",
+                "{{task}}",
+                "A",
+            )
+        ],
+        grid,
+    )
+
+
 def overview() -> dict[str, Any]:
     runs = names.DURATION.count
     duration = names.DURATION.bucket
@@ -257,6 +275,7 @@ def overview() -> dict[str, Any]:
                 {"id": "sortBy", "options": {"sort": [{"field": "runs", "desc": True}]}},
             ],
         ),
+        longest_running((0, 32, 24, 8)),
     ]
     for item in panels:
         if item["type"] == "table":
@@ -350,6 +369,7 @@ def per_task() -> dict[str, Any]:
             ],
             (12, 17, 12, 8),
         ),
+        longest_running((0, 25, 24, 8)),
     ]
     panels[3]["fieldConfig"]["defaults"]["links"] = [span_link]
     text_variable = {"type": "textbox", "current": {}, "hide": 0}
