@@ -12,11 +12,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from starlette.types import ASGIApp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,3 +129,71 @@ def start_workers(tmp_path: Path, app: str = "tests.apps.workers:app") -> Iterat
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+class Collector:
+    """A minimal OTLP/HTTP receiver on a loopback port, as an OpenTelemetry collector or Jaeger would be: it decodes
+    each export request, traces and metrics, with the OTLP protobuf schema. With `hang`, it never answers."""
+
+    def __init__(self, hang: bool = False) -> None:
+        self.traces: list[ExportTraceServiceRequest] = []
+        self.metrics: list[ExportMetricsServiceRequest] = []
+        self.hang = threading.Event() if hang else None
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                if collector.hang is not None:
+                    collector.hang.wait(120)
+                    return
+                if self.path.endswith("/v1/metrics"):
+                    metrics = ExportMetricsServiceRequest()
+                    metrics.ParseFromString(body)
+                    collector.metrics.append(metrics)
+                else:
+                    traces = ExportTraceServiceRequest()
+                    traces.ParseFromString(body)
+                    collector.traces.append(traces)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def spans(self) -> list[Span]:
+        return [
+            span
+            for request in self.traces
+            for resource_spans in request.resource_spans
+            for scope_spans in resource_spans.scope_spans
+            for span in scope_spans.spans
+        ]
+
+    def services(self) -> set[str]:
+        return {
+            attribute.value.string_value
+            for request in self.traces
+            for resource_spans in request.resource_spans
+            for attribute in resource_spans.resource.attributes
+            if attribute.key == "service.name"
+        }
+
+    def __enter__(self) -> Collector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.hang is not None:
+            self.hang.set()
+        self.server.shutdown()
+        self.server.server_close()

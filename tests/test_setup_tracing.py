@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
-import threading
+import sys
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import httpx
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.support import run_python
+from tests.support import ROOT, Collector, clean_environment, free_port, run_python, wait_for_http
 
 SCRIPT = """
 import asyncio
@@ -31,40 +33,10 @@ provider.shutdown()
 """
 
 
-class Collector:
-    """A minimal OTLP/HTTP trace receiver: it decodes each export request with the OTLP protobuf schema."""
-
-    def __init__(self) -> None:
-        self.requests: list[ExportTraceServiceRequest] = []
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["content-length"]))
-                request = ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                collector.requests.append(request)
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
 @pytest.fixture
 def collector() -> Iterator[Collector]:
-    receiver = Collector()
-    yield receiver
-    receiver.server.shutdown()
-    receiver.server.server_close()
+    with Collector() as receiver:
+        yield receiver
 
 
 def run_script(**env: str) -> subprocess.CompletedProcess[str]:
@@ -76,25 +48,11 @@ def run_script(**env: str) -> subprocess.CompletedProcess[str]:
 def test_spans_travel_over_otlp(collector: Collector) -> None:
     """With OTEL_EXPORTER_OTLP_ENDPOINT set, setup_tracing exports the task span over OTLP/HTTP, under its parent."""
     run_script(OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint)
-    spans = [
-        span
-        for request in collector.requests
-        for resource_spans in request.resource_spans
-        for scope_spans in resource_spans.scope_spans
-        for span in scope_spans.spans
-    ]
-    by_name = {span.name: span for span in spans}
+    by_name = {span.name: span for span in collector.spans()}
     task = by_name["BackgroundTask __main__.send_receipt"]
     assert task.parent_span_id == by_name["POST /orders"].span_id
     assert task.trace_id == by_name["POST /orders"].trace_id
-    services = {
-        attribute.value.string_value
-        for request in collector.requests
-        for resource_spans in request.resource_spans
-        for attribute in resource_spans.resource.attributes
-        if attribute.key == "service.name"
-    }
-    assert services == {"checkout"}
+    assert collector.services() == {"checkout"}
 
 
 def test_console_by_default() -> None:
@@ -107,4 +65,159 @@ def test_none_exports_nothing(collector: Collector) -> None:
     """OTEL_TRACES_EXPORTER=none turns export off even with an endpoint set."""
     result = run_script(OTEL_TRACES_EXPORTER="none", OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint)
     assert result.stdout == ""
-    assert collector.requests == []
+    assert collector.traces == []
+
+
+SERVERS = {
+    "uvicorn": ["{python}", "-m", "uvicorn", "tests.apps.traced_service:app", "--port", "{port}"],
+    "uvicorn --workers 2": [
+        "{python}", "-m", "uvicorn", "tests.apps.traced_service:app", "--port", "{port}", "--workers", "2"
+    ],
+    "gunicorn": [
+        "{bin}/gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "2", "-b", "127.0.0.1:{port}",
+        "tests.apps.traced_service:app",
+    ],
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def serving(server: str, tmp_path: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`server` running tests/apps/traced_service.py in a process of its own; yields the process and its URL."""
+    port = free_port()
+    values = {"python": sys.executable, "bin": str(Path(sys.executable).parent), "port": str(port)}
+    command = [part.format(**values) for part in SERVERS[server]]
+    with (tmp_path / "server.log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=clean_environment(**env), stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_for_http(url + "/ping")
+            yield process, url
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("server", "stop"),
+    [
+        ("uvicorn", signal.SIGTERM),
+        ("uvicorn", signal.SIGINT),
+        ("uvicorn --workers 2", signal.SIGTERM),
+        ("uvicorn --workers 2", signal.SIGINT),
+        ("gunicorn", signal.SIGTERM),
+    ],
+    ids=lambda value: value.name if isinstance(value, signal.Signals) else value,
+)
+def test_spans_queued_at_a_stop_are_exported(
+    collector: Collector, tmp_path: Path, server: str, stop: signal.Signals
+) -> None:
+    """With setup_tracing(), every task's span reaches the collector when the server stops, on SIGTERM as on SIGINT,
+    for one uvicorn process, uvicorn --workers 2 and gunicorn's uvicorn workers; tasks still running at the stop
+    included. The batch processor would hold the spans 30 s: only the stop can have sent them."""
+    endpoint = collector.endpoint
+    with serving(server, tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="30000") as running:
+        process, url = running
+        for order in range(6):
+            with httpx.Client() as client:  # a connection each, so that the kernel spreads them over workers
+                client.post(f"{url}/orders/{order}")
+        for order in range(2):
+            httpx.post(f"{url}/reports/{order}")  # one second of work each, still running at the stop
+        process.send_signal(stop)
+        process.wait(timeout=60)
+    names = [span.name for span in collector.spans() if span.name.startswith("BackgroundTask ")]
+    assert sorted(names) == sorted(
+        ["BackgroundTask tests.apps.traced_service.send_receipt"] * 6
+        + ["BackgroundTask tests.apps.traced_service.build_report"] * 2
+    ), (tmp_path / "server.log").read_text()[-3000:]
+
+
+@pytest.mark.integration
+def test_a_stop_still_stops_when_the_collector_hangs(tmp_path: Path) -> None:
+    """With a collector that never answers, the export at the stop gives up after the exporter's timeout, and the
+    process still ends the way SIGTERM ends it."""
+    variables = {"OTEL_BSP_SCHEDULE_DELAY": "30000", "OTEL_EXPORTER_OTLP_TIMEOUT": "2"}
+    with (
+        Collector(hang=True) as collector,
+        serving("uvicorn", tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, **variables) as (process, url),
+    ):
+        httpx.post(f"{url}/orders/1")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == -signal.SIGTERM
+    assert "were not all exported in time" in (tmp_path / "server.log").read_text()
+
+
+TWICE = """
+import logging, threading
+logging.basicConfig(level=logging.WARNING, format="%(name)s|%(message)s")
+import traced_tasks
+from opentelemetry import trace
+
+first = traced_tasks.setup_tracing("checkout")
+second = traced_tasks.setup_tracing("checkout")
+exporting = [thread for thread in threading.enumerate() if thread.name.startswith("OtelBatchSpan")]
+print(first is second is trace.get_tracer_provider(), len(exporting))
+"""
+
+AFTER_THE_APPLICATION = """
+import traced_tasks
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+exporter = InMemorySpanExporter()
+own = TracerProvider()
+own.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(own)
+returned = traced_tasks.setup_tracing("checkout")
+with trace.get_tracer("app").start_as_current_span("work"):
+    pass
+print(returned is own, len(exporter.get_finished_spans()))
+"""
+
+
+def test_setup_tracing_twice_makes_one_provider() -> None:
+    """A second call returns the provider of the first, starts no second export thread and logs nothing."""
+    result = run_python(TWICE, OTEL_TRACES_EXPORTER="console")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "1"]
+    assert "Overriding" not in result.stderr
+
+
+def test_setup_tracing_after_the_application_set_a_provider_uses_it() -> None:
+    """After the application installed its own SDK provider, setup_tracing() returns that one and adds no exporter:
+    the span goes to the application's exporter only, and nothing is printed by a console exporter of ours."""
+    result = run_python(AFTER_THE_APPLICATION)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "1"]
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [{"OTEL_SERVICE_NAME": "checkout-eu"}, {"OTEL_RESOURCE_ATTRIBUTES": "service.name=checkout-eu,team=shop"}],
+    ids=["OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"],
+)
+def test_the_environment_names_the_service(collector: Collector, variables: dict[str, str]) -> None:
+    """A service name in the environment wins over the one passed in code, as deployments expect."""
+    run_script(OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, **variables)
+    assert collector.services() == {"checkout-eu"}
+
+
+def test_a_list_of_exporters(collector: Collector) -> None:
+    """OTEL_TRACES_EXPORTER=console,otlp, a list as OpenTelemetry's specification allows, prints the spans and sends
+    them over OTLP."""
+    result = run_script(OTEL_TRACES_EXPORTER="console,otlp", OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint)
+    assert '"name": "BackgroundTask __main__.send_receipt"' in result.stdout
+    assert "BackgroundTask __main__.send_receipt" in [span.name for span in collector.spans()]
+
+
+@pytest.mark.parametrize("value", ["zipkin", "otlp,jaeger", "none,console"])
+def test_an_unknown_exporter_is_named(value: str) -> None:
+    """An exporter setup_tracing() cannot make stops the service at startup with a message naming the variable and
+    the values it takes."""
+    result = run_python(SCRIPT, OTEL_TRACES_EXPORTER=value)
+    assert result.returncode != 0
+    assert f"OTEL_TRACES_EXPORTER={value!r}" in result.stderr
+    assert "otlp and console, or none" in result.stderr

@@ -1,0 +1,116 @@
+"""Spans still queued when the server stops, exported before the process ends.
+
+uvicorn, on its own, with --workers, and as gunicorn's worker, stops on SIGTERM with a graceful shutdown, then raises
+the signal again with its default action: the process ends without running atexit, where the SDK would export what
+its batch processor still holds. So the end of uvicorn's graceful shutdown exports them, and so does a SIGTERM that
+nothing else handles.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from opentelemetry.sdk.trace import TracerProvider
+
+logger = logging.getLogger("traced_tasks")
+
+_providers: list[TracerProvider] = []
+_lock = threading.Lock()
+_stalled = threading.Event()  # an export at shutdown did not end in time
+
+
+def flush_on_stop(provider: TracerProvider) -> None:
+    """Export what `provider` holds when the server stops. Idempotent."""
+    with _lock:
+        if provider not in _providers:
+            _providers.append(provider)
+    _wrap_uvicorn_shutdown()
+    _handle_sigterm()
+
+
+def flush(abort: Callable[[], bool] = lambda: False) -> bool:
+    """Export what every watched provider holds, waiting no longer than the exporter's timeout; `abort()` ends the
+    wait early. Once an export did not end in time (a collector that hangs), later calls return at once, so a stop
+    waits for the exporter once. Never raises: it runs at shutdown and in a signal handler, where an exception would
+    change how the process ends."""
+    if _stalled.is_set():
+        return False
+    try:
+        deadline = time.monotonic() + _exporter_timeout()
+        done = threading.Event()
+
+        def export() -> None:
+            try:
+                for provider in list(_providers):
+                    provider.force_flush()
+            except Exception:
+                logger.exception("traced_tasks: exporting the spans left at shutdown failed")
+            finally:
+                done.set()
+
+        # In a thread of its own: the SDK's force_flush waits for the exporter, whatever timeout it is given.
+        threading.Thread(target=export, name="traced_tasks-flush", daemon=True).start()
+        while not done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or abort():
+                _stalled.set()
+                logger.warning("traced_tasks: the spans left at shutdown were not all exported in time")
+                return False
+        return True
+    except Exception:
+        logger.exception("traced_tasks: exporting the spans left at shutdown failed")
+        return False
+
+
+def _exporter_timeout() -> float:
+    # As the OTLP exporter reads it, in seconds.
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+        try:
+            return float(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return 10.0
+
+
+def _wrap_uvicorn_shutdown() -> None:
+    """Export at the end of uvicorn's graceful shutdown, after the running requests, their background tasks and the
+    lifespan shutdown ended. With gunicorn --preload the class is patched in the master, and its workers inherit it."""
+    server = getattr(sys.modules.get("uvicorn.server"), "Server", None)
+    shutdown = getattr(server, "shutdown", None)
+    if shutdown is None or getattr(shutdown, "_traced_tasks_flush", False):
+        return
+
+    @functools.wraps(shutdown)
+    async def flushing_shutdown(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            await shutdown(self, *args, **kwargs)
+        finally:
+            # A second Ctrl-C (uvicorn's force_exit) ends the wait as it ends uvicorn's.
+            flush(abort=lambda: bool(getattr(self, "force_exit", False)))
+
+    flushing_shutdown._traced_tasks_flush = True  # type: ignore[attr-defined]
+    server.shutdown = flushing_shutdown  # type: ignore[union-attr]
+
+
+def _handle_sigterm() -> None:
+    """Where SIGTERM would end the process at once (its default action), export first, then let it. A handler
+    installed before by someone else is left alone, and so is SIGINT: it ends Python normally, through atexit."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can be set from the main thread only; uvicorn's shutdown still exports
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        flush()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)  # ends the process as SIGTERM would have, exit status included
+
+    signal.signal(signal.SIGTERM, on_sigterm)
