@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
@@ -18,7 +19,7 @@ from starlette.testclient import TestClient
 
 import traced_tasks
 from tests.conftest import Telemetry
-from tests.support import OPENMETRICS, Server, require_tool, start_workers, wait_until
+from tests.support import OPENMETRICS, Server, require_tool, run_python, start_workers, wait_until
 from traced_tasks import BackgroundTasks
 from traced_tasks import _conventions as names
 
@@ -223,3 +224,35 @@ def test_metrics_answer_while_sync_tasks_fill_the_threadpool(telemetry: Telemetr
         assert f'{names.SCHEDULED.total}{{task="{name}"}} 45.0' in response.text
     finally:
         release.set()
+
+
+def test_the_task_name_cap_holds_across_worker_restarts(tmp_path: Path) -> None:
+    """In multiprocess mode, a worker that replaces another (gunicorn's max_requests) counts the task names already
+    in the folder toward max_task_names: after four workers, each with new names, /metrics still holds three."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    for worker in range(4):
+        code = f"""
+import asyncio
+import traced_tasks
+traced_tasks.configure(max_task_names=3)
+
+async def main():
+    for name in ["known", "new_{worker}_a", "new_{worker}_b", "new_{worker}_c"]:
+        namespace = {{}}
+        exec(f"def {{name}}():\\n    pass", namespace)
+        await traced_tasks.BackgroundTask(namespace[name])()
+
+asyncio.run(main())
+"""
+        result = run_python(code, PROMETHEUS_MULTIPROC_DIR=str(folder))
+        assert result.returncode == 0, result.stderr
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(folder))
+    served = {
+        sample.labels["task"]
+        for metric in registry.collect()
+        for sample in metric.samples
+        if sample.name == names.SCHEDULED.total
+    }
+    assert served == {"known", "new_0_a", "new_0_b", traced_tasks.OVERFLOW}

@@ -23,6 +23,11 @@ class CappedLabel:
         self._overflowed = False
         self._lock = threading.Lock()
 
+    def admit_all(self, values: set[str]) -> None:
+        """Count values already in use toward the cap, all of them, even past it."""
+        with self._lock:
+            self._seen |= values - {OVERFLOW}
+
     def admit(self, value: str) -> str:
         with self._lock:
             if value in self._seen:
@@ -50,6 +55,10 @@ class Labels:
 
     def task(self, name: str) -> str:
         return self._tasks.admit(name)
+
+    def admit_tasks(self, names: set[str]) -> None:
+        """Task names that already have series, as earlier worker processes left them in multiprocess mode."""
+        self._tasks.admit_all(names)
 
     def values(self, task: str, route: str | None) -> tuple[str, ...]:
         """A task's label values: (task,) or, with the route label, (task, route), the route "" when unknown."""
