@@ -73,7 +73,7 @@ def require_tool(name: str) -> str:
     if path is None:
         if os.environ.get("CI"):
             pytest.fail(f"{name} is required in CI (.ci/run installs it)")
-        pytest.skip(f"{name} is not installed (apt-get install prometheus)")
+        pytest.skip(f"{name} is not installed (.ci/run installs it)")
     return path
 
 
@@ -197,3 +197,29 @@ class Collector:
             self.hang.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def chromium(user_data: Path, width: int = 1400, height: int = 1000) -> Any:
+    """Headless Chromium from Debian's chromium and chromium-driver packages, driven by selenium; quit() it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = require_tool("chromium")
+    # The background-networking flags keep Chromium from reaching for Google's hosts, which this network refuses.
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        "--no-first-run",
+        f"--user-data-dir={user_data}",
+        f"--window-size={width},{height}",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(require_tool("chromedriver")), options=options)

@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -28,7 +30,7 @@ from starlette.testclient import TestClient
 import traced_tasks
 from tests.conftest import Telemetry
 from tests.support import OPENMETRICS, Server, require_tool, run_python, start_workers, wait_until
-from traced_tasks import BackgroundTasks
+from traced_tasks import BackgroundTask, BackgroundTasks
 from traced_tasks import _conventions as names
 
 ODD = 'quote" back\\slash\nnewline ünïcødé ✓'
@@ -255,6 +257,70 @@ def test_dead_worker_stops_counting_as_running(tmp_path: Path) -> None:
         # No live worker ever ran the task, so its in-progress series goes away rather than reading 0.
         wait_until(lambda: metric(names.IN_PROGRESS.name) is None)
         assert metric(names.SCHEDULED.total) == "1.0"
+
+
+@pytest.mark.integration
+def test_oldest_running_start_across_workers(tmp_path: Path) -> None:
+    """Under uvicorn --workers 2, with a hung run in each worker, the in-progress-since gauge is the oldest start of
+    any live worker; when that worker dies it moves to the other's start, and when both are gone it is absent."""
+    with start_workers(tmp_path) as url:
+        long = "tests.apps.workers.long_job"
+
+        def since() -> float | None:
+            text = httpx.get(url + "/metrics/", headers={"accept": OPENMETRICS}).text
+            prefix = f'{names.IN_PROGRESS_SINCE.name}{{task="{long}"}} '
+            lines = [line for line in text.splitlines() if line.startswith(prefix)]
+            return float(lines[0].rsplit(" ", 1)[1]) if lines else None
+
+        started: dict[int, float] = {}
+        for _ in range(1000):  # a connection each, until the kernel gave both workers a run
+            before = time.time()
+            with httpx.Client() as client:
+                started.setdefault(client.post(url + "/long").json()["pid"], before)
+            if len(started) == 2:
+                break
+        assert len(started) == 2, "requests never reached the second worker"
+        (first, first_at), (second, second_at) = sorted(started.items(), key=lambda item: item[1])
+        wait_until(lambda: since() is not None)
+        assert first_at <= (since() or 0) < second_at
+        os.kill(first, 9)
+        wait_until(lambda: (since() or 0) >= second_at)
+        os.kill(second, 9)
+        wait_until(lambda: since() is None)
+
+
+def hang(release: threading.Event) -> None:
+    release.wait(30)
+
+
+def test_in_progress_since_is_the_oldest_start_and_absent_when_nothing_runs(telemetry: Telemetry) -> None:
+    """In one process, the gauge holds the Unix time the oldest run still in progress started, follows the next one
+    when it ends, and is absent once none runs."""
+    task = "tests.test_hardening.hang"
+    releases = [threading.Event(), threading.Event()]
+    marks: list[float] = []
+    seen: list[float | None] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            for running, release in enumerate(releases, start=1):
+                marks.append(time.time())
+                group.start_soon(BackgroundTask(hang, release))
+                while telemetry.value(names.IN_PROGRESS.name, task=task) != running:
+                    await anyio.sleep(0.001)
+            seen.append(telemetry.value(names.IN_PROGRESS_SINCE.name, task=task))
+            releases[0].set()
+            while telemetry.value(names.IN_PROGRESS.name, task=task) != 1:
+                await anyio.sleep(0.001)
+            seen.append(telemetry.value(names.IN_PROGRESS_SINCE.name, task=task))
+            releases[1].set()
+
+    asyncio.run(main())
+    first, then = seen
+    assert first is not None
+    assert then is not None
+    assert marks[0] <= first < marks[1] <= then
+    assert telemetry.value(names.IN_PROGRESS_SINCE.name, task=task) is None
 
 
 def test_worker_folder_is_cleaned_for_dead_pids_only(tmp_path: Path) -> None:

@@ -346,3 +346,29 @@ def test_skips_are_counted_whichever_class_runs_the_batch(telemetry: Telemetry, 
     native = [span for span in telemetry.spans() if span.name == "fastapi.background_task"]
     assert len(native) == (2 if kind == "fastapi" else 0)
     assert (fastapi.BackgroundTasks.__call__, OwnLoop.__call__) == originals
+
+
+def test_metrics_port_serves_the_console_too(telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zero-code port serves the task console at /tasks/ and its data beside /metrics, and both take the token
+    of TRACED_TASKS_METRICS_TOKEN, read at each request."""
+    port = free_port()
+    monkeypatch.setenv("TRACED_TASKS_METRICS_PORT", str(port))
+    instance = traced_tasks.BackgroundTasksInstrumentor()
+    instance.instrument()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        TestClient(starlette_app(), raise_server_exceptions=False).get("/batch")
+        page = httpx.get(base + "/tasks/")
+        assert page.status_code == 200
+        assert "<title>traced_tasks</title>" in page.text
+        assert page.headers["content-security-policy"].startswith("default-src 'none'")
+        data = httpx.get(base + "/tasks/data.json").json()
+        assert {task["task"] for task in data["tasks"]} == {TASK, "tests.test_instrumentor.fail"}
+        assert [failure["exception"] for failure in data["failures"]] == ["LookupError"]
+        assert httpx.get(base + "/tasks").headers["location"] == "/tasks/"
+        monkeypatch.setenv("TRACED_TASKS_METRICS_TOKEN", "t0ken")
+        for path in ("/metrics", "/tasks/", "/tasks/data.json"):
+            assert httpx.get(base + path).status_code == 401
+            assert httpx.get(base + path, headers={"authorization": "Bearer t0ken"}).status_code == 200
+    finally:
+        instance.uninstrument()

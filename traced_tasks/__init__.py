@@ -2,11 +2,13 @@
 
 from traced_tasks import BackgroundTasks      # instead of fastapi's or starlette's
 app.mount("/metrics", traced_tasks.metrics_app)
+app.mount("/tasks", traced_tasks.console_app)  # a page for people
 """
 
 from traced_tasks import _fastapi, _multiprocess, package, testing
 from traced_tasks._background import BackgroundTask, BackgroundTasks
 from traced_tasks._config import configure
+from traced_tasks._console import make_console_app
 from traced_tasks._conventions import OVERFLOW
 from traced_tasks._exposition import make_metrics_app
 from traced_tasks._instrumentor import BackgroundTasksInstrumentor
@@ -24,6 +26,8 @@ __all__ = [
     "TraceContextMiddleware",
     "__version__",
     "configure",
+    "console_app",
+    "make_console_app",
     "make_metrics_app",
     "metrics_app",
     "package",
@@ -37,5 +41,9 @@ metrics_app = make_metrics_app()
 """The /metrics ASGI app for the configuration in force: `app.mount("/metrics", traced_tasks.metrics_app)`.
 
 It requires `Authorization: Bearer <token>` while TRACED_TASKS_METRICS_TOKEN is set."""
+
+console_app = make_console_app()
+"""The task console for the configuration in force: `app.mount("/tasks", traced_tasks.console_app)`, then open
+/tasks/. It requires `Authorization: Bearer <token>` while TRACED_TASKS_METRICS_TOKEN is set, as metrics_app does."""
 
 _fastapi.install()

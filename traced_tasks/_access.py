@@ -10,7 +10,8 @@ from starlette.types import Receive, Scope, Send
 
 TOKEN_ENV = "TRACED_TASKS_METRICS_TOKEN"
 
-_UNAUTHORIZED = PlainTextResponse("unauthorized\n", 401, {"WWW-Authenticate": 'Bearer realm="traced_tasks"'})
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="traced_tasks"'}
+_UNAUTHORIZED = PlainTextResponse("unauthorized\n", 401, CHALLENGE)
 
 
 class Guard:
@@ -24,21 +25,26 @@ class Guard:
     def __init__(self, bearer_token: str | None) -> None:
         self._token = bearer_token
 
+    def allows(self, authorization: bytes) -> bool:
+        """Whether a request with this Authorization header may read."""
+        token = self._token if self._token is not None else os.environ.get(TOKEN_ENV)
+        token = (token or "").strip()
+        if not token:
+            return True
+        scheme, _, credentials = authorization.strip().partition(b" ")
+        # Both sides compared whatever the scheme, so a wrong scheme takes as long as a wrong token.
+        matches = hmac.compare_digest(credentials.strip(), token.encode())
+        return matches and scheme.lower() == b"bearer"
+
     async def admit(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Whether the ASGI request may go on; if not, it has been answered."""
         if scope["type"] != "http":
             if scope["type"] == "websocket":
                 await receive()  # websocket.connect
                 await send({"type": "websocket.close", "code": 1008})  # policy violation: refused before accept
             return False
-        token = self._token if self._token is not None else os.environ.get(TOKEN_ENV)
-        token = (token or "").strip()
-        if not token:
-            return True
         given = next((value for name, value in scope.get("headers") or [] if name.lower() == b"authorization"), b"")
-        scheme, _, credentials = given.strip().partition(b" ")
-        # Both sides compared whatever the scheme, so a wrong scheme takes as long as a wrong token.
-        matches = hmac.compare_digest(credentials.strip(), token.encode())
-        if matches and scheme.lower() == b"bearer":
+        if self.allows(given):
             return True
         await _UNAUTHORIZED(scope, receive, send)
         return False

@@ -15,9 +15,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from traced_tasks import _config
 from traced_tasks._access import Guard
 
-# Threads of their own for rendering: the application's threadpool limiter (40 tokens) is shared by sync
-# endpoints and sync tasks, and when they fill it during an incident, /metrics must still answer.
-_RENDERING = anyio.CapacityLimiter(4)
+# Threads of their own for rendering /metrics and the task console: the application's threadpool limiter (40
+# tokens) is shared by sync endpoints and sync tasks, and when they fill it during an incident, both must answer.
+RENDERING = anyio.CapacityLimiter(4)
 
 
 def make_metrics_app(registry: CollectorRegistry | None = None, *, bearer_token: str | None = None) -> ASGIApp:
@@ -45,7 +45,7 @@ def make_metrics_app(registry: CollectorRegistry | None = None, *, bearer_token:
             request.headers.get("accept", ""),
             request.headers.get("accept-encoding", ""),
             request.query_params.getlist("name[]"),
-            limiter=_RENDERING,
+            limiter=RENDERING,
         )
         await Response(body, headers=headers)(scope, receive, send)
 

@@ -219,6 +219,11 @@ class MultiprocessBackend:
         for family in self._families:
             self._registry.unregister(family)
 
+    def live_workers(self) -> int:
+        """How many worker processes write to the folder now: those with live gauges that are alive, and this one."""
+        pids = {int(match.group(1)) for match in map(_LIVE_GAUGE_FILE.fullmatch, os.listdir(self.folder)) if match}
+        return len({pid for pid in pids if _alive(pid)} | {os.getpid()})
+
     def task_names(self) -> set[str]:
         """The task label values already in the folder, from workers alive or gone: they count toward the cap."""
         files = glob.glob(os.path.join(self.folder, "counter_*.db"))

@@ -1,24 +1,31 @@
-"""/metrics on a port of its own, for applications that do not mount metrics_app."""
+"""/metrics and the task console on a port of their own, for applications that mount neither."""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.metrics_core import Metric
 
-from traced_tasks import _config
+from traced_tasks import _config, _console
+from traced_tasks._access import CHALLENGE, Guard
 from traced_tasks._multiprocess import MultiprocessBackend
 
 PORT_ENV = "TRACED_TASKS_METRICS_PORT"
 ADDR_ENV = "TRACED_TASKS_METRICS_ADDR"
 
 logger = logging.getLogger("traced_tasks")
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 def port_from_environment() -> int | None:
@@ -37,19 +44,61 @@ class _Configured:
         return _config.current().backend.registry().collect()
 
 
-class MetricsServer:
-    """prometheus_client's HTTP server on one port, started by the first ASGI call a process serves
-    (its lifespan startup, or its first request).
+def wsgi_app() -> WSGIApp:
+    """The task console at /tasks/ and its data.json, prometheus_client's own app for everything else, as its
+    start_http_server does; both behind the token of TRACED_TASKS_METRICS_TOKEN, read at each request."""
+    registry = CollectorRegistry()
+    registry.register(_Configured())
+    metrics = make_wsgi_app(registry)
+    guard = Guard(None)
 
-    Not at instrument(): supervisors (gunicorn's master, uvicorn's reloader) load the instrumentation too,
-    and would hold the port while serving nothing. In multiprocess mode every worker tries the port, and
-    the first one serves the sum of all.
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if not guard.allows(environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"), *CHALLENGE.items()])
+            return [b"unauthorized\n"]
+        path = environ.get("PATH_INFO", "/")
+        if path == "/tasks":
+            start_response("308 Permanent Redirect", [("Location", "/tasks/")])
+            return [b""]
+        if path in ("/tasks/", "/tasks/index.html"):
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), *_console.PAGE_HEADERS.items()])
+            return [_console.PAGE.encode()]
+        if path == "/tasks/data.json":
+            headers = [("Content-Type", "application/json"), *_console.JSON_HEADERS.items()]
+            body = _console.data_json(None)
+            start_response("200 OK", headers)
+            return [body]
+        return metrics(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class MetricsServer:
+    """/metrics and /tasks/ on one port, started by the first ASGI call a process serves (its lifespan startup, or
+    its first request).
+
+    Not at instrument(): supervisors (gunicorn's master, uvicorn's reloader) load the instrumentation too, and would
+    hold the port while serving nothing. In multiprocess mode every worker tries the port, and the first one serves
+    the sum of all.
     """
 
     def __init__(self, port: int) -> None:
         self.port = port
         self._pid: int | None = None
-        self._server: Any = None
+        self._server: _ThreadingServer | None = None
         self._lock = threading.Lock()
 
     def ensure_started(self) -> None:
@@ -59,15 +108,18 @@ class MetricsServer:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()  # one attempt per process, whatever comes of it
-            registry = CollectorRegistry()
-            registry.register(_Configured())
+            address = os.environ.get(ADDR_ENV, "127.0.0.1")
             try:
-                self._server, _thread = start_http_server(self.port, os.environ.get(ADDR_ENV, "127.0.0.1"), registry)
+                kind = _ThreadingServer6 if ":" in address else _ThreadingServer
+                server = make_server(address, self.port, wsgi_app(), kind, _QuietHandler)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE and isinstance(_config.current().backend, MultiprocessBackend):
                     logger.debug("traced_tasks: another worker serves metrics on port %s", self.port)
                 else:
                     logger.exception("traced_tasks: cannot serve metrics on port %s", self.port)
+                return
+            self._server = server
+            threading.Thread(target=server.serve_forever, name="traced_tasks-metrics", daemon=True).start()
 
     def stop(self) -> None:
         with self._lock:

@@ -1,0 +1,182 @@
+"""The task console: its data, its access rules, and its page in a real browser."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+
+import traced_tasks
+from tests.conftest import Telemetry
+from tests.support import Server, chromium, wait_until
+from traced_tasks import BackgroundTasks
+
+TRACE_URL = "https://jaeger.example/trace/{trace_id}"
+SECRET = "card 4111-1111-1111-1111 of jane@example.com"
+
+
+class PaymentDeclined(Exception):
+    pass
+
+
+def charge(order: int) -> None:
+    raise PaymentDeclined(f"{SECRET} declined for order {order}")
+
+
+def send_receipt(order: int) -> None:
+    pass
+
+
+def added_later() -> None:
+    pass
+
+
+def shop(release: threading.Event, **console: Any) -> Starlette:
+    def reconcile() -> None:
+        release.wait(60)
+
+    async def order(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(charge, 7)
+        tasks.add_task(send_receipt, 7)  # skipped behind the failure
+        return PlainTextResponse("ok", background=tasks)
+
+    async def receipt(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(send_receipt, 8)
+        return PlainTextResponse("ok", background=tasks)
+
+    async def ledger(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(reconcile)
+        return PlainTextResponse("ok", background=tasks)
+
+    async def later(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(added_later)
+        return PlainTextResponse("ok", background=tasks)
+
+    return Starlette(
+        routes=[
+            Route("/orders/{order}", order, methods=["POST"]),
+            Route("/receipts", receipt, methods=["POST"]),
+            Route("/ledger", ledger, methods=["POST"]),
+            Route("/later", later, methods=["POST"]),
+            Mount("/tasks", traced_tasks.make_console_app(**console)),
+        ]
+    )
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def test_data_counts_running_and_failures(telemetry: Telemetry, release: threading.Event) -> None:
+    """data.json has each task's counts and percentiles, the runs in progress with their age, and the failures with
+    their exception class, trace ID and trace link; never an argument or an exception's message."""
+    client = TestClient(shop(release, trace_url=TRACE_URL), raise_server_exceptions=False)
+    client.post("/orders/7")
+    client.post("/receipts")
+    with client:  # the lifespan's event loop runs the ledger's task in the background while we read
+        ledger = threading.Thread(target=client.post, args=("/ledger",))
+        ledger.start()
+        wait_until(lambda: client.get("/tasks/data.json").json()["running"])
+        data = client.get("/tasks/data.json").json()
+        release.set()
+        ledger.join(timeout=30)
+    tasks = {task["task"]: task for task in data["tasks"]}
+    receipts = tasks[f"{__name__}.send_receipt"]
+    assert (receipts["finished"], receipts["succeeded"], receipts["skipped"], receipts["failed"]) == (1, 1, 1, 0)
+    assert receipts["scheduled"] == 2
+    assert receipts["run_seconds"]["p50"] is not None
+    charges = tasks[f"{__name__}.charge"]
+    assert (charges["failed"], charges["error_ratio"]) == (1, 1.0)
+    (failure,) = data["failures"]
+    (span,) = [span for span in telemetry.task_spans() if span.name.endswith(".charge")]
+    trace_id = format(span.context.trace_id, "032x")
+    assert failure["exception"] == "PaymentDeclined"
+    assert failure["trace_id"] == trace_id
+    assert failure["trace_url"] == TRACE_URL.replace("{trace_id}", trace_id)
+    (running,) = data["running"]
+    assert running["task"].endswith("shop.<locals>.reconcile")
+    assert running["seconds"] >= 0
+    assert not running["hung"]
+    assert data["totals"]["running"] == 1
+    assert "4111" not in str(data)
+    assert "declined" not in str(data)
+
+
+def test_console_refuses_without_the_token_and_websockets(telemetry: Telemetry, release: threading.Event) -> None:
+    """The console takes the same token as /metrics, read when serving, and refuses websockets."""
+    client = TestClient(shop(release, bearer_token="s3cret"))
+    assert client.get("/tasks/").status_code == 401
+    assert client.get("/tasks/data.json").status_code == 401
+    assert client.get("/tasks/data.json", headers={"authorization": "Bearer s3cret"}).status_code == 200
+    page = client.get("/tasks/", headers={"authorization": "Bearer s3cret"})
+    assert page.status_code == 200
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert client.get("/tasks/nothing", headers={"authorization": "Bearer s3cret"}).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"trace_url": "jaeger/{trace_id}"}, {"trace_url": "http://jaeger/trace"}, {"hung_after": 0}, {"hung_after": True}],
+)
+def test_bad_console_options_fail_at_once(options: dict[str, Any]) -> None:
+    """A trace_url that is not an http(s) template with {trace_id}, or a hung_after that is not a positive number,
+    fails when the app is made, naming the option."""
+    with pytest.raises(ValueError, match=next(iter(options))):
+        traced_tasks.make_console_app(**options)
+
+
+@pytest.mark.integration
+def test_the_page_in_a_browser(
+    telemetry: Telemetry, serve: type[Server], release: threading.Event, tmp_path: Path
+) -> None:
+    """In headless Chromium, through real uvicorn: the tasks, a failure by class name with a link to its trace, a run
+    in progress marked hung, a task scheduled after the page loaded appearing without a reload, no exception message
+    anywhere on the page, and no error in the browser's console (the page's own Content-Security-Policy included)."""
+    server = serve(shop(release, trace_url=TRACE_URL, hung_after=1))
+    httpx.post(server.url + "/orders/7")
+    httpx.post(server.url + "/receipts")
+    httpx.post(server.url + "/ledger", timeout=30)
+    driver = chromium(tmp_path / "chromium")
+    try:
+        driver.get(server.url + "/tasks/")
+        driver.execute_script("window.loadedOnce = true")  # gone if the page reloads
+
+        def text() -> str:
+            return str(driver.execute_script("return document.body.innerText"))
+
+        wait_until(lambda: "PaymentDeclined" in text() and f"{__name__}.send_receipt" in text(), timeout=30)
+        wait_until(lambda: "hung" in text(), timeout=30)  # the ledger has run for more than a second
+        (span,) = [span for span in telemetry.task_spans() if span.name.endswith(".charge")]
+        trace_id = format(span.context.trace_id, "032x")
+        links = driver.execute_script("return [...document.querySelectorAll('#failures a')].map(a => a.href)")
+        assert links == [TRACE_URL.replace("{trace_id}", trace_id)]
+        rows = driver.execute_script("return [...document.querySelectorAll('#running tbody tr')].map(r => r.className)")
+        assert rows == ["hung"]
+        assert f"{__name__}.added_later" not in text()
+        httpx.post(server.url + "/later")
+        wait_until(lambda: f"{__name__}.added_later" in text(), timeout=30)
+        assert driver.execute_script("return window.loadedOnce") is True
+        page = str(driver.page_source) + text()
+        assert "4111" not in page
+        assert "declined" not in page
+        driver.save_screenshot(str(tmp_path / "console.png"))
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+    finally:
+        driver.quit()
