@@ -29,6 +29,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from prometheus_client import CollectorRegistry
@@ -55,6 +62,17 @@ ROOT = Path(__file__).resolve().parent.parent
 class NullExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         return SpanExportResult.SUCCESS
+
+
+class NullMetricExporter(MetricExporter):
+    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
 
 
 def noop_sync() -> None:
@@ -94,6 +112,12 @@ def variants(sdk: bool, folder: str) -> tuple[dict[str, Variant], TracerProvider
     def in_process() -> None:
         traced_tasks.configure(tracer_provider=tracer_provider, registry=CollectorRegistry())
 
+    # OpenTelemetry's metrics SDK with a reader that exports to nowhere, once a minute: the cost is the measurements.
+    meter_provider = MeterProvider(metric_readers=[PeriodicExportingMetricReader(NullMetricExporter(), 60_000)])
+
+    def opentelemetry_metrics() -> None:
+        traced_tasks.configure(tracer_provider=tracer_provider, meter_provider=meter_provider)
+
     def multiprocess_backend() -> None:
         # The multiprocess backend, prometheus_client's metric objects, in this one process: prometheus_client
         # keeps their values in memory, since the variable was unset when it was first imported.
@@ -110,6 +134,7 @@ def variants(sdk: bool, folder: str) -> tuple[dict[str, Variant], TracerProvider
         "hand-written": Variant(hand_written(tracer, CollectorRegistry())),
         "traced_tasks": Variant(traced_tasks.BackgroundTasks, in_process),
         "traced-mp": Variant(traced_tasks.BackgroundTasks, multiprocess_backend),
+        "traced-otel": Variant(traced_tasks.BackgroundTasks, opentelemetry_metrics),
     }, provider
 
 
@@ -150,7 +175,7 @@ def report_case(title: str, results: dict[str, list[float]]) -> None:
         ratio = statistics.median(t / b for t, b in zip(times, bare, strict=True))
         print(f"  {name:<14}{statistics.median(times):>16.2f}{overhead:>14.2f}{ratio:>9.3f}")
     ours = [t - b for t, b in zip(results["traced_tasks"], bare, strict=True)]
-    for other in ("span-only", "span+attrs", "hand-written", "traced-mp"):
+    for other in ("span-only", "span+attrs", "hand-written", "traced-mp", "traced-otel"):
         theirs = [t - b for t, b in zip(results[other], bare, strict=True)]
         ratios = [o / t for o, t in zip(ours, theirs, strict=True) if t > 0]
         # With tiny counts, noise can make an overhead negative in every round: then there is no ratio.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import traced_tasks
 from tests.support import ROOT, clean_environment
 from traced_tasks import _conventions as names
 
@@ -42,8 +43,9 @@ def oldest_python() -> Path:
 
 
 def test_the_oldest_versions_trace_and_count(oldest_python: Path) -> None:
-    """With every dependency at its lowest supported version (FastAPI 0.110.1, Starlette 0.37.2), traced_tasks imports,
-    traces each task with the whole route template of an included router, and counts runs and skips by route."""
+    """With every dependency at its lowest supported version (FastAPI 0.110.1, Starlette 0.37.2, OpenTelemetry 1.30),
+    traced_tasks imports, traces each task with the whole route template of an included router, counts runs and
+    skips by route, and counts through an OpenTelemetry MeterProvider with its own histogram buckets."""
     result = subprocess.run(
         [str(oldest_python), "tests/apps/compatibility.py"],
         cwd=ROOT,
@@ -68,3 +70,5 @@ def test_the_oldest_versions_trace_and_count(oldest_python: Path) -> None:
     assert (
         f'{names.EXCEPTIONS.total}{{exception="Declined",route="/admins/{{id}}/charge",task="__main__.charge"}} 1.0'
     ) in lines
+    assert seen["otel_bounds"] == [list(traced_tasks.DEFAULT_BUCKETS)]  # the advisory buckets, honoured
+    assert seen["otel_runs"] == 3

@@ -13,6 +13,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -126,12 +129,21 @@ def prometheus_binary() -> str:
     return require_tool("prometheus")
 
 
+@pytest.mark.parametrize("path", ["prometheus_client", "opentelemetry"])
 def test_dashboards_and_rules_against_real_prometheus(
-    telemetry: Telemetry, serve: type[Server], prometheus_binary: str, tmp_path: Path
+    telemetry: Telemetry, serve: type[Server], prometheus_binary: str, tmp_path: Path, path: str
 ) -> None:
-    """With live traffic (successes, failures, skips), every dashboard query and rule expression succeeds, every
-    panel query returns data that has moved (not only zeros), every recording rule returns data, every rule
-    evaluates healthily, and Prometheus holds exemplars whose trace IDs are spans the service exported."""
+    """With live traffic (successes, failures, skips), counted by prometheus_client or through an OpenTelemetry
+    MeterProvider read by OpenTelemetry's Prometheus exporter (scope labels and target_info included), every
+    dashboard query and rule expression succeeds, every panel query returns data that has moved (not only zeros),
+    every recording rule returns data, and every rule evaluates healthily. On the prometheus_client path,
+    Prometheus also holds exemplars whose trace IDs are spans the service exported; OpenTelemetry's Prometheus
+    exporter writes none (they travel over OTLP)."""
+    provider = None
+    if path == "opentelemetry":
+        registry = CollectorRegistry()
+        provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
+        traced_tasks.configure(tracer_provider=telemetry.provider, meter_provider=provider, registry=registry)
     stop = threading.Event()
     service = serve(shop(stop))
     target = f"127.0.0.1:{service.port}"
@@ -153,11 +165,14 @@ def test_dashboards_and_rules_against_real_prometheus(
         wait_until(lambda: prometheus.query(f'count_over_time(up{{job="{JOB}"}}[1m]) >= 8'), timeout=90)
         check_every_query(prometheus, target)
         check_rules(prometheus)
-        check_exemplars(prometheus, telemetry)
+        if provider is None:
+            check_exemplars(prometheus, telemetry)
     finally:
         stop.set()
         driver.join(timeout=30)
         prometheus.stop()
+        if provider is not None:
+            provider.shutdown()
 
 
 def check_every_query(prometheus: Prometheus, target: str) -> None:

@@ -11,6 +11,7 @@ from prometheus_client.metrics_core import Metric
 
 from traced_tasks import _multiprocess
 from traced_tasks._options import Options
+from traced_tasks._otel_metrics import OpenTelemetryBackend
 from traced_tasks._prometheus import InProcessBackend
 
 
@@ -55,7 +56,10 @@ class Backend(Protocol):
 
 
 def choose(options: Options) -> Backend:
-    """In-process numbers by default, prometheus_client's files in multiprocess mode."""
+    """In-process numbers by default, prometheus_client's files in multiprocess mode, and OpenTelemetry's
+    instruments when a meter provider is given, whatever the mode: each process then sends its own counts."""
+    if options.meter_provider is not None:
+        return OpenTelemetryBackend(options)
     folder = _multiprocess.directory()
     if folder is not None:
         return _multiprocess.MultiprocessBackend(options, folder)

@@ -99,7 +99,10 @@ def configure(**options: Any) -> None:
 
     Args:
         tracer_provider: The TracerProvider task spans go to. None: the global one, whenever it is set.
-        registry: The prometheus_client registry to count in. Default: prometheus_client.REGISTRY.
+        meter_provider: A MeterProvider to count through, with OpenTelemetry instruments, instead of
+            prometheus_client. None: prometheus_client.
+        registry: The prometheus_client registry to count in, and that /metrics serves. Default:
+            prometheus_client.REGISTRY.
         namespace: A prefix for every metric name: "shop" gives shop_background_task_scheduled_total.
         buckets: Upper bounds in seconds of the run-time and wait histograms. Default: DEFAULT_BUCKETS, 5 ms to 1 h.
         max_task_names: Distinct task label values before further names count as "__overflow__". Default: 1000.

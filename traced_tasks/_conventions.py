@@ -80,7 +80,7 @@ EXCEPTIONS = Family(
     "counter",
     "Background tasks that failed, by exception class.",
     "background_task.exceptions",
-    "{task}",
+    "{exception}",
 )
 SKIPPED = Family(
     "background_task_skipped",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection
 from typing import Any
 
+from opentelemetry import metrics
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from starlette import applications, background
 from starlette.types import Receive, Scope, Send
@@ -20,6 +22,22 @@ logger = logging.getLogger("traced_tasks")
 _OTEL_FASTAPI_MARK = "_otel_original_call"
 
 
+METRICS_ENV = "TRACED_TASKS_METRICS"
+
+
+def _counts_through_opentelemetry() -> bool:
+    """TRACED_TASKS_METRICS=opentelemetry: count through the global MeterProvider, as opentelemetry-instrument sets
+    it up from OTEL_METRICS_EXPORTER; prometheus (the default) keeps prometheus_client."""
+    value = os.environ.get(METRICS_ENV, "prometheus").strip().lower()
+    if value not in ("prometheus", "opentelemetry"):
+        logger.error(
+            "traced_tasks: %s must be prometheus or opentelemetry, got %r; counting with prometheus_client",
+            METRICS_ENV,
+            value,
+        )
+    return value == "opentelemetry"
+
+
 def _init(self: background.BackgroundTask, func: Any, *args: Any, **kwargs: Any) -> None:
     _background.init(self, func, args, kwargs)
 
@@ -32,8 +50,9 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         traced_tasks.BackgroundTasksInstrumentor().instrument(tracer_provider=provider)
 
-    `tracer_provider`, as in OpenTelemetry's instrumentations, sends task spans to that provider: it replaces the
-    `tracer_provider` option of the configuration in force and keeps the others.
+    `tracer_provider` and `meter_provider`, as in OpenTelemetry's instrumentations, send task spans and counts to
+    those providers: they replace those options of the configuration in force and keep the others. With
+    TRACED_TASKS_METRICS=opentelemetry, counts go to the global meter provider.
     """
 
     _originals: dict[tuple[type, str], Any]
@@ -45,12 +64,14 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         # Never raise: opentelemetry-instrument would skip every instrumentation after this one.
-        tracer_provider = kwargs.get("tracer_provider")
-        if tracer_provider is not None:
+        changes = {name: kwargs[name] for name in ("tracer_provider", "meter_provider") if kwargs.get(name) is not None}
+        if "meter_provider" not in changes and _counts_through_opentelemetry():
+            changes["meter_provider"] = metrics.get_meter_provider()
+        if changes:
             try:
-                _config.reconfigure(tracer_provider=tracer_provider)
+                _config.reconfigure(**changes)
             except Exception:
-                logger.exception("traced_tasks: cannot use the given tracer_provider; spans go to the global one")
+                logger.exception("traced_tasks: cannot use the given %s; kept the configuration", " and ".join(changes))
         try:
             port = _server.port_from_environment()
         except ValueError:

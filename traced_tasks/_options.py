@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -21,7 +22,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 
 DEFAULT_MAX_TASK_NAMES = 1000
 
-_NAMESPACE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# A letter first: OpenTelemetry's instrument names must start with one.
+_NAMESPACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_]*")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +31,7 @@ class Options:
     """What `traced_tasks.configure()` takes; its docstring says what each option does."""
 
     tracer_provider: TracerProvider | None = None
+    meter_provider: MeterProvider | None = None
     registry: CollectorRegistry = REGISTRY
     namespace: str = ""
     buckets: Sequence[float] = DEFAULT_BUCKETS
@@ -39,6 +42,7 @@ class Options:
 
     def __post_init__(self) -> None:
         _provider("tracer_provider", self.tracer_provider, "get_tracer", "an OpenTelemetry TracerProvider")
+        _provider("meter_provider", self.meter_provider, "get_meter", "an OpenTelemetry MeterProvider")
         if not isinstance(self.registry, CollectorRegistry):
             raise TypeError(f"registry must be a prometheus_client CollectorRegistry, got {self.registry!r}")
         if not isinstance(self.namespace, str) or (self.namespace and not _NAMESPACE.fullmatch(self.namespace)):

@@ -211,6 +211,11 @@ class InProcessBackend:
         if self._registry is not None:
             self._registry.unregister(self)
 
+    def oldest_starts(self) -> list[tuple[tuple[str, ...], float]]:
+        """For each set of label values with runs in progress, the Unix time the oldest of them started."""
+        with self._lock:
+            return [(counts.values, min(counts.starts)) for counts in self._counts.values() if counts.starts]
+
     def describe(self) -> list[Metric]:
         """The families without samples, so the registry can refuse names that are taken."""
         return list(self._families())

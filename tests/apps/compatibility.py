@@ -8,6 +8,8 @@ import json
 import fastapi
 import starlette
 from fastapi.testclient import TestClient
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -15,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 import traced_tasks
 from traced_tasks import BackgroundTasks
+from traced_tasks import _conventions as names
 
 
 class Declined(Exception):
@@ -57,14 +60,33 @@ def main() -> None:
     client = TestClient(app, raise_server_exceptions=False)
     for path in ("/users/1", "/admins/2", "/admins/3/charge"):
         client.post(path)
+    spans = [[span.name, (span.attributes or {}).get("http.route")] for span in exporter.get_finished_spans()]
+    exposition = generate_latest(registry).decode()
+
+    # The same requests, counted through OpenTelemetry.
+    reader = InMemoryMetricReader()
+    traced_tasks.configure(tracer_provider=provider, meter_provider=MeterProvider(metric_readers=[reader]))
+    for path in ("/users/1", "/admins/2", "/admins/3/charge"):
+        client.post(path)
+    data = reader.get_metrics_data()
+    assert data is not None
+    durations = [
+        point
+        for resource_metrics in data.resource_metrics
+        for scope_metrics in resource_metrics.scope_metrics
+        for metric in scope_metrics.metrics
+        if metric.name == names.DURATION.instrument
+        for point in metric.data.data_points
+        if isinstance(point, HistogramDataPoint)
+    ]
     print(
         json.dumps(
             {
                 "versions": {"fastapi": fastapi.__version__, "starlette": starlette.__version__},
-                "spans": [
-                    [span.name, (span.attributes or {}).get("http.route")] for span in exporter.get_finished_spans()
-                ],
-                "exposition": generate_latest(registry).decode(),
+                "spans": spans,
+                "exposition": exposition,
+                "otel_bounds": sorted({tuple(point.explicit_bounds) for point in durations}),
+                "otel_runs": sum(point.count for point in durations),
             }
         )
     )

@@ -1,0 +1,232 @@
+"""Counting through OpenTelemetry: the same series, over OTLP or OpenTelemetry's Prometheus exporter."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+
+import traced_tasks
+from tests.conftest import Telemetry
+from tests.support import ROOT, Collector, clean_environment, free_port, wait_for_http, wait_until
+from traced_tasks import BackgroundTask, BackgroundTasks
+from traced_tasks import _conventions as names
+
+NAME = "tests.test_otel_metrics."
+
+
+class Declined(Exception):
+    pass
+
+
+def send_receipt() -> None:
+    pass
+
+
+async def charge() -> None:
+    raise Declined()
+
+
+def traffic(orders: int = 3) -> None:
+    """Orders whose charge fails, so that the receipt after it is skipped, then receipts alone."""
+
+    async def main() -> None:
+        for _ in range(orders):
+            tasks = BackgroundTasks()
+            tasks.add_task(charge)
+            tasks.add_task(send_receipt)
+            with pytest.raises(Declined):
+                await tasks()
+            await BackgroundTask(send_receipt)()
+
+    asyncio.run(main())
+
+
+def prometheus_path(telemetry: Telemetry) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=registry)
+    return registry
+
+
+def opentelemetry_path(telemetry: Telemetry, **options: Any) -> tuple[CollectorRegistry, MeterProvider]:
+    """A MeterProvider read by OpenTelemetry's Prometheus exporter, without the scope labels and target_info it
+    adds by default."""
+    registry = CollectorRegistry()
+    reader = PrometheusMetricReader(disable_target_info=True, scope_info_enabled=False, registry=registry)
+    provider = MeterProvider(metric_readers=[reader])
+    traced_tasks.configure(tracer_provider=telemetry.provider, meter_provider=provider, **options)
+    return registry, provider
+
+
+def shape(families: Any) -> dict[str, set[tuple[str, ...]]]:
+    """Per sample name, the label keys (with `le` values, the bucket bounds) it comes with."""
+    found: dict[str, set[tuple[str, ...]]] = {}
+    metric: Metric
+    for metric in families:
+        for sample in metric.samples:
+            keys = tuple(sorted(f"le={value}" if key == "le" else key for key, value in sample.labels.items()))
+            found.setdefault(sample.name, set()).add(keys)
+    return found
+
+
+def counts(families: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The values that do not depend on the clock: counters, and histogram counts."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for metric in families
+        for sample in metric.samples
+        if sample.name.endswith(("_total", "_count")) or sample.name == names.IN_PROGRESS.name
+    }
+
+
+def test_the_same_series_as_prometheus_client(telemetry: Telemetry) -> None:
+    """The same traffic through prometheus_client and through OpenTelemetry, read by its Prometheus exporter, gives
+    the same sample names, label keys, bucket bounds and counts; but for the duration series a task has at 0 before
+    its first run of that outcome on the Prometheus path, which an OpenTelemetry histogram cannot have."""
+    ours = prometheus_path(telemetry)
+    traffic()
+    expected = list(ours.collect())
+    theirs, provider = opentelemetry_path(telemetry)
+    traffic()
+    found = list(theirs.collect())
+    assert shape(found) == shape(expected)
+    only_ours = {key: value for key, value in counts(expected).items() if key not in counts(found)}
+    assert only_ours == {
+        (names.DURATION.count, (("status", "error"), ("task", NAME + "send_receipt"))): 0,
+        (names.DURATION.count, (("status", "success"), ("task", NAME + "charge"))): 0,
+    }
+    assert counts(found) == {key: value for key, value in counts(expected).items() if key not in only_ours}
+    assert counts(found)[(names.SKIPPED.total, (("task", NAME + "send_receipt"),))] == 3
+    provider.shutdown()
+
+
+def test_namespace_route_label_and_caps_apply_unchanged(telemetry: Telemetry) -> None:
+    """The namespace prefixes every instrument, the route label comes along, and past max_task_names further names
+    count as __overflow__, as on the Prometheus path."""
+    registry, provider = opentelemetry_path(telemetry, namespace="shop", route_label=True, max_task_names=1)
+    traffic(orders=1)
+    assert registry.get_sample_value("shop_" + names.SCHEDULED.total, {"task": NAME + "charge", "route": ""}) == 1
+    assert registry.get_sample_value("shop_" + names.SCHEDULED.total, {"task": traced_tasks.OVERFLOW, "route": ""}) == 2
+    provider.shutdown()
+
+
+def test_durations_carry_the_run_spans_exemplar(telemetry: Telemetry) -> None:
+    """Each duration is recorded in the run span's context, so the SDK's trace-based filter attaches that span's
+    trace and span IDs as the exemplar, where OTLP carries it; waits and counts carry none of the request's."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    traced_tasks.configure(tracer_provider=telemetry.provider, meter_provider=provider)
+    traffic(orders=1)
+    data = reader.get_metrics_data()
+    assert data is not None
+    points: dict[str, list[Any]] = {}
+    for resource_metrics in data.resource_metrics:
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                points[metric.name] = list(metric.data.data_points)
+    spans = {span.name.rsplit(".", 1)[1]: span for span in telemetry.task_spans()}
+    by_task = {point.attributes["task"]: point for point in points[names.DURATION.instrument]}
+    for task in ("charge", "send_receipt"):
+        point: HistogramDataPoint = by_task[NAME + task]
+        (exemplar,) = point.exemplars
+        assert (exemplar.trace_id, exemplar.span_id) == (spans[task].context.trace_id, spans[task].context.span_id)
+    assert all(not point.exemplars for point in points[names.WAIT.instrument])
+    assert all(not point.exemplars for point in points[names.SCHEDULED.instrument])
+    provider.shutdown()
+
+
+def test_oldest_running_start_is_observed_and_absent_when_nothing_runs(telemetry: Telemetry) -> None:
+    """The in-progress-since gauge is an observable gauge: it reports the oldest run's start while one runs, and no
+    series at all once none does; a later configure() stops the old configuration's callback."""
+    registry, provider = opentelemetry_path(telemetry)
+    release = threading.Event()
+    seen: list[float | None] = []
+    name = NAME + "test_oldest_running_start_is_observed_and_absent_when_nothing_runs.<locals>.hang"
+
+    def hang() -> None:
+        release.wait(30)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(BackgroundTask(hang))
+            while registry.get_sample_value(names.IN_PROGRESS.name, {"task": name}) != 1:
+                await anyio.sleep(0.001)
+            seen.append(registry.get_sample_value(names.IN_PROGRESS_SINCE.name, {"task": name}))
+            release.set()
+
+    asyncio.run(main())
+    assert seen[0] is not None
+    assert registry.get_sample_value(names.IN_PROGRESS_SINCE.name, {"task": name}) is None
+    traced_tasks.configure(registry=CollectorRegistry())
+    assert names.IN_PROGRESS_SINCE.name not in {metric.name for metric in registry.collect()}
+    provider.shutdown()
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    with Collector() as receiver:
+        yield receiver
+
+
+def metric_names(collector: Collector) -> set[str]:
+    return {
+        metric.name
+        for request in collector.metrics
+        for resource_metrics in request.resource_metrics
+        for scope_metrics in resource_metrics.scope_metrics
+        for metric in scope_metrics.metrics
+    }
+
+
+@pytest.mark.integration
+def test_zero_code_metrics_leave_over_otlp(collector: Collector, tmp_path: Path) -> None:
+    """Under the real opentelemetry-instrument command with OTEL_METRICS_EXPORTER=otlp and
+    TRACED_TASKS_METRICS=opentelemetry, an unmodified app's task metrics reach an OTLP/HTTP receiver, the run
+    time with its span's exemplar."""
+    port = free_port()
+    env = clean_environment(
+        TRACED_TASKS_METRICS="opentelemetry",
+        OTEL_METRICS_EXPORTER="otlp",
+        OTEL_TRACES_EXPORTER="none",
+        OTEL_LOGS_EXPORTER="none",
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+        OTEL_METRIC_EXPORT_INTERVAL="200",
+    )
+    instrument = str(Path(sys.executable).parent / "opentelemetry-instrument")
+    command = [instrument, sys.executable, "-m", "uvicorn", "tests.apps.plain:app", "--port", str(port)]
+    with (tmp_path / "output.txt").open("wb") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=output)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/ping")
+            httpx.post(f"http://127.0.0.1:{port}/orders/7")
+            wait_until(lambda: names.DURATION.instrument in metric_names(collector), timeout=30)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    assert {names.SCHEDULED.instrument, names.WAIT.instrument, names.DURATION.instrument} <= metric_names(collector)
+    exemplars = [
+        exemplar
+        for request in collector.metrics
+        for resource_metrics in request.resource_metrics
+        for scope_metrics in resource_metrics.scope_metrics
+        for metric in scope_metrics.metrics
+        if metric.name == names.DURATION.instrument
+        for point in metric.histogram.data_points
+        for exemplar in point.exemplars
+    ]
+    assert exemplars, (tmp_path / "output.txt").read_text()[-2000:]
+    assert all(len(exemplar.trace_id) == 16 and len(exemplar.span_id) == 8 for exemplar in exemplars)
