@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from prometheus_client import generate_latest as generate_text
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from traced_tasks import _conventions as names
+from traced_tasks._activity import Activity
 from traced_tasks._backends import Backend
 from traced_tasks._multiprocess import MultiprocessBackend
 from traced_tasks._options import Options
@@ -36,9 +38,20 @@ EVENTS = st.lists(
 )
 
 
-def apply(backend: Backend, events: list[tuple[Any, ...]], route_label: bool) -> None:
-    """Play events through a backend's TaskCounts, as runs do: a finish only for a run that started."""
-    started: dict[tuple[str, ...], list[float]] = {}
+@dataclass(frozen=True)
+class Running:
+    """A run in progress, as the activity record holds it."""
+
+    task: str
+    route: str | None
+    values: tuple[str, ...]
+    started_at: float
+
+
+def apply(backend: Backend, activity: Activity, events: list[tuple[Any, ...]], route_label: bool) -> None:
+    """Play events through a backend's TaskCounts, as runs do, with the runs in progress in the activity record: a
+    finish only for a run that started."""
+    started: dict[tuple[str, ...], list[Running]] = {}
     clock = 1_700_000_000.0
     for (task, route), event, seconds, sampled, exception in events:
         values = (task, route) if route_label else (task,)
@@ -50,11 +63,14 @@ def apply(backend: Backend, events: list[tuple[Any, ...]], route_label: bool) ->
             counts.schedule()
         elif event == "start":
             counts.start(seconds, clock)
-            running.append(clock)
+            running.append(Running(task, route, values, clock))
+            activity.running.add(running[-1])
         elif event == "skip":
             counts.skip()
         elif running:
-            started_at = running.pop(0)
+            run = running.pop(0)
+            activity.running.discard(run)
+            started_at = run.started_at
             if event == "succeed":
                 counts.succeed(seconds, started_at, exemplar)
             elif event == "error":
@@ -78,9 +94,12 @@ def samples(registry: CollectorRegistry) -> set[tuple[Any, ...]]:
     return found
 
 
-def in_process(route_label: bool = False, namespace: str = "") -> tuple[InProcessBackend, CollectorRegistry]:
+def in_process(
+    route_label: bool = False, namespace: str = "", activity: Activity | None = None
+) -> tuple[InProcessBackend, CollectorRegistry]:
     registry = CollectorRegistry()
-    backend = InProcessBackend(Options(registry=registry, route_label=route_label, namespace=namespace), registry)
+    options = Options(registry=registry, route_label=route_label, namespace=namespace)
+    backend = InProcessBackend(options, registry, activity or Activity())
     backend.open()
     return backend, registry
 
@@ -98,10 +117,11 @@ def multiprocess(folder: Path, route_label: bool = False) -> tuple[MultiprocessB
 def test_backends_expose_the_same_samples(tmp_path_factory: pytest.TempPathFactory, events: Any, route: bool) -> None:
     """For any sequence of events, with or without the route label, both backends expose the same samples: counts,
     bucket counts, sums, exemplars, and the oldest start of the runs in progress, absent when none runs."""
-    local, local_registry = in_process(route)
+    activity = Activity()
+    local, local_registry = in_process(route, activity=activity)
     client, client_registry = multiprocess(tmp_path_factory.mktemp("multiprocess"), route)
-    apply(local, events, route)
-    apply(client, events, route)
+    apply(local, activity, events, route)
+    apply(client, Activity(), events, route)
     ours = samples(local_registry)
     theirs = {sample for sample in samples(client_registry) if not _nothing_runs(sample)}
     assert ours == theirs

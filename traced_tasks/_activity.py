@@ -34,6 +34,10 @@ class Running(Protocol):
     def task(self) -> str: ...
 
     @property
+    def values(self) -> tuple[str, ...]:
+        """Its metric label values: (task,) or, with the route label, (task, route)."""
+
+    @property
     def route(self) -> str | None: ...
 
     @property

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from traced_tasks import _multiprocess
+from traced_tasks._activity import Activity
 from traced_tasks._options import Options
 from traced_tasks._otel_metrics import OpenTelemetryBackend
 from traced_tasks._prometheus import InProcessBackend
@@ -19,8 +20,9 @@ class TaskCounts(Protocol):
     """The counts of one set of label values: (task,) or, with the route label, (task, route).
 
     Each method is one event of a run, called once, in this order: schedule, then start and one of succeed or fail,
-    or skip. `started_at` is the Unix time at which the run started; `exemplar` is the span context of a sampled,
-    recording span of the run. Events of one set of label values come from many threads at once.
+    or skip. `started_at` is the Unix time at which the run started, and `started_at + seconds` when it ended;
+    `exemplar` is the span context of a sampled, recording span of the run. Events of one set of label values come
+    from many threads at once.
     """
 
     def schedule(self) -> None: ...
@@ -55,12 +57,12 @@ class Backend(Protocol):
         """Take the families out of the registry."""
 
 
-def choose(options: Options) -> Backend:
+def choose(options: Options, activity: Activity) -> Backend:
     """In-process numbers by default, prometheus_client's files in multiprocess mode, and OpenTelemetry's
     instruments when a meter provider is given, whatever the mode: each process then sends its own counts."""
     if options.meter_provider is not None:
-        return OpenTelemetryBackend(options)
+        return OpenTelemetryBackend(options, activity)
     folder = _multiprocess.directory()
     if folder is not None:
         return _multiprocess.MultiprocessBackend(options, folder)
-    return InProcessBackend(options, options.registry)
+    return InProcessBackend(options, options.registry, activity)

@@ -38,13 +38,13 @@ class Configuration:
         self.tracer = trace.get_tracer(INSTRUMENTATION_NAME, __version__, tracer_provider=options.tracer_provider)
         self.use_span_links = options.use_span_links
         self.isolate_tasks = options.isolate_tasks
-        self.backend = _backends.choose(options)
+        self.activity = Activity()
+        self.backend = _backends.choose(options, self.activity)
         self.labels = Labels(options.max_task_names, options.route_label)
         if isinstance(self.backend, MultiprocessBackend):
             # Names earlier workers admitted are still in the folder, and in what /metrics serves.
             self.labels.admit_tasks(self.backend.task_names())
         self.profiles = Profiles(self.labels, self.backend, options.max_task_names)
-        self.activity = Activity()
         self._reported: set[tuple[str, str]] = set()
         self._tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
         self._lock = threading.Lock()

@@ -222,8 +222,9 @@ def _tasks(families: Iterable[Metric], prefix: str, bounds: Iterable[float]) -> 
         run_buckets, wait_buckets = _per_bucket(entry.pop("run_buckets")), _per_bucket(entry.pop("wait_buckets"))
         finished = entry["succeeded"] + entry["failed"] + entry["cancelled"]
         entry["finished"] = finished
-        entry["not_started"] = max(0.0, entry.pop("scheduled") - entry.pop("started") - entry["skipped"])
-        entry["scheduled"] = entry["not_started"] + entry["skipped"] + finished + entry["running"]
+        # A run is counted as started when its wait is observed: what is neither started nor skipped was dropped
+        # (the endpoint raised after add_task, say), or still waits.
+        entry["not_started"] = max(0.0, entry["scheduled"] - entry.pop("started") - entry["skipped"])
         entry["error_ratio"] = entry["failed"] / finished if finished else None
         entry["run_seconds"] = {"p50": _quantile(0.5, run_buckets, bounds), "p95": _quantile(0.95, run_buckets, bounds)}
         entry["wait_seconds"] = {

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import threading
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -118,7 +117,7 @@ class _Counts:
     def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None:
         self._finish(started_at)
         self._success.observe(seconds, None if exemplar is None else exemplar_labels(exemplar))
-        self._last_success.set(time.time())
+        self._last_success.set(started_at + seconds)
 
     def fail(
         self, status: str, seconds: float, started_at: float, exemplar: SpanContext | None, exception: str | None

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from traced_tasks import _conventions as names
+from traced_tasks._activity import Activity
 from traced_tasks._options import Options
 from traced_tasks._prometheus import InProcessBackend, InProcessCounts, labelnames
 from traced_tasks._version import __version__
@@ -92,9 +93,9 @@ def _exemplar(span_context: SpanContext | None) -> Context:
 class OpenTelemetryBackend:
     """The families as instruments of `options.meter_provider`."""
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, activity: Activity) -> None:
         assert options.meter_provider is not None
-        self.local = InProcessBackend(options, None)
+        self.local = InProcessBackend(options, None, activity)
         self.labelnames = labelnames(options)
         self._registry = options.registry
         self._open = False
@@ -140,5 +141,5 @@ class OpenTelemetryBackend:
                 return []
         return [
             Observation(oldest, dict(zip(self.labelnames, values, strict=True)))
-            for values, oldest in self.local.oldest_starts()
+            for values, (_, oldest) in self.local.running().items()
         ]

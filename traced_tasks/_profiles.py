@@ -16,13 +16,19 @@ from traced_tasks._labels import MAX_ROUTES, Labels
 class Profile:
     """The span name and attributes, names and counts of every run of one callable scheduled from one route."""
 
-    __slots__ = ("attributes", "counts", "name", "route", "span_name", "task")
+    __slots__ = ("attributes", "counts", "name", "route", "span_name", "task", "values")
 
     def __init__(
-        self, name: str, task: str, route: str | None, attributes: dict[str, str | int], counts: TaskCounts
+        self,
+        name: str,
+        values: tuple[str, ...],
+        route: str | None,
+        attributes: dict[str, str | int],
+        counts: TaskCounts,
     ) -> None:
         self.name = name  # module.qualname
-        self.task = task  # the task label value: the name, or the overflow value past the cap
+        self.values = values  # the label values: (task,) or (task, route), past the caps the overflow value
+        self.task = values[0]
         self.route = route  # the route template, as on the span
         self.span_name = names.SPAN_NAME_PREFIX + name
         self.attributes = attributes
@@ -63,9 +69,9 @@ class Profiles:
             entry = self._add(func, key, code)
         profile = entry.profiles.get(route)
         if profile is None:
-            counts = self._backend.counts(self._labels.values(entry.label, route))
+            values = self._labels.values(entry.label, route)
             attributes = entry.attributes if route is None else {**entry.attributes, names.ATTR_ROUTE: route}
-            profile = Profile(entry.name, entry.label, route, attributes, counts)
+            profile = Profile(entry.name, values, route, attributes, self._backend.counts(values))
             if len(entry.profiles) < MAX_ROUTES:  # past that, an application adding routes without end
                 entry.profiles[route] = profile
         return profile

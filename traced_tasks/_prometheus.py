@@ -1,14 +1,14 @@
 """The default metrics backend: counts kept in this process as plain numbers under one lock, and handed to
 prometheus_client as a custom collector when scraped, its documented extension point.
 
-One lock per update costs a fraction of prometheus_client's own metric objects, which lock per child and value.
+One lock per update costs a fraction of prometheus_client's own metric objects, which lock per child and value. The
+runs in progress are not counted again here: the configuration's activity record holds them, and a scrape reads it.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -19,6 +19,7 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from traced_tasks import _conventions as names
+from traced_tasks._activity import Activity
 from traced_tasks._options import Options
 
 
@@ -60,8 +61,6 @@ class _Snapshot(NamedTuple):
     scheduled: float
     wait: _Histogram
     durations: dict[str, _Histogram]
-    in_progress: float
-    oldest_start: float | None
     exceptions: dict[str, float]
     skipped: float
     last_success: float
@@ -86,11 +85,9 @@ class InProcessCounts:
         "_lock",
         "durations",
         "exceptions",
-        "in_progress",
         "last_success",
         "scheduled",
         "skipped",
-        "starts",
         "success",
         "values",
         "wait",
@@ -104,9 +101,7 @@ class InProcessCounts:
         # Floats, as prometheus_client keeps them, so the exposition reads the same (1.0, not 1).
         self.scheduled = 0.0
         self.skipped = 0.0
-        self.in_progress = 0.0
         self.last_success = 0.0
-        self.starts: list[float] = []  # Unix start times of the runs in progress
         self.wait = _Histogram(size)
         self.success = _Histogram(size)
         # success and error from the first schedule, at 0, so that rate() sees a task's first failures; cancelled
@@ -124,15 +119,11 @@ class InProcessCounts:
             histogram = self.wait
             histogram.counts[index] += 1
             histogram.sum += wait
-            self.in_progress += 1
-            self.starts.append(started_at)
 
     def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None:
         index = bisect.bisect_left(self._bounds, seconds)
-        now = time.time()
+        now = started_at + seconds  # the run's end, without another read of the clock
         with self._lock:
-            self.in_progress -= 1
-            self.starts.remove(started_at)
             self.last_success = now
             histogram = self.success
             histogram.counts[index] += 1
@@ -144,10 +135,8 @@ class InProcessCounts:
         self, status: str, seconds: float, started_at: float, exemplar: SpanContext | None, exception: str | None
     ) -> None:
         index = bisect.bisect_left(self._bounds, seconds)
-        now = time.time()
+        now = started_at + seconds
         with self._lock:
-            self.in_progress -= 1
-            self.starts.remove(started_at)
             histogram = self.durations.get(status)
             if histogram is None:
                 histogram = self.durations[status] = _Histogram(len(self._bounds) + 1)
@@ -169,8 +158,6 @@ class InProcessCounts:
             self.scheduled,
             self.wait.copy(),
             {status: histogram.copy() for status, histogram in self.durations.items()},
-            self.in_progress,
-            min(self.starts) if self.starts else None,
             dict(self.exceptions),
             self.skipped,
             self.last_success,
@@ -184,8 +171,9 @@ class InProcessBackend:
     console and the gauges of another backend.
     """
 
-    def __init__(self, options: Options, registry: CollectorRegistry | None) -> None:
+    def __init__(self, options: Options, registry: CollectorRegistry | None, activity: Activity) -> None:
         self.bounds = tuple(options.buckets)
+        self._activity = activity
         self._lock = threading.Lock()
         self._prefix = f"{options.namespace}_" if options.namespace else ""
         self._labelnames = labelnames(options)
@@ -211,10 +199,13 @@ class InProcessBackend:
         if self._registry is not None:
             self._registry.unregister(self)
 
-    def oldest_starts(self) -> list[tuple[tuple[str, ...], float]]:
-        """For each set of label values with runs in progress, the Unix time the oldest of them started."""
-        with self._lock:
-            return [(counts.values, min(counts.starts)) for counts in self._counts.values() if counts.starts]
+    def running(self) -> dict[tuple[str, ...], tuple[int, float]]:
+        """For each set of label values with runs in progress: how many, and the Unix time the oldest started."""
+        found: dict[tuple[str, ...], tuple[int, float]] = {}
+        for run in self._activity.running.copy():
+            count, oldest = found.get(run.values, (0, run.started_at))
+            found[run.values] = (count + 1, min(oldest, run.started_at))
+        return found
 
     def describe(self) -> list[Metric]:
         """The families without samples, so the registry can refuse names that are taken."""
@@ -223,6 +214,7 @@ class InProcessBackend:
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             snapshots = [counts.snapshot() for counts in self._counts.values()]
+        running = self.running()
         # Built outside the lock, so tasks finishing during a scrape wait only for the copy.
         families = self._families()
         scheduled, wait, duration, in_progress, in_progress_since, exceptions, skipped, last_success = families
@@ -232,9 +224,10 @@ class InProcessBackend:
             self._add_histogram(wait, labels, task.wait)
             for status, histogram in task.durations.items():
                 self._add_histogram(duration, [*labels, status], histogram)
-            in_progress.add_metric(labels, task.in_progress)
-            if task.oldest_start is not None:  # absent while nothing runs
-                in_progress_since.add_metric(labels, task.oldest_start)
+            runs, oldest = running.get(task.values, (0, None))
+            in_progress.add_metric(labels, float(runs))
+            if oldest is not None:  # absent while nothing runs
+                in_progress_since.add_metric(labels, oldest)
             for label, count in task.exceptions.items():
                 exceptions.add_metric([*labels, label], count)
             skipped.add_metric(labels, task.skipped)

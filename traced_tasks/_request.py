@@ -12,11 +12,14 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, TracerProvider
 from starlette.types import Scope
 
-_NATIVE_KEY: str | None
-try:  # FastAPI 0.165 and later keep their telemetry of the request in the OpenTelemetry context, under this key.
-    from fastapi.telemetry._api import _REQUEST_TELEMETRY_KEY as _NATIVE_KEY
+# FastAPI 0.165 and later keep their telemetry of the request in the OpenTelemetry context, under this key.
+NATIVE_KEY: str = "fastapi.request: no FastAPI with native telemetry here"  # in no context
+try:
+    from fastapi.telemetry._api import _REQUEST_TELEMETRY_KEY
+
+    NATIVE_KEY = _REQUEST_TELEMETRY_KEY
 except ImportError:
-    _NATIVE_KEY = None
+    pass
 
 _scope: ContextVar[Scope | None] = ContextVar("traced_tasks_scope", default=None)
 
@@ -30,12 +33,13 @@ def serving(scope: Scope) -> Iterator[None]:
         _scope.reset(token)
 
 
-def route() -> str | None:
-    """The route template of the request being served, such as `/orders/{order_id}`, once routing matched it:
+# The scope of the request being served, where a middleware or the instrumentor made it known; else None.
+serving_scope = _scope.get
+
+
+def route(scope: Scope) -> str | None:
+    """The route template of the request `scope` is for, such as `/orders/{order_id}`, once routing matched it:
     the whole template under FastAPI's include_router(prefix=...), and nothing under a Starlette Mount."""
-    scope = _scope.get()
-    if scope is None:
-        return None
     # Under a Mount the route's path is relative to it, and the scope keeps only the matched prefix, with its
     # values (/tenants/acme), not its template: report nothing rather than a value or half a route.
     if scope.get("root_path", "") != scope.get("app_root_path", scope.get("root_path", "")):
@@ -54,9 +58,7 @@ def route() -> str | None:
 def native_tracing(context: Context) -> tuple[TracerProvider | None, Span | None]:
     """What FastAPI's native telemetry traces the request in `context` with: the tracer provider the application
     gave it, if any, and the request's server span. (None, None) where it does not trace the request."""
-    if _NATIVE_KEY is None:
-        return None, None
-    request: Any = context.get(_NATIVE_KEY)
+    request: Any = context.get(NATIVE_KEY)
     span = getattr(request, "span", None)
     if not isinstance(span, Span):
         return None, None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -39,14 +41,10 @@ def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
     if isinstance(func, _CONTAINERS):
         return None
     try:
-        scheduled = Run(config, config.profiles.get(func, _request.route()))
-        provider, server_span = _request.native_tracing(scheduled.context)
-        if server_span is not None:
-            # Under FastAPI's native telemetry the current span is its endpoint or dependency span, which ends
-            # before the task runs: the task belongs under the request's server span, in FastAPI's provider.
-            scheduled.context = trace.set_span_in_context(server_span, scheduled.context)
-            if provider is not None and config.options.tracer_provider is None:
-                scheduled.tracer = config.tracer_for(provider)
+        scope = _request.serving_scope()
+        scheduled = Run(config, config.profiles.get(func, None if scope is None else _request.route(scope)))
+        if _request.NATIVE_KEY in scheduled.context:
+            _under_fastapis_telemetry(scheduled)
     except Exception:
         config.report("task setup", _name(func))
         return None
@@ -57,6 +55,16 @@ def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
     return scheduled
 
 
+def _under_fastapis_telemetry(scheduled: Run) -> None:
+    """Under FastAPI's native telemetry the current span is its endpoint or dependency span, which ends before the task
+    runs: the task belongs under the request's server span, in the provider FastAPI traces the request with."""
+    provider, server_span = _request.native_tracing(scheduled.context)
+    if server_span is not None:
+        scheduled.context = trace.set_span_in_context(server_span, scheduled.context)
+        if provider is not None and scheduled.config.options.tracer_provider is None:
+            scheduled.tracer = scheduled.config.tracer_for(provider)
+
+
 # A batch, or a task, passed as a task: it runs tasks of its own, and is not one.
 _CONTAINERS = (background.BackgroundTasks, background.BackgroundTask)
 
@@ -65,7 +73,8 @@ class Run:
     """One run of a task, from add_task to its outcome: the configuration and profile it was scheduled under, the
     context and clock add_task captured, then its span, the context it makes current, its run clock and counts.
 
-        with Run(config, profile):
+        scheduled = Run(config, profile)  # at add_task
+        with scheduled:  # when the task runs
             await func(*args, **kwargs)
 
     The span is current inside the block, in the context captured when the Run was made. An exception leaves the
@@ -99,21 +108,12 @@ class Run:
         """Whether a run of this task began."""
         return self._claimed
 
-    def claim(self) -> Run:
-        """This Run, for the run about to start; or, for a task object run more than once, a new Run with the
-        scheduling of the first: one task object attached to several responses runs several times."""
-        if self._claimed:
-            again = Run.__new__(Run)
-            again.config, again.profile, again.context, again.tracer = (
-                self.config,
-                self.profile,
-                self.context,
-                self.tracer,
-            )
-            again.scheduled_ns, again._claimed, again._started_ns = self.scheduled_ns, True, 0
-            return again
-        self._claimed = True
-        return self
+    def again(self) -> Run:
+        """A Run with this one's scheduling, for a task object that runs more than once: attached to several
+        responses, say."""
+        again = copy.copy(self)
+        again._started_ns = 0
+        return again
 
     @property
     def task(self) -> str:
@@ -122,6 +122,10 @@ class Run:
     @property
     def route(self) -> str | None:
         return self.profile.route
+
+    @property
+    def values(self) -> tuple[str, ...]:
+        return self.profile.values
 
     @property
     def started(self) -> bool:
@@ -198,7 +202,8 @@ class Run:
         except Exception:
             config.report("metrics", profile.name)
         if exc is not None or _activity.captures:
-            record = TaskRun(profile.task, status, exception, self._trace_id(), seconds, profile.route, time.time())
+            ended = self.started_at + seconds
+            record = TaskRun(profile.task, status, exception, self._trace_id(), seconds, profile.route, ended)
             if exc is not None:
                 config.activity.failures.append(record)
             for captured in _activity.captures:
@@ -234,16 +239,20 @@ def _start_linked_span(tracer: Tracer, profile: Profile, parent: Context) -> Spa
 
 async def run(task: background.BackgroundTask) -> None:
     """Run one task inside its span, counting its outcome. Starlette's BackgroundTask.__call__, traced."""
-    scheduled: Run | None = getattr(task, "_traced", None)  # None: made before instrumentation
-    if scheduled is None:
+    current: Run | None = getattr(task, "_traced", None)  # None: made before instrumentation
+    if current is None:
         await call(task)
-    elif task.is_async:
-        with scheduled.claim():
+        return
+    if current._claimed:
+        current = current.again()
+    current._claimed = True
+    if task.is_async:
+        with current:
             await task.func(*task.args, **task.kwargs)
     else:
-        current = scheduled.claim()
         try:
-            await run_in_threadpool(current.call, task.func, task.args, task.kwargs)
+            # Starlette's run_in_threadpool, without the partial it would make.
+            await anyio.to_thread.run_sync(current.call, task.func, task.args, task.kwargs)
         except BaseException as exc:
             if not current.started:
                 current.cancelled_before_start(exc)
