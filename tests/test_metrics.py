@@ -563,3 +563,33 @@ def test_any_callable_gets_a_name_and_is_traced(telemetry: Telemetry) -> None:
         "BackgroundTask unittest.mock.AsyncMock",
         "BackgroundTask unittest.mock.MagicMock",
     ]
+
+
+def hold(release: threading.Event) -> None:
+    release.wait(10)
+
+
+def test_one_task_object_run_twice_at_once_keeps_both_runs(telemetry: Telemetry) -> None:
+    """A BackgroundTask object attached to two responses whose tasks run at the same time gives two runs, each with
+    a span and counts of its own, neither overwriting the other's state; its schedule counts once, as the README
+    says of a reused object."""
+    release = threading.Event()
+    task = BackgroundTask(hold, release)
+    name = PREFIX + "hold"
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(task)
+            group.start_soon(task)
+            with anyio.fail_after(10):
+                while telemetry.value(names.IN_PROGRESS.name, task=name) != 2:
+                    await anyio.sleep(0.001)
+            release.set()
+
+    asyncio.run(main())
+    assert telemetry.value(names.SCHEDULED.total, task=name) == 1
+    assert telemetry.value(names.DURATION.count, task=name, status="success") == 2
+    assert telemetry.value(names.IN_PROGRESS.name, task=name) == 0
+    spans = telemetry.task_spans()
+    assert len(spans) == 2
+    assert spans[0].context.span_id != spans[1].context.span_id
