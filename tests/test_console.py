@@ -132,7 +132,13 @@ def test_console_refuses_without_the_token_and_websockets(telemetry: Telemetry, 
 
 @pytest.mark.parametrize(
     "options",
-    [{"trace_url": "jaeger/{trace_id}"}, {"trace_url": "http://jaeger/trace"}, {"hung_after": 0}, {"hung_after": True}],
+    [
+        {"trace_url": "jaeger/{trace_id}"},
+        {"trace_url": "http://jaeger/trace"},
+        {"hung_after": 0},
+        {"hung_after": True},
+        {"hung_after": float("inf")},
+    ],
 )
 def test_bad_console_options_fail_at_once(options: dict[str, Any]) -> None:
     """A trace_url that is not an http(s) template with {trace_id}, or a hung_after that is not a positive number,

@@ -217,3 +217,25 @@ def test_configured_tracer_provider_wins_over_fastapis(telemetry: Telemetry) -> 
     assert len(ours) == 2
     assert {span.parent.span_id if span.parent else None for span in ours} == {server.context.span_id}
     assert [span.name for span in fastapis.get_finished_spans() if span.name.startswith("BackgroundTask")] == []
+
+
+def test_native_telemetry_gives_the_route_its_server_span_reports(telemetry: Telemetry) -> None:
+    """Under FastAPI's native telemetry, with no middleware of ours, a task scheduled under an included router gets
+    the http.route FastAPI's server span reports, and with the route label, its series."""
+    if "telemetry" not in inspect.signature(FastAPI).parameters:
+        pytest.skip("this FastAPI has no native telemetry")
+    traced_tasks.configure(registry=telemetry.registry, route_label=True)
+    router = fastapi.APIRouter()
+
+    @router.post("/{order_id}")
+    def place_order(order_id: int, tasks: BackgroundTasks) -> str:
+        tasks.add_task(audit, [])
+        return "ok"
+
+    app = FastAPI(telemetry={"tracer_provider": telemetry.provider})  # type: ignore[call-arg,unused-ignore]
+    app.include_router(router, prefix="/orders")
+    TestClient(app).post("/orders/7")
+    (server,) = [span for span in telemetry.spans() if span.kind is SpanKind.SERVER]
+    (task,) = telemetry.task_spans()
+    assert (task.attributes or {})["http.route"] == (server.attributes or {})["http.route"] == "/orders/{order_id}"
+    assert telemetry.value(names.SCHEDULED.total, task=TASK, route="/orders/{order_id}") == 1

@@ -114,6 +114,21 @@ def test_the_token_is_read_when_serving(telemetry: Telemetry, monkeypatch: pytes
         assert client.get("/", headers={"authorization": given}).status_code == 200, given
 
 
+def test_a_blank_token_lets_no_one_in(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token variable that is set but blank (an empty secret file) refuses every request and says so once, rather
+    than leaving /metrics open; a blank bearer_token is refused when the app is made."""
+    client = TestClient(traced_tasks.make_metrics_app())
+    monkeypatch.setenv("TRACED_TASKS_METRICS_TOKEN", "\n")
+    with caplog.at_level(logging.ERROR, logger="traced_tasks"):
+        assert client.get("/").status_code == 401
+        assert client.get("/", headers={"authorization": "Bearer "}).status_code == 401
+    assert len([record for record in caplog.records if "blank" in record.getMessage()]) == 1
+    with pytest.raises(ValueError, match="bearer_token"):
+        traced_tasks.make_metrics_app(bearer_token=" ")
+
+
 def test_a_websocket_to_metrics_is_refused_cleanly(telemetry: Telemetry) -> None:
     """A websocket connection to /metrics is closed with a policy-violation code before it is accepted, instead of
     failing an assertion in the server."""

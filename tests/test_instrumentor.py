@@ -21,6 +21,7 @@ import traced_tasks
 from tests.conftest import Telemetry
 from tests.support import ROOT, clean_environment, free_port, wait_for_http, wait_until
 from traced_tasks import _conventions as names
+from traced_tasks.testing import capture_tasks
 
 TASK = "tests.test_instrumentor.audit"
 
@@ -372,3 +373,48 @@ def test_metrics_port_serves_the_console_too(telemetry: Telemetry, monkeypatch: 
             assert httpx.get(base + path, headers={"authorization": "Bearer t0ken"}).status_code == 200
     finally:
         instance.uninstrument()
+
+
+class Delegating(background.BackgroundTasks):
+    """A batch class whose own __call__ hands over to Starlette's loop, as one that logs or closes a session does."""
+
+    async def __call__(self) -> None:
+        try:
+            await super().__call__()
+        finally:
+            pass
+
+
+def test_skips_count_once_however_batch_classes_nest(telemetry: Telemetry) -> None:
+    """A batch class whose __call__ calls Starlette's, and FastAPI's class holding a nested batch, count each task
+    that never ran once, as capture_tasks() sees it too: the counts still add up."""
+    instance = traced_tasks.BackgroundTasksInstrumentor()
+    instance.instrument()
+
+    async def delegating(request: Request) -> Response:
+        tasks = Delegating()
+        tasks.add_task(fail)
+        tasks.add_task(audit)
+        return PlainTextResponse("ok", background=tasks)
+
+    async def nested(request: Request) -> Response:
+        outer, inner = fastapi.BackgroundTasks(), background.BackgroundTasks()
+        inner.add_task(fail)
+        inner.add_task(audit)
+        outer.add_task(inner)
+        return PlainTextResponse("ok", background=outer)
+
+    try:
+        app = Starlette(routes=[Route("/delegating", delegating), Route("/nested", nested)])
+        client = TestClient(app, raise_server_exceptions=False)
+        with capture_tasks() as runs:
+            client.get("/delegating")
+            client.get("/nested")
+    finally:
+        instance.uninstrument()
+    assert [(run.task, run.status) for run in runs] == [
+        ("tests.test_instrumentor.fail", "error"),
+        (TASK, "skipped"),
+    ] * 2
+    assert telemetry.value(names.SCHEDULED.total, task=TASK) == 2
+    assert telemetry.value(names.SKIPPED.total, task=TASK) == 2

@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from prometheus_client import CollectorRegistry
 from starlette._utils import is_async_callable
 from starlette.applications import Starlette
@@ -593,3 +593,35 @@ def test_one_task_object_run_twice_at_once_keeps_both_runs(telemetry: Telemetry)
     spans = telemetry.task_spans()
     assert len(spans) == 2
     assert spans[0].context.span_id != spans[1].context.span_id
+
+
+class SlowEnd(SpanProcessor):
+    """A span processor whose on_end waits, as a synchronous exporter does, until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.entered.set()
+        self.release.wait(10)
+
+
+def test_a_run_counts_as_running_until_it_counts_as_finished(telemetry: Telemetry) -> None:
+    """While a run's span ends (an exporter can take its time there), a scrape sees the run in progress: never in
+    neither running nor finished, which would break the counts that add up."""
+    processor = SlowEnd()
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    traced_tasks.configure(tracer_provider=provider, registry=telemetry.registry)
+    runner = threading.Thread(target=lambda: asyncio.run(BackgroundTask(ok)()))
+    runner.start()
+    try:
+        assert processor.entered.wait(10)
+        assert telemetry.value(names.IN_PROGRESS.name, task=NAME + "ok") == 1
+        assert telemetry.value(names.DURATION.count, task=NAME + "ok", status="success") == 0
+    finally:
+        processor.release.set()
+        runner.join(10)
+    assert telemetry.value(names.IN_PROGRESS.name, task=NAME + "ok") == 0
+    assert telemetry.value(names.DURATION.count, task=NAME + "ok", status="success") == 1

@@ -18,6 +18,11 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
 import traced_tasks
 from tests.conftest import Telemetry
@@ -230,3 +235,63 @@ def test_zero_code_metrics_leave_over_otlp(collector: Collector, tmp_path: Path)
     ]
     assert exemplars, (tmp_path / "output.txt").read_text()[-2000:]
     assert all(len(exemplar.trace_id) == 16 and len(exemplar.span_id) == 8 for exemplar in exemplars)
+
+
+def test_configuring_again_on_the_same_meter_provider(telemetry: Telemetry) -> None:
+    """OpenTelemetry hands back the instruments it made first for a name, so a second configure() on the same
+    MeterProvider shares them: the oldest-start gauge observes the new configuration's runs, a last success is not
+    set back to 0, and new buckets are refused with a message rather than silently ignored."""
+    registry, provider = opentelemetry_path(telemetry)
+    traffic(orders=1)
+    last = registry.get_sample_value(names.LAST_SUCCESS.name, {"task": NAME + "send_receipt"})
+    assert last
+    traced_tasks.configure(tracer_provider=telemetry.provider, meter_provider=provider, route_label=False)
+    BackgroundTask(send_receipt)  # a first schedule under the new configuration
+    assert registry.get_sample_value(names.LAST_SUCCESS.name, {"task": NAME + "send_receipt"}) == last
+    release = threading.Event()
+    name = NAME + "test_configuring_again_on_the_same_meter_provider.<locals>.hang"
+
+    def hang() -> None:
+        release.wait(30)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(BackgroundTask(hang))
+            with anyio.fail_after(10):
+                while registry.get_sample_value(names.IN_PROGRESS.name, {"task": name}) != 1:
+                    await anyio.sleep(0.001)
+            assert registry.get_sample_value(names.IN_PROGRESS_SINCE.name, {"task": name}) is not None
+            release.set()
+
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="buckets"):
+        traced_tasks.configure(meter_provider=provider, buckets=(1, 10))
+    provider.shutdown()
+
+
+def test_a_task_scheduled_from_a_new_route_keeps_its_last_success(telemetry: Telemetry) -> None:
+    """Without the route label, the same task scheduled from another route counts in the same series: a failure
+    there leaves its last success as it was, instead of a fresh set of counts setting it back to 0."""
+    registry, provider = opentelemetry_path(telemetry)
+
+    def deliver(fail: bool) -> None:
+        if fail:
+            raise Declined()
+
+    async def succeeds(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(deliver, False))
+
+    async def fails(request: Request) -> Response:
+        return PlainTextResponse("ok", background=BackgroundTask(deliver, True))
+
+    app = Starlette(routes=[Route("/a", succeeds), Route("/b", fails)])
+    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    client = TestClient(app, raise_server_exceptions=False)
+    task = {"task": NAME + "test_a_task_scheduled_from_a_new_route_keeps_its_last_success.<locals>.deliver"}
+    client.get("/a")
+    last = registry.get_sample_value(names.LAST_SUCCESS.name, task)
+    assert last
+    client.get("/b")
+    assert registry.get_sample_value(names.LAST_SUCCESS.name, task) == last
+    assert registry.get_sample_value(names.DURATION.count, {**task, "status": "error"}) == 1
+    provider.shutdown()

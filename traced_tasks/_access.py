@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 
 from starlette.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
 TOKEN_ENV = "TRACED_TASKS_METRICS_TOKEN"
+
+logger = logging.getLogger("traced_tasks")
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="traced_tasks"'}
 _UNAUTHORIZED = PlainTextResponse("unauthorized\n", 401, CHALLENGE)
@@ -19,18 +22,29 @@ class Guard:
     at each request, so a token set after the imports (load_dotenv()) still applies. Without either, everyone.
 
     The scheme is case-insensitive (RFC 9110); whitespace around the token is ignored, as Prometheus trims its
-    credentials_file. Tokens are compared in constant time. Websocket connections are refused with a close.
+    credentials_file. Tokens are compared in constant time. A token variable that is set but blank (an empty
+    secret file) lets no one in, and says so once. Websocket connections are refused with a close.
     """
 
     def __init__(self, bearer_token: str | None) -> None:
+        if bearer_token is not None and not bearer_token.strip():
+            raise ValueError("bearer_token is blank: pass the token, or None to read TRACED_TASKS_METRICS_TOKEN")
         self._token = bearer_token
+        self._warned = False
 
     def allows(self, authorization: bytes) -> bool:
         """Whether a request with this Authorization header may read."""
         token = self._token if self._token is not None else os.environ.get(TOKEN_ENV)
-        token = (token or "").strip()
-        if not token:
+        if token is None:
             return True
+        token = token.strip()
+        if not token:
+            if not self._warned:
+                self._warned = True
+                logger.error(
+                    "traced_tasks: %s is set but blank; refusing every request until it holds a token", TOKEN_ENV
+                )
+            return False
         scheme, _, credentials = authorization.strip().partition(b" ")
         # Both sides compared whatever the scheme, so a wrong scheme takes as long as a wrong token.
         matches = hmac.compare_digest(credentials.strip(), token.encode())

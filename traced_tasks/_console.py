@@ -10,6 +10,7 @@ import base64
 import bisect
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -87,8 +88,8 @@ def make_console_app(
     request, as for `/metrics`. `data.json`, beside the page, holds the same data for scripts.
     """
     check_trace_url(trace_url)
-    if isinstance(hung_after, bool) or not isinstance(hung_after, (int, float)) or not hung_after > 0:
-        raise ValueError(f"hung_after must be a positive number of seconds, got {hung_after!r}")
+    if isinstance(hung_after, bool) or not isinstance(hung_after, (int, float)) or not 0 < hung_after < math.inf:
+        raise ValueError(f"hung_after must be a positive, finite number of seconds, got {hung_after!r}")
     guard = Guard(bearer_token)
 
     async def console_app(scope: Scope, receive: Receive, send: Send) -> None:

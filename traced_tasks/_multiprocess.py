@@ -3,6 +3,7 @@ when scraped, and the folder those files live in."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -54,7 +55,9 @@ def forget_dead_workers(path: str) -> None:
     pids = {int(match.group(1)) for match in map(_LIVE_GAUGE_FILE.fullmatch, os.listdir(path)) if match}
     for pid in pids - {os.getpid()}:
         if not _alive(pid):
-            mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+            # Another scrape, or the console's next refresh, may be removing the same files right now.
+            with contextlib.suppress(FileNotFoundError):
+                mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
 
 
 def _alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -31,55 +31,111 @@ from traced_tasks._version import __version__
 _NO_SPAN = trace.set_span_in_context(trace.INVALID_SPAN, Context())
 
 
+class _Instruments:
+    """The instruments of one meter provider and namespace. OpenTelemetry hands back the instrument it made first for
+    a name, callbacks and buckets included, so each configuration on the same provider shares these."""
+
+    def __init__(self, provider: MeterProvider, prefix: str, buckets: list[float]) -> None:
+        self.provider = provider  # kept alive, so that its id() stays this entry's key
+        self.buckets = buckets
+        self.observed: OpenTelemetryBackend | None = None  # the configuration whose runs in progress are observed
+        self._series: set[tuple[tuple[str, str], ...]] = set()
+        self._lock = threading.Lock()
+        meter = provider.get_meter(names.INSTRUMENTATION_NAME, __version__)
+
+        def family(kind: Any, family: names.Family, **extra: Any) -> Any:
+            return kind(prefix + family.instrument, unit=family.unit, description=family.help, **extra)
+
+        self.scheduled = family(meter.create_counter, names.SCHEDULED)
+        self.wait = family(meter.create_histogram, names.WAIT, explicit_bucket_boundaries_advisory=buckets)
+        self.duration = family(meter.create_histogram, names.DURATION, explicit_bucket_boundaries_advisory=buckets)
+        self.in_progress = family(meter.create_up_down_counter, names.IN_PROGRESS)
+        self.exceptions = family(meter.create_counter, names.EXCEPTIONS)
+        self.skipped = family(meter.create_counter, names.SKIPPED)
+        self.last_success = family(meter.create_gauge, names.LAST_SUCCESS)
+        family(meter.create_observable_gauge, names.IN_PROGRESS_SINCE, callbacks=[self._oldest_starts])
+
+    def first(self, attributes: dict[str, str]) -> bool:
+        """Whether this set of attributes is new to these instruments, in this process."""
+        key = tuple(sorted(attributes.items()))
+        with self._lock:
+            if key in self._series:
+                return False
+            self._series.add(key)
+            return True
+
+    def _oldest_starts(self, options: CallbackOptions) -> Iterable[Observation]:
+        backend = self.observed
+        return [] if backend is None else backend.oldest_starts()
+
+
+_instruments: dict[tuple[int, str], _Instruments] = {}
+_instruments_lock = threading.Lock()
+
+
+def _instruments_for(provider: MeterProvider, prefix: str, buckets: list[float]) -> _Instruments:
+    with _instruments_lock:
+        found = _instruments.get((id(provider), prefix))
+        if found is None:
+            found = _instruments[(id(provider), prefix)] = _Instruments(provider, prefix, buckets)
+        elif found.buckets != buckets:
+            raise ValueError(
+                f"buckets: this MeterProvider's histograms have the buckets {tuple(found.buckets)} since an earlier "
+                "configure(), and OpenTelemetry keeps an instrument's first buckets; pass those, or a new MeterProvider"
+            )
+        return found
+
+
 class _Counts:
     """One set of label values: the counts kept here, and the same events as measurements."""
 
-    __slots__ = ("_backend", "_base", "_by_status", "_local")
+    __slots__ = ("_base", "_by_status", "_instruments", "_local")
 
     def __init__(self, backend: OpenTelemetryBackend, values: tuple[str, ...]) -> None:
-        self._backend = backend
+        self._instruments = instruments = backend.instruments
         self._local: InProcessCounts = backend.local.counts(values)
         self._base = dict(zip(backend.labelnames, values, strict=True))
         self._by_status = {
             status: {**self._base, names.LABEL_STATUS: status}
             for status in (names.STATUS_SUCCESS, names.STATUS_ERROR, names.STATUS_CANCELLED)
         }
-        # The series the Prometheus path makes at 0 for a task's first schedule; a histogram's cannot be made
-        # before its first measurement.
-        for instrument in (backend.scheduled, backend.skipped, backend.in_progress):
-            instrument.add(0, self._base, context=_NO_SPAN)
-        backend.last_success.set(0.0, self._base, context=_NO_SPAN)
+        if instruments.first(self._base):
+            # The series the Prometheus path makes at 0 for a task's first schedule; a histogram's cannot be made
+            # before its first measurement. Once: a later configuration must not set a last success back to 0.
+            for instrument in (instruments.scheduled, instruments.skipped, instruments.in_progress):
+                instrument.add(0, self._base, context=_NO_SPAN)
+            instruments.last_success.set(0.0, self._base, context=_NO_SPAN)
 
     def schedule(self) -> None:
         self._local.schedule()
-        self._backend.scheduled.add(1, self._base, context=_NO_SPAN)
+        self._instruments.scheduled.add(1, self._base, context=_NO_SPAN)
 
     def start(self, wait: float, started_at: float) -> None:
         self._local.start(wait, started_at)
-        backend = self._backend
-        backend.wait.record(wait, self._base, context=_NO_SPAN)
-        backend.in_progress.add(1, self._base, context=_NO_SPAN)
+        instruments = self._instruments
+        instruments.wait.record(wait, self._base, context=_NO_SPAN)
+        instruments.in_progress.add(1, self._base, context=_NO_SPAN)
 
     def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None:
         self._local.succeed(seconds, started_at, exemplar)
-        backend = self._backend
-        backend.in_progress.add(-1, self._base, context=_NO_SPAN)
-        backend.duration.record(seconds, self._by_status[names.STATUS_SUCCESS], context=_exemplar(exemplar))
-        backend.last_success.set(self._local.last_success, self._base, context=_NO_SPAN)
+        instruments = self._instruments
+        instruments.in_progress.add(-1, self._base, context=_NO_SPAN)
+        instruments.duration.record(seconds, self._by_status[names.STATUS_SUCCESS], context=_exemplar(exemplar))
+        instruments.last_success.set(self._local.last_success, self._base, context=_NO_SPAN)
 
     def fail(
         self, status: str, seconds: float, started_at: float, exemplar: SpanContext | None, exception: str | None
     ) -> None:
         self._local.fail(status, seconds, started_at, exemplar, exception)
-        backend = self._backend
-        backend.in_progress.add(-1, self._base, context=_NO_SPAN)
-        backend.duration.record(seconds, self._by_status[status], context=_exemplar(exemplar))
+        instruments = self._instruments
+        instruments.in_progress.add(-1, self._base, context=_NO_SPAN)
+        instruments.duration.record(seconds, self._by_status[status], context=_exemplar(exemplar))
         if exception is not None:
-            backend.exceptions.add(1, {**self._base, names.LABEL_EXCEPTION: exception}, context=_NO_SPAN)
+            instruments.exceptions.add(1, {**self._base, names.LABEL_EXCEPTION: exception}, context=_NO_SPAN)
 
     def skip(self) -> None:
         self._local.skip()
-        self._backend.skipped.add(1, self._base, context=_NO_SPAN)
+        self._instruments.skipped.add(1, self._base, context=_NO_SPAN)
 
 
 def _exemplar(span_context: SpanContext | None) -> Context:
@@ -98,26 +154,18 @@ class OpenTelemetryBackend:
         self.local = InProcessBackend(options, None, activity)
         self.labelnames = labelnames(options)
         self._registry = options.registry
-        self._open = False
-        self._lock = threading.Lock()
         prefix = f"{options.namespace}." if options.namespace else ""
-        meter = options.meter_provider.get_meter(names.INSTRUMENTATION_NAME, __version__)
-        buckets = list(options.buckets)
-
-        def family(kind: Any, family: names.Family, **extra: Any) -> Any:
-            return kind(prefix + family.instrument, unit=family.unit, description=family.help, **extra)
-
-        self.scheduled = family(meter.create_counter, names.SCHEDULED)
-        self.wait = family(meter.create_histogram, names.WAIT, explicit_bucket_boundaries_advisory=buckets)
-        self.duration = family(meter.create_histogram, names.DURATION, explicit_bucket_boundaries_advisory=buckets)
-        self.in_progress = family(meter.create_up_down_counter, names.IN_PROGRESS)
-        self.exceptions = family(meter.create_counter, names.EXCEPTIONS)
-        self.skipped = family(meter.create_counter, names.SKIPPED)
-        self.last_success = family(meter.create_gauge, names.LAST_SUCCESS)
-        family(meter.create_observable_gauge, names.IN_PROGRESS_SINCE, callbacks=[self._oldest_starts])
+        self.instruments = _instruments_for(options.meter_provider, prefix, list(options.buckets))
+        self._counts: dict[tuple[str, ...], _Counts] = {}
+        self._lock = threading.Lock()
 
     def counts(self, values: tuple[str, ...]) -> _Counts:
-        return _Counts(self, values)
+        # One per set of values: the series at 0 are made once, and never reset one that has counted.
+        with self._lock:
+            counts = self._counts.get(values)
+            if counts is None:
+                counts = self._counts[values] = _Counts(self, values)
+            return counts
 
     def registry(self) -> CollectorRegistry:
         """The application's registry: traced_tasks' own series leave through OpenTelemetry."""
@@ -127,18 +175,13 @@ class OpenTelemetryBackend:
         return self.local.collect()
 
     def open(self) -> None:
-        with self._lock:
-            self._open = True
+        self.instruments.observed = self
 
     def close(self) -> None:
-        # The meter provider keeps the instruments; a closed backend's callback observes nothing more.
-        with self._lock:
-            self._open = False
+        if self.instruments.observed is self:
+            self.instruments.observed = None
 
-    def _oldest_starts(self, options: CallbackOptions) -> Iterable[Observation]:
-        with self._lock:
-            if not self._open:
-                return []
+    def oldest_starts(self) -> list[Observation]:
         return [
             Observation(oldest, dict(zip(self.labelnames, values, strict=True)))
             for values, (_, oldest) in self.local.running().items()

@@ -55,15 +55,21 @@ def route(scope: Scope) -> str | None:
     return path if isinstance(path, str) else None
 
 
-def native_tracing(context: Context) -> tuple[TracerProvider | None, Span | None]:
+def native_tracing(context: Context) -> tuple[TracerProvider | None, Span, str | None] | None:
     """What FastAPI's native telemetry traces the request in `context` with: the tracer provider the application
-    gave it, if any, and the request's server span. (None, None) where it does not trace the request."""
+    gave it (None: the global one), the request's server span, and the route template that span reports. None
+    where it does not trace the request."""
     request: Any = context.get(NATIVE_KEY)
     span = getattr(request, "span", None)
     if not isinstance(span, Span):
-        return None, None
-    # FastAPI(telemetry={"tracer_provider": ...}) keeps it on the application; None means the global provider.
+        return None
+    # FastAPI(telemetry={"tracer_provider": ...}) keeps it on the application.
     app = getattr(getattr(getattr(request, "data", None), "request", None), "app", None)
     settings = getattr(app, "_telemetry", None)
     provider = settings.get("tracer_provider") if isinstance(settings, dict) else None
-    return (provider if isinstance(provider, TracerProvider) else None), span
+    route = getattr(request, "route", None)
+    return (
+        provider if isinstance(provider, TracerProvider) else None,
+        span,
+        route if isinstance(route, str) else None,
+    )

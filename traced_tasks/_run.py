@@ -41,10 +41,13 @@ def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
     if isinstance(func, _CONTAINERS):
         return None
     try:
+        context = otel_context.get_current()
         scope = _request.serving_scope()
-        scheduled = Run(config, config.profiles.get(func, None if scope is None else _request.route(scope)))
-        if _request.NATIVE_KEY in scheduled.context:
-            _under_fastapis_telemetry(scheduled)
+        route = None if scope is None else _request.route(scope)
+        tracer = config.tracer
+        if _request.NATIVE_KEY in context:
+            context, route, tracer = _under_fastapis_telemetry(config, context, route)
+        scheduled = Run(config, config.profiles.get(func, route), context, tracer)
     except Exception:
         config.report("task setup", _name(func))
         return None
@@ -55,14 +58,20 @@ def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
     return scheduled
 
 
-def _under_fastapis_telemetry(scheduled: Run) -> None:
+def _under_fastapis_telemetry(
+    config: Configuration, context: Context, route: str | None
+) -> tuple[Context, str | None, Tracer]:
     """Under FastAPI's native telemetry the current span is its endpoint or dependency span, which ends before the task
-    runs: the task belongs under the request's server span, in the provider FastAPI traces the request with."""
-    provider, server_span = _request.native_tracing(scheduled.context)
-    if server_span is not None:
-        scheduled.context = trace.set_span_in_context(server_span, scheduled.context)
-        if provider is not None and scheduled.config.options.tracer_provider is None:
-            scheduled.tracer = scheduled.config.tracer_for(provider)
+    runs: the task belongs under the request's server span, with the route that span reports, in the provider
+    FastAPI traces the request with."""
+    native = _request.native_tracing(context)
+    if native is None:
+        return context, route, config.tracer
+    provider, server_span, native_route = native
+    tracer = config.tracer
+    if provider is not None and config.options.tracer_provider is None:
+        tracer = config.tracer_for(provider)
+    return trace.set_span_in_context(server_span, context), native_route or route, tracer
 
 
 # A batch, or a task, passed as a task: it runs tasks of its own, and is not one.
@@ -73,7 +82,7 @@ class Run:
     """One run of a task, from add_task to its outcome: the configuration and profile it was scheduled under, the
     context and clock add_task captured, then its span, the context it makes current, its run clock and counts.
 
-        scheduled = Run(config, profile)  # at add_task
+        scheduled = Run(config, profile, otel_context.get_current(), config.tracer)  # at add_task
         with scheduled:  # when the task runs
             await func(*args, **kwargs)
 
@@ -94,18 +103,18 @@ class Run:
         "tracer",
     )
 
-    def __init__(self, config: Configuration, profile: Profile) -> None:
+    def __init__(self, config: Configuration, profile: Profile, context: Context, tracer: Tracer) -> None:
         self.config = config
         self.profile = profile
-        self.tracer = config.tracer
-        self.context = otel_context.get_current()
+        self.context = context
+        self.tracer = tracer
         self.scheduled_ns = time.perf_counter_ns()
         self._claimed = False
         self._started_ns = 0  # 0 until the run starts
 
     @property
     def claimed(self) -> bool:
-        """Whether a run of this task began."""
+        """Whether a run of this task began, or it was counted as skipped."""
         return self._claimed
 
     def again(self) -> Run:
@@ -168,7 +177,6 @@ class Run:
         seconds = (time.perf_counter_ns() - self._started_ns) / 1e9
         config = self.config
         profile = self.profile
-        config.activity.running.discard(self)
         if self._token is not None:
             otel_context.detach(self._token)  # type: ignore[arg-type]  # logs, never raises
         span = self._span
@@ -201,6 +209,8 @@ class Run:
                 profile.counts.fail(status, seconds, self.started_at, exemplar, exception)
         except Exception:
             config.report("metrics", profile.name)
+        # Running until counted as finished: a scrape between the two would see it in neither.
+        config.activity.running.discard(self)
         if exc is not None or _activity.captures:
             ended = self.started_at + seconds
             record = TaskRun(profile.task, status, exception, self._trace_id(), seconds, profile.route, ended)
@@ -221,11 +231,14 @@ class Run:
 
     def _trace_id(self) -> str | None:
         """The trace ID of the span current in the task, when it is sampled: where its trace can be found."""
-        span = self._span if self._span is not None else trace.get_current_span(self.context)
-        span_context = span.get_span_context()
-        if not span_context.is_valid or not span_context.trace_flags.sampled:
+        try:
+            span = self._span if self._span is not None else trace.get_current_span(self.context)
+            span_context = span.get_span_context()
+            if not span_context.is_valid or not span_context.trace_flags.sampled:
+                return None
+            return format(span_context.trace_id, "032x")
+        except Exception:  # a tracer other than the SDK's; the run's outcome matters more than its trace ID
             return None
-        return format(span_context.trace_id, "032x")
 
 
 def _start_linked_span(tracer: Tracer, profile: Profile, parent: Context) -> Span:
@@ -272,8 +285,9 @@ def skip(task: object) -> None:
     one, counts every task it holds."""
     for inner in _tasks_in(task):
         scheduled: Run | None = getattr(inner, "_traced", None)
-        if scheduled is None:
+        if scheduled is None or scheduled._claimed:  # it ran, or a batch around it counted it already
             continue
+        scheduled._claimed = True
         config, profile = scheduled.config, scheduled.profile
         try:
             profile.counts.skip()

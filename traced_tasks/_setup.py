@@ -20,7 +20,7 @@ _lock = threading.Lock()
 
 def setup_tracing(service_name: str | None = None) -> TracerProvider:
     """Install a global SDK tracer provider that exports spans in batches from its own thread, and exports what it
-    still holds when the server stops (uvicorn's graceful shutdown, or SIGTERM).
+    still holds at the end of uvicorn's graceful shutdown, as on SIGTERM.
 
     Spans go over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set
     (install `traced-tasks[otlp]`), and to standard output otherwise. `OTEL_TRACES_EXPORTER`, a comma-separated

@@ -2,8 +2,8 @@
 
 uvicorn, on its own, with --workers, and as gunicorn's worker, stops on SIGTERM with a graceful shutdown, then raises
 the signal again with its default action: the process ends without running atexit, where the SDK would export what
-its batch processor still holds. So the end of uvicorn's graceful shutdown exports them, and so does a SIGTERM that
-nothing else handles.
+its batch processor still holds. So the end of uvicorn's graceful shutdown exports them. A signal handler of ours
+could do it for other servers, but would keep a process whose main thread is stuck in C code from dying on SIGTERM.
 """
 
 from __future__ import annotations
@@ -11,12 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
@@ -34,7 +31,6 @@ def flush_on_stop(provider: TracerProvider) -> None:
         if provider not in _providers:
             _providers.append(provider)
     _wrap_uvicorn_shutdown()
-    _handle_sigterm()
 
 
 def flush(abort: Callable[[], bool] = lambda: False) -> bool:
@@ -82,8 +78,13 @@ def _exporter_timeout() -> float:
 
 def _wrap_uvicorn_shutdown() -> None:
     """Export at the end of uvicorn's graceful shutdown, after the running requests, their background tasks and the
-    lifespan shutdown ended. With gunicorn --preload the class is patched in the master, and its workers inherit it."""
-    server = getattr(sys.modules.get("uvicorn.server"), "Server", None)
+    lifespan shutdown ended. With gunicorn --preload the class is patched in the master, and its workers inherit it.
+    uvicorn is imported here when it is installed, for a script that imports it after setting up tracing."""
+    try:
+        import uvicorn.server
+    except ImportError:
+        return
+    server = getattr(uvicorn.server, "Server", None)
     shutdown = getattr(server, "shutdown", None)
     if shutdown is None or getattr(shutdown, "_traced_tasks_flush", False):
         return
@@ -98,19 +99,3 @@ def _wrap_uvicorn_shutdown() -> None:
 
     flushing_shutdown._traced_tasks_flush = True  # type: ignore[attr-defined]
     server.shutdown = flushing_shutdown  # type: ignore[union-attr]
-
-
-def _handle_sigterm() -> None:
-    """Where SIGTERM would end the process at once (its default action), export first, then let it. A handler
-    installed before by someone else is left alone, and so is SIGINT: it ends Python normally, through atexit."""
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can be set from the main thread only; uvicorn's shutdown still exports
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        flush()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.raise_signal(signal.SIGTERM)  # ends the process as SIGTERM would have, exit status included
-
-    signal.signal(signal.SIGTERM, on_sigterm)
