@@ -1,4 +1,5 @@
-"""What this process runs now and what failed lately, for the task console; and the runs a test captures."""
+"""What this process runs now and what failed lately: the task console shows them, and the in-process backend counts
+the runs in progress from them. And the runs a test captures."""
 
 from __future__ import annotations
 
