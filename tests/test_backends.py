@@ -52,10 +52,13 @@ def apply(backend: Backend, activity: Activity, events: list[tuple[Any, ...]], r
     """Play events through a backend's TaskCounts, as runs do, with the runs in progress in the activity record: a
     finish only for a run that started."""
     started: dict[tuple[str, ...], list[Running]] = {}
+    counted: dict[tuple[str, ...], Any] = {}  # one TaskCounts per set of values, as traced_tasks asks for them
     clock = 1_700_000_000.0
     for (task, route), event, seconds, sampled, exception in events:
         values = (task, route) if route_label else (task,)
-        counts = backend.counts(values)
+        if values not in counted:
+            counted[values] = backend.counts(values)
+        counts = counted[values]
         running = started.setdefault(values, [])
         exemplar = EXEMPLAR if sampled else None
         clock += 1

@@ -153,28 +153,34 @@ def test_durations_carry_the_run_spans_exemplar(telemetry: Telemetry) -> None:
     provider.shutdown()
 
 
+def hang(release: threading.Event) -> None:
+    release.wait(30)
+
+
+def oldest_start_while_hanging(registry: CollectorRegistry) -> float | None:
+    """Run `hang` until it counts as in progress, and read the oldest-start gauge then; `hang` ends after."""
+    release = threading.Event()
+    seen: list[float | None] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(BackgroundTask(hang, release))
+            with anyio.fail_after(10):
+                while registry.get_sample_value(names.IN_PROGRESS.name, {"task": NAME + "hang"}) != 1:
+                    await anyio.sleep(0.001)
+            seen.append(registry.get_sample_value(names.IN_PROGRESS_SINCE.name, {"task": NAME + "hang"}))
+            release.set()
+
+    asyncio.run(main())
+    return seen[0]
+
+
 def test_oldest_running_start_is_observed_and_absent_when_nothing_runs(telemetry: Telemetry) -> None:
     """The in-progress-since gauge is an observable gauge: it reports the oldest run's start while one runs, and no
     series at all once none does; a later configure() stops the old configuration's callback."""
     registry, provider = opentelemetry_path(telemetry)
-    release = threading.Event()
-    seen: list[float | None] = []
-    name = NAME + "test_oldest_running_start_is_observed_and_absent_when_nothing_runs.<locals>.hang"
-
-    def hang() -> None:
-        release.wait(30)
-
-    async def main() -> None:
-        async with anyio.create_task_group() as group:
-            group.start_soon(BackgroundTask(hang))
-            while registry.get_sample_value(names.IN_PROGRESS.name, {"task": name}) != 1:
-                await anyio.sleep(0.001)
-            seen.append(registry.get_sample_value(names.IN_PROGRESS_SINCE.name, {"task": name}))
-            release.set()
-
-    asyncio.run(main())
-    assert seen[0] is not None
-    assert registry.get_sample_value(names.IN_PROGRESS_SINCE.name, {"task": name}) is None
+    assert oldest_start_while_hanging(registry) is not None
+    assert registry.get_sample_value(names.IN_PROGRESS_SINCE.name, {"task": NAME + "hang"}) is None
     traced_tasks.configure(registry=CollectorRegistry())
     assert names.IN_PROGRESS_SINCE.name not in {metric.name for metric in registry.collect()}
     provider.shutdown()
@@ -248,22 +254,7 @@ def test_configuring_again_on_the_same_meter_provider(telemetry: Telemetry) -> N
     traced_tasks.configure(tracer_provider=telemetry.provider, meter_provider=provider, route_label=False)
     BackgroundTask(send_receipt)  # a first schedule under the new configuration
     assert registry.get_sample_value(names.LAST_SUCCESS.name, {"task": NAME + "send_receipt"}) == last
-    release = threading.Event()
-    name = NAME + "test_configuring_again_on_the_same_meter_provider.<locals>.hang"
-
-    def hang() -> None:
-        release.wait(30)
-
-    async def main() -> None:
-        async with anyio.create_task_group() as group:
-            group.start_soon(BackgroundTask(hang))
-            with anyio.fail_after(10):
-                while registry.get_sample_value(names.IN_PROGRESS.name, {"task": name}) != 1:
-                    await anyio.sleep(0.001)
-            assert registry.get_sample_value(names.IN_PROGRESS_SINCE.name, {"task": name}) is not None
-            release.set()
-
-    asyncio.run(main())
+    assert oldest_start_while_hanging(registry) is not None
     with pytest.raises(ValueError, match="buckets"):
         traced_tasks.configure(meter_provider=provider, buckets=(1, 10))
     provider.shutdown()

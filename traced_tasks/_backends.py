@@ -42,7 +42,8 @@ class TaskCounts(Protocol):
 class Backend(Protocol):
     """The metric families of one configuration."""
 
-    def counts(self, values: tuple[str, ...]) -> TaskCounts: ...
+    def counts(self, values: tuple[str, ...]) -> TaskCounts:
+        """The counts of a set of label values; called once for each set."""
 
     def registry(self) -> CollectorRegistry:
         """The registry `/metrics` serves: what the application registered, and traced_tasks' families."""

@@ -36,8 +36,6 @@ class Configuration:
         self.options = options
         # With no provider this is the API's proxy tracer, which follows the global provider whenever it is set.
         self.tracer = trace.get_tracer(INSTRUMENTATION_NAME, __version__, tracer_provider=options.tracer_provider)
-        self.use_span_links = options.use_span_links
-        self.isolate_tasks = options.isolate_tasks
         self.activity = Activity()
         self.backend = _backends.choose(options, self.activity)
         self.labels = Labels(options.max_task_names, options.route_label)

@@ -52,12 +52,16 @@ def forget_dead_workers(path: str) -> None:
     gunicorn can call mark_process_dead from its child_exit hook; uvicorn --workers has no such hook,
     so every scrape does it.
     """
-    pids = {int(match.group(1)) for match in map(_LIVE_GAUGE_FILE.fullmatch, os.listdir(path)) if match}
-    for pid in pids - {os.getpid()}:
+    for pid in _writers(path) - {os.getpid()}:
         if not _alive(pid):
             # Another scrape, or the console's next refresh, may be removing the same files right now.
             with contextlib.suppress(FileNotFoundError):
                 mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+def _writers(path: str) -> set[int]:
+    """The processes with live gauges in the folder: the workers that ran tasks, alive or not."""
+    return {int(match.group(1)) for match in map(_LIVE_GAUGE_FILE.fullmatch, os.listdir(path)) if match}
 
 
 def _alive(pid: int) -> bool:
@@ -154,7 +158,6 @@ class MultiprocessBackend:
         self.lock = threading.Lock()
         self._registry = options.registry
         self._prefix = f"{options.namespace}_" if options.namespace else ""
-        self._counts: dict[tuple[str, ...], _Counts] = {}
         task = labelnames(options)
         # Made unregistered, then registered together by open(), so a clash leaves the registry as it was.
         common: dict[str, Any] = {"namespace": options.namespace, "registry": None}
@@ -200,12 +203,7 @@ class MultiprocessBackend:
             raise
 
     def counts(self, values: tuple[str, ...]) -> _Counts:
-        # One per set of values: its runs in progress are one list, whichever route scheduled them.
-        with self.lock:
-            counts = self._counts.get(values)
-            if counts is None:
-                counts = self._counts[values] = _Counts(self, values)
-            return counts
+        return _Counts(self, values)
 
     def registry(self) -> CollectorRegistry:
         """A fresh registry that sums every worker's files when collected, as multiprocess mode requires."""
@@ -223,8 +221,7 @@ class MultiprocessBackend:
 
     def live_workers(self) -> int:
         """How many worker processes write to the folder now: those with live gauges that are alive, and this one."""
-        pids = {int(match.group(1)) for match in map(_LIVE_GAUGE_FILE.fullmatch, os.listdir(self.folder)) if match}
-        return len({pid for pid in pids if _alive(pid)} | {os.getpid()})
+        return len({pid for pid in _writers(self.folder) if _alive(pid)} | {os.getpid()})
 
     def task_names(self) -> set[str]:
         """The task label values already in the folder, from workers alive or gone: they count toward the cap."""

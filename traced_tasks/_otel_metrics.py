@@ -156,16 +156,9 @@ class OpenTelemetryBackend:
         self._registry = options.registry
         prefix = f"{options.namespace}." if options.namespace else ""
         self.instruments = _instruments_for(options.meter_provider, prefix, list(options.buckets))
-        self._counts: dict[tuple[str, ...], _Counts] = {}
-        self._lock = threading.Lock()
 
     def counts(self, values: tuple[str, ...]) -> _Counts:
-        # One per set of values: the series at 0 are made once, and never reset one that has counted.
-        with self._lock:
-            counts = self._counts.get(values)
-            if counts is None:
-                counts = self._counts[values] = _Counts(self, values)
-            return counts
+        return _Counts(self, values)
 
     def registry(self) -> CollectorRegistry:
         """The application's registry: traced_tasks' own series leave through OpenTelemetry."""

@@ -56,6 +56,9 @@ class Profiles:
         self._backend = backend
         self._max_callables = 4 * max_task_names
         self._callables: dict[object, _Callable] = {}
+        # One TaskCounts per set of label values, whatever callable or route reaches it: what a backend keeps per
+        # set (runs in progress, series made at 0) exists once.
+        self._counts: dict[tuple[str, ...], TaskCounts] = {}
         self._lock = threading.Lock()
 
     def get(self, func: Callable[..., Any], route: str | None) -> Profile:
@@ -69,12 +72,23 @@ class Profiles:
             entry = self._add(func, key, code)
         profile = entry.profiles.get(route)
         if profile is None:
+            profile = self._add_route(entry, route)
+        return profile
+
+    def _add_route(self, entry: _Callable, route: str | None) -> Profile:
+        with self._lock:
+            profile = entry.profiles.get(route)
+            if profile is not None:
+                return profile
             values = self._labels.values(entry.label, route)
+            counts = self._counts.get(values)
+            if counts is None:
+                counts = self._counts[values] = self._backend.counts(values)
             attributes = entry.attributes if route is None else {**entry.attributes, names.ATTR_ROUTE: route}
-            profile = Profile(entry.name, values, route, attributes, self._backend.counts(values))
+            profile = Profile(entry.name, values, route, attributes, counts)
             if len(entry.profiles) < MAX_ROUTES:  # past that, an application adding routes without end
                 entry.profiles[route] = profile
-        return profile
+            return profile
 
     def _add(self, func: Callable[..., Any], key: object, code: object) -> _Callable:
         with self._lock:

@@ -149,7 +149,7 @@ class Run:
         span: Span | None = None
         token: object = None
         try:
-            if config.use_span_links:
+            if config.options.use_span_links:
                 span = _start_linked_span(self.tracer, profile, parent)
             else:
                 span = self.tracer.start_span(
@@ -314,7 +314,7 @@ def isolates(task: object) -> bool:
     for inner in _tasks_in(task):
         scheduled: Run | None = getattr(inner, "_traced", None)
         if scheduled is not None:
-            return scheduled.config.isolate_tasks
+            return scheduled.config.options.isolate_tasks
     return False
 
 
