@@ -31,7 +31,7 @@ os.environ.setdefault("OTEL_TRACES_EXPORTER", "otlp" if ENDPOINT else "none")
 traced_tasks.setup_tracing("traced-tasks-demo")
 # Failures link to their traces in Jaeger when spans are sent, or wherever DEMO_TRACE_URL says.
 TRACE_URL = os.environ.get("DEMO_TRACE_URL") or ("http://localhost:16686/trace/{trace_id}" if ENDPOINT else None)
-HUNG_AFTER = float(os.environ.get("DEMO_HUNG_AFTER", "60"))  # the console marks hung runs; the alert waits 15 m
+HUNG_AFTER = float(os.environ.get("DEMO_HUNG_AFTER", "30"))  # the console marks hung runs; the alert waits 15 m
 
 app = FastAPI(title="traced_tasks demo")
 app.add_middleware(traced_tasks.TraceContextMiddleware)  # each task's route, and the caller's trace when it sends one
