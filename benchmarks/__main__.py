@@ -43,7 +43,7 @@ from starlette import background
 
 import traced_tasks
 from benchmarks.variants import hand_written, span_only, span_with_code_attributes
-from traced_tasks._exposition import render
+from traced_tasks._web.metrics import render
 
 TasksClass = type[background.BackgroundTasks]
 

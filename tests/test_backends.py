@@ -18,9 +18,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from traced_tasks import _conventions as names
 from traced_tasks._activity import Activity
 from traced_tasks._backends import Backend
-from traced_tasks._multiprocess import MultiprocessBackend
+from traced_tasks._backends.in_process import InProcessBackend
+from traced_tasks._backends.multiprocess import MultiprocessBackend
 from traced_tasks._options import Options
-from traced_tasks._prometheus import InProcessBackend
 
 EXEMPLAR = SpanContext(
     0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)

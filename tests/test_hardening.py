@@ -340,7 +340,7 @@ def test_in_progress_since_is_the_oldest_start_and_absent_when_nothing_runs(tele
 
 def test_worker_folder_is_cleaned_for_dead_pids_only(tmp_path: Path) -> None:
     """Only live-gauge files of processes that are gone are removed; this process's and counters' files stay."""
-    from traced_tasks._multiprocess import forget_dead_workers
+    from traced_tasks._backends.multiprocess import forget_dead_workers
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)

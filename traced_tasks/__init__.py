@@ -5,17 +5,18 @@ app.mount("/metrics", traced_tasks.metrics_app)
 app.mount("/tasks", traced_tasks.console_app)  # a page for people
 """
 
-from traced_tasks import _fastapi, _multiprocess, package, testing
-from traced_tasks._background import BackgroundTask, BackgroundTasks
+from traced_tasks import _fastapi, package, testing
+from traced_tasks._backends import multiprocess as _multiprocess
 from traced_tasks._config import configure
-from traced_tasks._console import make_console_app
 from traced_tasks._conventions import OVERFLOW
-from traced_tasks._exposition import make_metrics_app
 from traced_tasks._instrumentor import BackgroundTasksInstrumentor
 from traced_tasks._middleware import TraceContextMiddleware
 from traced_tasks._options import DEFAULT_BUCKETS
 from traced_tasks._setup import setup_tracing
+from traced_tasks._tasks import BackgroundTask, BackgroundTasks
 from traced_tasks._version import __version__
+from traced_tasks._web.console import make_console_app
+from traced_tasks._web.metrics import make_metrics_app
 
 __all__ = [
     "DEFAULT_BUCKETS",

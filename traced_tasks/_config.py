@@ -16,7 +16,6 @@ from traced_tasks import _backends
 from traced_tasks._activity import Activity
 from traced_tasks._conventions import INSTRUMENTATION_NAME
 from traced_tasks._labels import Labels
-from traced_tasks._multiprocess import MultiprocessBackend
 from traced_tasks._options import Options, option_names
 from traced_tasks._profiles import Profiles
 from traced_tasks._version import __version__
@@ -39,9 +38,8 @@ class Configuration:
         self.activity = Activity()
         self.backend = _backends.choose(options, self.activity)
         self.labels = Labels(options.max_task_names, options.route_label)
-        if isinstance(self.backend, MultiprocessBackend):
-            # Names earlier workers admitted are still in the folder, and in what /metrics serves.
-            self.labels.admit_tasks(self.backend.task_names())
+        # Names other processes admitted (earlier workers, in multiprocess mode) are in what /metrics serves too.
+        self.labels.admit_tasks(self.backend.known_task_names())
         self.profiles = Profiles(self.labels, self.backend, options.max_task_names)
         self._reported: set[tuple[str, str]] = set()
         self._tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}

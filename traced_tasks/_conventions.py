@@ -22,6 +22,10 @@ class Family:
     help: str
     instrument: str
     unit: str
+    # The label after the task's (and route's): the run's status, or the exception's class.
+    by: str | None = None
+    # How prometheus_client's multiprocess mode combines the processes' values of a gauge.
+    multiprocess_mode: str = ""
 
     @property
     def total(self) -> str:
@@ -38,6 +42,12 @@ class Family:
     @property
     def sum(self) -> str:
         return self.name + "_sum"
+
+
+LABEL_TASK = "task"
+LABEL_STATUS = "status"
+LABEL_EXCEPTION = "exception"
+LABEL_ROUTE = "route"
 
 
 SCHEDULED = Family(
@@ -60,6 +70,7 @@ DURATION = Family(
     "Run time of background tasks by outcome, in seconds.",
     "background_task.duration",
     "s",
+    by=LABEL_STATUS,
 )
 IN_PROGRESS = Family(
     "background_task_in_progress",
@@ -67,6 +78,7 @@ IN_PROGRESS = Family(
     "Background tasks running now.",
     "background_task.in_progress",
     "{task}",
+    multiprocess_mode="livesum",  # a dead worker's runs are not running
 )
 IN_PROGRESS_SINCE = Family(
     "background_task_in_progress_since_timestamp_seconds",
@@ -74,6 +86,7 @@ IN_PROGRESS_SINCE = Family(
     "Unix time at which the oldest run of a background task still in progress started.",
     "background_task.in_progress_since.timestamp",
     "s",
+    multiprocess_mode="livemin",  # the oldest run of any live worker
 )
 EXCEPTIONS = Family(
     "background_task_exceptions",
@@ -81,6 +94,7 @@ EXCEPTIONS = Family(
     "Background tasks that failed, by exception class.",
     "background_task.exceptions",
     "{exception}",
+    by=LABEL_EXCEPTION,
 )
 SKIPPED = Family(
     "background_task_skipped",
@@ -95,17 +109,13 @@ LAST_SUCCESS = Family(
     "Unix time of the last successful run of a background task.",
     "background_task.last_success.timestamp",
     "s",
+    multiprocess_mode="max",  # a dead worker's last success still happened
 )
 
 # What every family's name starts with, before a namespace.
 PREFIX = "background_task_"
 
 FAMILIES = (SCHEDULED, WAIT, DURATION, IN_PROGRESS, IN_PROGRESS_SINCE, EXCEPTIONS, SKIPPED, LAST_SUCCESS)
-
-LABEL_TASK = "task"
-LABEL_STATUS = "status"
-LABEL_EXCEPTION = "exception"
-LABEL_ROUTE = "route"
 
 STATUS_SUCCESS = "success"
 STATUS_ERROR = "error"

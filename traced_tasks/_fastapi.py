@@ -12,7 +12,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from traced_tasks._background import BackgroundTasks
+from traced_tasks._tasks import BackgroundTasks
 
 _traced: dict[type[Any], type[BackgroundTasks]] = {}
 

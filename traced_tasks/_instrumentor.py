@@ -12,7 +12,8 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type:
 from starlette import applications, background
 from starlette.types import Receive, Scope, Send
 
-from traced_tasks import _background, _config, _fastapi, _request, _run, _server
+from traced_tasks import _config, _fastapi, _request, _tasks
+from traced_tasks._web import server as _server
 from traced_tasks.package import _instruments
 
 logger = logging.getLogger("traced_tasks")
@@ -39,7 +40,7 @@ def _counts_through_opentelemetry() -> bool:
 
 
 def _init(self: background.BackgroundTask, func: Any, *args: Any, **kwargs: Any) -> None:
-    _background.init(self, func, args, kwargs)
+    _tasks.init(self, func, args, kwargs)
 
 
 class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -56,7 +57,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """
 
     _originals: dict[tuple[type, str], Any]
-    _batches: _Batches
+    _batches: _tasks.Batches
     _metrics_server: _server.MetricsServer | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
@@ -88,17 +89,17 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         replacements = {
             (background.BackgroundTask, "__init__"): _init,
-            (background.BackgroundTask, "__call__"): _run.run,
-            (background.BackgroundTasks, "__call__"): _background.run_batch,
+            (background.BackgroundTask, "__call__"): _tasks.run,
+            (background.BackgroundTasks, "__call__"): _tasks.run_batch,
             (applications.Starlette, "__call__"): app_call,
         }
         self._originals = {key: key[0].__dict__[key[1]] for key in replacements}
         for (owner, name), replacement in replacements.items():
             setattr(owner, name, replacement)
-        self._batches = _Batches()
+        self._batches = _tasks.Batches()
         self._batches.install()
         if _OTEL_FASTAPI_MARK not in background.BackgroundTask.__dict__:
-            setattr(background.BackgroundTask, _OTEL_FASTAPI_MARK, _run.run)
+            setattr(background.BackgroundTask, _OTEL_FASTAPI_MARK, _tasks.run)
         _fastapi.install()
 
     def _uninstrument(self, **kwargs: Any) -> None:
@@ -106,56 +107,8 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             setattr(owner, name, original)
         self._originals = {}
         self._batches.uninstall()
-        if background.BackgroundTask.__dict__.get(_OTEL_FASTAPI_MARK) is _run.run:
+        if background.BackgroundTask.__dict__.get(_OTEL_FASTAPI_MARK) is _tasks.run:
             delattr(background.BackgroundTask, _OTEL_FASTAPI_MARK)
         if self._metrics_server is not None:
             self._metrics_server.stop()
             self._metrics_server = None
-
-
-class _Batches:
-    """Skips counted for batch classes with a `__call__` of their own, FastAPI's first: their loop runs traced
-    tasks, but stops at a failure without counting the rest. Classes defined later are caught as they are made."""
-
-    def __init__(self) -> None:
-        self._wrapped: dict[type, Any] = {}
-        self._had_init_subclass = "__init_subclass__" in background.BackgroundTasks.__dict__
-        self._init_subclass = background.BackgroundTasks.__dict__.get("__init_subclass__")
-
-    def install(self) -> None:
-        pending = list(background.BackgroundTasks.__subclasses__())
-        while pending:
-            cls = pending.pop()
-            self.wrap(cls)
-            pending.extend(cls.__subclasses__())
-        batches = self
-
-        def init_subclass(cls: type[background.BackgroundTasks], /, **kwargs: Any) -> None:
-            super(background.BackgroundTasks, cls).__init_subclass__(**kwargs)
-            batches.wrap(cls)
-
-        background.BackgroundTasks.__init_subclass__ = classmethod(init_subclass)  # type: ignore[assignment,method-assign]
-
-    def wrap(self, cls: type) -> None:
-        original = cls.__dict__.get("__call__")
-        if original is None or original is _background.run_batch or cls in self._wrapped:
-            return
-        self._wrapped[cls] = original
-
-        async def __call__(batch: background.BackgroundTasks) -> None:
-            try:
-                await original(batch)
-            except BaseException:
-                _run.skip_unstarted(batch.tasks)
-                raise
-
-        cls.__call__ = __call__  # type: ignore[method-assign]
-
-    def uninstall(self) -> None:
-        for cls, original in self._wrapped.items():
-            cls.__call__ = original  # type: ignore[method-assign]
-        self._wrapped = {}
-        if self._had_init_subclass:
-            background.BackgroundTasks.__init_subclass__ = self._init_subclass  # type: ignore[assignment,method-assign]
-        else:
-            del background.BackgroundTasks.__init_subclass__

@@ -1,9 +1,11 @@
-"""Every option of traced_tasks, with its default, validated once."""
+"""Every option of traced_tasks, with its default, validated once: the keywords of `configure()`, and the
+environment variables, each read through `Switch.read()`."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -12,6 +14,8 @@ from typing import Any
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 from prometheus_client import REGISTRY, CollectorRegistry
+
+from traced_tasks import _conventions as names
 
 # Background work runs from milliseconds (a cache write) to many minutes (a report): the client's
 # default buckets stop at 10 s.
@@ -39,6 +43,16 @@ class Options:
     use_span_links: bool = False
     isolate_tasks: bool = False
     route_label: bool = False
+
+    @property
+    def prefix(self) -> str:
+        """What every metric name starts with before `background_task_`: `shop_` for the namespace `shop`."""
+        return f"{self.namespace}_" if self.namespace else ""
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The labels of every family, before a family's own (`status`, `exception`)."""
+        return (names.LABEL_TASK, names.LABEL_ROUTE) if self.route_label else (names.LABEL_TASK,)
 
     def __post_init__(self) -> None:
         _provider("tracer_provider", self.tracer_provider, "get_tracer", "an OpenTelemetry TracerProvider")
@@ -83,3 +97,50 @@ def _buckets(value: Any) -> tuple[float, ...]:
     if not bounds or any(not 0 < bound < math.inf for bound in bounds) or bounds != sorted(set(bounds)):
         raise ValueError(f"{problem}, got {value!r}")
     return tuple(bounds)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """An environment variable traced_tasks reads, with what it does; read when needed, never cached, so a value
+    set after the imports (load_dotenv()) applies."""
+
+    name: str
+    meaning: str
+    default: str | None = None
+
+    def read(self) -> str | None:
+        """The value as set, None when unset."""
+        return os.environ.get(self.name)
+
+    def value(self) -> str | None:
+        """The value without surrounding white space, or the default when the variable is unset or blank."""
+        return (self.read() or "").strip() or self.default
+
+
+METRICS = Switch(
+    "TRACED_TASKS_METRICS",
+    "`opentelemetry` counts through the global MeterProvider instead of prometheus_client, unless configure() "
+    "names a registry or a meter provider.",
+    "prometheus",
+)
+TOKEN = Switch(
+    "TRACED_TASKS_METRICS_TOKEN",
+    "The bearer token `/metrics` and the task console require, read at each request. Unset: no token.",
+)
+PORT = Switch(
+    "TRACED_TASKS_METRICS_PORT",
+    "Serve `/metrics` and the task console (`/tasks/`) on this port, from the first request or lifespan of the "
+    "instrumented app, or from the start of a Celery or taskiq worker.",
+)
+ADDR = Switch(
+    "TRACED_TASKS_METRICS_ADDR",
+    "The address the metrics port listens on: `0.0.0.0` (or `::`) in a container that Prometheus scrapes from outside.",
+    "127.0.0.1",
+)
+MULTIPROCESS_DIR = Switch(
+    "PROMETHEUS_MULTIPROC_DIR",
+    "prometheus_client's multiprocess mode: every process counts in files in this folder, and `/metrics` sums them. "
+    "Set it, to an empty folder, before the server or worker starts.",
+)
+
+SWITCHES = (METRICS, TOKEN, PORT, ADDR, MULTIPROCESS_DIR)

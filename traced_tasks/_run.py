@@ -12,7 +12,7 @@ import contextlib
 import copy
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -22,8 +22,6 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
-from starlette import background
-from starlette.concurrency import run_in_threadpool
 
 from traced_tasks import _activity, _request
 from traced_tasks import _conventions as names
@@ -36,10 +34,7 @@ _ROOT = Context()
 
 
 def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
-    """Capture what a task needs at its run and count it as scheduled; never raises. None: not a task of its own
-    (a nested batch), or the setup failed."""
-    if isinstance(func, _CONTAINERS):
-        return None
+    """Capture what a task needs at its run and count it as scheduled; never raises. None: the setup failed."""
     try:
         context = otel_context.get_current()
         scope = _request.serving_scope()
@@ -72,10 +67,6 @@ def _under_fastapis_telemetry(
     if provider is not None and config.options.tracer_provider is None:
         tracer = config.tracer_for(provider)
     return trace.set_span_in_context(server_span, context), native_route or route, tracer
-
-
-# A batch, or a task, passed as a task: it runs tasks of its own, and is not one.
-_CONTAINERS = (background.BackgroundTasks, background.BackgroundTask)
 
 
 class Run:
@@ -219,6 +210,26 @@ class Run:
             for captured in _activity.captures:
                 captured.append(record)
 
+    def skip(self) -> None:
+        """Count a run that never started because an earlier task stopped its batch."""
+        self._claimed = True
+        config, profile = self.config, self.profile
+        try:
+            profile.counts.skip()
+        except Exception:
+            config.report("metrics", profile.name)
+        if _activity.captures:
+            record = TaskRun(profile.task, names.STATUS_SKIPPED, None, None, 0.0, profile.route, time.time())
+            for captured in _activity.captures:
+                captured.append(record)
+
+    def claim(self) -> Run:
+        """The Run for a run of the task beginning now: this one, or another with its scheduling when this one ran
+        already (a task object attached to several responses)."""
+        run = self.again() if self._claimed else self
+        run._claimed = True
+        return run
+
     def call(self, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         """Run a sync task in this run, in a threadpool thread: its run starts when the thread starts it."""
         with self:
@@ -248,91 +259,6 @@ def _start_linked_span(tracer: Tracer, profile: Profile, parent: Context) -> Spa
     return tracer.start_span(
         profile.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=profile.attributes, links=links
     )
-
-
-async def run(task: background.BackgroundTask) -> None:
-    """Run one task inside its span, counting its outcome. Starlette's BackgroundTask.__call__, traced."""
-    current: Run | None = getattr(task, "_traced", None)  # None: made before instrumentation
-    if current is None:
-        await call(task)
-        return
-    if current._claimed:
-        current = current.again()
-    current._claimed = True
-    if task.is_async:
-        with current:
-            await task.func(*task.args, **task.kwargs)
-    else:
-        try:
-            # Starlette's run_in_threadpool, without the partial it would make.
-            await anyio.to_thread.run_sync(current.call, task.func, task.args, task.kwargs)
-        except BaseException as exc:
-            if not current.started:
-                current.cancelled_before_start(exc)
-            raise
-
-
-async def call(task: background.BackgroundTask) -> None:
-    # Not Starlette's __call__: instrumentations patch it, and each task gets one span, ours.
-    if task.is_async:
-        await task.func(*task.args, **task.kwargs)
-    else:
-        await run_in_threadpool(task.func, *task.args, **task.kwargs)
-
-
-def skip(task: object) -> None:
-    """Count a task that never ran because an earlier one stopped its batch. A nested batch, or a task that runs
-    one, counts every task it holds."""
-    for inner in _tasks_in(task):
-        scheduled: Run | None = getattr(inner, "_traced", None)
-        if scheduled is None or scheduled._claimed:  # it ran, or a batch around it counted it already
-            continue
-        scheduled._claimed = True
-        config, profile = scheduled.config, scheduled.profile
-        try:
-            profile.counts.skip()
-        except Exception:
-            config.report("metrics", profile.name)
-        if _activity.captures:
-            record = TaskRun(profile.task, names.STATUS_SKIPPED, None, None, 0.0, profile.route, time.time())
-            for captured in _activity.captures:
-                captured.append(record)
-
-
-def skip_unstarted(tasks: list[Any]) -> None:
-    """Count as skipped each task of a stopped batch that never started: those after the last one whose run began.
-    For batch classes whose own loop runs the tasks."""
-    flat = [inner for task in tasks for inner in _tasks_in(task)]
-    started = [index for index, task in enumerate(flat) if getattr(getattr(task, "_traced", None), "claimed", False)]
-    for task in flat[(started[-1] + 1 if started else 0) :]:
-        skip(task)
-
-
-def isolates(task: object) -> bool:
-    """Whether the configuration `task` was scheduled under lets its batch go on after it fails. For a nested
-    batch, its first task decides."""
-    for inner in _tasks_in(task):
-        scheduled: Run | None = getattr(inner, "_traced", None)
-        if scheduled is not None:
-            return scheduled.config.options.isolate_tasks
-    return False
-
-
-def _tasks_in(task: object) -> Iterator[object]:
-    """The tasks `task` stands for, in order: itself, or what a nested batch holds, at any depth."""
-    pending = [task]
-    seen: set[int] = set()
-    while pending:
-        item = pending.pop()
-        if id(item) in seen:  # a batch that holds itself
-            continue
-        seen.add(id(item))
-        if isinstance(item, background.BackgroundTasks):
-            pending.extend(reversed(item.tasks))
-        elif isinstance(item, background.BackgroundTask) and isinstance(item.func, _CONTAINERS):
-            pending.append(item.func)
-        else:
-            yield item
 
 
 def is_cancellation(exc: BaseException) -> bool:

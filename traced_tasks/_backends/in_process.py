@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from opentelemetry.trace import SpanContext
 from prometheus_client import CollectorRegistry
@@ -20,7 +20,14 @@ from prometheus_client.utils import floatToGoString
 
 from traced_tasks import _conventions as names
 from traced_tasks._activity import Activity
+from traced_tasks._backends.families import label_names, metric_name
 from traced_tasks._options import Options
+
+_KINDS: dict[str, Any] = {
+    "counter": CounterMetricFamily,
+    "histogram": HistogramMetricFamily,
+    "gauge": GaugeMetricFamily,
+}
 
 
 def exemplar_labels(span_context: SpanContext) -> dict[str, str] | None:
@@ -33,10 +40,6 @@ def exemplar_labels(span_context: SpanContext) -> dict[str, str] | None:
         }
     except Exception:
         return None
-
-
-def labelnames(options: Options) -> list[str]:
-    return [names.LABEL_TASK, names.LABEL_ROUTE] if options.route_label else [names.LABEL_TASK]
 
 
 class _Histogram:
@@ -64,17 +67,6 @@ class _Snapshot(NamedTuple):
     exceptions: dict[str, float]
     skipped: float
     last_success: float
-
-
-class _Families(NamedTuple):
-    scheduled: CounterMetricFamily
-    wait: HistogramMetricFamily
-    duration: HistogramMetricFamily
-    in_progress: GaugeMetricFamily
-    in_progress_since: GaugeMetricFamily
-    exceptions: CounterMetricFamily
-    skipped: CounterMetricFamily
-    last_success: GaugeMetricFamily
 
 
 class InProcessCounts:
@@ -175,8 +167,7 @@ class InProcessBackend:
         self.bounds = tuple(options.buckets)
         self._activity = activity
         self._lock = threading.Lock()
-        self._prefix = f"{options.namespace}_" if options.namespace else ""
-        self._labelnames = labelnames(options)
+        self._options = options
         self._le = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         self._counts: dict[tuple[str, ...], InProcessCounts] = {}
         self._registry = registry
@@ -199,6 +190,12 @@ class InProcessBackend:
         if self._registry is not None:
             self._registry.unregister(self)
 
+    def known_task_names(self) -> set[str]:
+        return set()
+
+    def processes(self) -> int | None:
+        return None
+
     def running(self) -> dict[tuple[str, ...], tuple[int, float]]:
         """For each set of label values with runs in progress: how many, and the Unix time the oldest started."""
         found: dict[tuple[str, ...], tuple[int, float]] = {}
@@ -209,46 +206,36 @@ class InProcessBackend:
 
     def describe(self) -> list[Metric]:
         """The families without samples, so the registry can refuse names that are taken."""
-        return list(self._families())
+        return list(self._families().values())
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             snapshots = [counts.snapshot() for counts in self._counts.values()]
         running = self.running()
         # Built outside the lock, so tasks finishing during a scrape wait only for the copy.
-        families = self._families()
-        scheduled, wait, duration, in_progress, in_progress_since, exceptions, skipped, last_success = families
+        family = self._families()
         for task in snapshots:
             labels = list(task.values)
-            scheduled.add_metric(labels, task.scheduled)
-            self._add_histogram(wait, labels, task.wait)
+            family[names.SCHEDULED].add_metric(labels, task.scheduled)
+            self._add_histogram(family[names.WAIT], labels, task.wait)
             for status, histogram in task.durations.items():
-                self._add_histogram(duration, [*labels, status], histogram)
+                self._add_histogram(family[names.DURATION], [*labels, status], histogram)
             runs, oldest = running.get(task.values, (0, None))
-            in_progress.add_metric(labels, float(runs))
+            family[names.IN_PROGRESS].add_metric(labels, float(runs))
             if oldest is not None:  # absent while nothing runs
-                in_progress_since.add_metric(labels, oldest)
+                family[names.IN_PROGRESS_SINCE].add_metric(labels, oldest)
             for label, count in task.exceptions.items():
-                exceptions.add_metric([*labels, label], count)
-            skipped.add_metric(labels, task.skipped)
-            last_success.add_metric(labels, task.last_success)
-        return list(families)
+                family[names.EXCEPTIONS].add_metric([*labels, label], count)
+            family[names.SKIPPED].add_metric(labels, task.skipped)
+            family[names.LAST_SUCCESS].add_metric(labels, task.last_success)
+        return list(family.values())
 
-    def _families(self) -> _Families:
-        labels = self._labelnames
-        prefix = self._prefix
-        by_status = [*labels, names.LABEL_STATUS]
-        by_exception = [*labels, names.LABEL_EXCEPTION]
-        return _Families(
-            CounterMetricFamily(prefix + names.SCHEDULED.name, names.SCHEDULED.help, labels=labels),
-            HistogramMetricFamily(prefix + names.WAIT.name, names.WAIT.help, labels=labels),
-            HistogramMetricFamily(prefix + names.DURATION.name, names.DURATION.help, labels=by_status),
-            GaugeMetricFamily(prefix + names.IN_PROGRESS.name, names.IN_PROGRESS.help, labels=labels),
-            GaugeMetricFamily(prefix + names.IN_PROGRESS_SINCE.name, names.IN_PROGRESS_SINCE.help, labels=labels),
-            CounterMetricFamily(prefix + names.EXCEPTIONS.name, names.EXCEPTIONS.help, labels=by_exception),
-            CounterMetricFamily(prefix + names.SKIPPED.name, names.SKIPPED.help, labels=labels),
-            GaugeMetricFamily(prefix + names.LAST_SUCCESS.name, names.LAST_SUCCESS.help, labels=labels),
-        )
+    def _families(self) -> dict[names.Family, Any]:
+        options = self._options
+        return {
+            family: _KINDS[family.kind](metric_name(options, family), family.help, labels=label_names(options, family))
+            for family in names.FAMILIES
+        }
 
     def _add_histogram(self, family: HistogramMetricFamily, values: list[str], histogram: _Histogram) -> None:
         buckets: list[tuple[str, float] | tuple[str, float, Exemplar]] = []

@@ -9,11 +9,11 @@ from opentelemetry.trace import SpanContext
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from traced_tasks import _multiprocess
 from traced_tasks._activity import Activity
+from traced_tasks._backends import multiprocess
+from traced_tasks._backends.in_process import InProcessBackend
+from traced_tasks._backends.opentelemetry import OpenTelemetryBackend
 from traced_tasks._options import Options
-from traced_tasks._otel_metrics import OpenTelemetryBackend
-from traced_tasks._prometheus import InProcessBackend
 
 
 class TaskCounts(Protocol):
@@ -57,13 +57,19 @@ class Backend(Protocol):
     def close(self) -> None:
         """Take the families out of the registry."""
 
+    def known_task_names(self) -> set[str]:
+        """Task label values other processes already count under, which count toward the cap of task names."""
+
+    def processes(self) -> int | None:
+        """How many live processes' counts collect() sums, this one included; None: this process's only."""
+
 
 def choose(options: Options, activity: Activity) -> Backend:
     """In-process numbers by default, prometheus_client's files in multiprocess mode, and OpenTelemetry's
     instruments when a meter provider is given, whatever the mode: each process then sends its own counts."""
     if options.meter_provider is not None:
         return OpenTelemetryBackend(options, activity)
-    folder = _multiprocess.directory()
+    folder = multiprocess.directory()
     if folder is not None:
-        return _multiprocess.MultiprocessBackend(options, folder)
+        return multiprocess.MultiprocessBackend(options, folder)
     return InProcessBackend(options, options.registry, activity)

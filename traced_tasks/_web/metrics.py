@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from traced_tasks import _config
-from traced_tasks._access import Guard
+from traced_tasks._web.access import Guard
 
 # Threads of their own for rendering /metrics and the task console: the application's threadpool limiter (40
 # tokens) is shared by sync endpoints and sync tasks, and when they fill it during an incident, both must answer.

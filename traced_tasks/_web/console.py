@@ -27,14 +27,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from traced_tasks import _config
 from traced_tasks import _conventions as names
-from traced_tasks._access import Guard
-from traced_tasks._exposition import RENDERING
-from traced_tasks._multiprocess import MultiprocessBackend
+from traced_tasks._web.access import Guard
+from traced_tasks._web.metrics import RENDERING
 
 # A run in progress for longer than this is hung, as the BackgroundTaskHung alert has it.
 HUNG_AFTER_SECONDS = 15 * 60
 
-PAGE = resources.files("traced_tasks").joinpath("console.html").read_text(encoding="utf-8")
+PAGE = resources.files("traced_tasks._web").joinpath("console.html").read_text(encoding="utf-8")
 _TRACE_ID = "{trace_id}"
 
 
@@ -125,7 +124,7 @@ def snapshot(trace_url: str | None = None, hung_after: float = HUNG_AFTER_SECOND
     """Everything the page shows, in seconds and Unix times; never a task's arguments or an exception's message."""
     config = _config.current()
     now = time.time()
-    prefix = f"{config.options.namespace}_" if config.options.namespace else ""
+    prefix = config.options.prefix
     tasks = _tasks(config.backend.collect(), prefix, config.options.buckets)
     running = [
         {
@@ -157,7 +156,7 @@ def snapshot(trace_url: str | None = None, hung_after: float = HUNG_AFTER_SECOND
         "service": _service_name(),
         "pid": os.getpid(),
         "now": now,
-        "workers": backend.live_workers() if isinstance(backend, MultiprocessBackend) else None,
+        "workers": backend.processes(),
         "hung_after_seconds": hung_after,
         "totals": _totals(tasks, running),
         "tasks": sorted(tasks, key=_trouble),

@@ -15,12 +15,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.metrics_core import Metric
 
-from traced_tasks import _config, _console
-from traced_tasks._access import CHALLENGE, Guard
-from traced_tasks._multiprocess import MultiprocessBackend
-
-PORT_ENV = "TRACED_TASKS_METRICS_PORT"
-ADDR_ENV = "TRACED_TASKS_METRICS_ADDR"
+from traced_tasks import _config
+from traced_tasks._options import ADDR, PORT
+from traced_tasks._web import console
+from traced_tasks._web.access import CHALLENGE, Guard
 
 logger = logging.getLogger("traced_tasks")
 
@@ -29,11 +27,11 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 def port_from_environment() -> int | None:
-    port = os.environ.get(PORT_ENV)
-    if not port:
+    port = PORT.value()
+    if port is None:
         return None
     if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{PORT_ENV} must be a TCP port number, got {port!r}")
+        raise ValueError(f"{PORT.name} must be a TCP port number, got {port!r}")
     return int(port)
 
 
@@ -61,11 +59,11 @@ def wsgi_app() -> WSGIApp:
             start_response("308 Permanent Redirect", [("Location", "/tasks/")])
             return [b""]
         if path in ("/tasks/", "/tasks/index.html"):
-            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), *_console.PAGE_HEADERS.items()])
-            return [_console.PAGE.encode()]
+            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), *console.PAGE_HEADERS.items()])
+            return [console.PAGE.encode()]
         if path == "/tasks/data.json":
-            headers = [("Content-Type", "application/json"), *_console.JSON_HEADERS.items()]
-            body = _console.data_json(None)
+            headers = [("Content-Type", "application/json"), *console.JSON_HEADERS.items()]
+            body = console.data_json(None)
             start_response("200 OK", headers)
             return [body]
         return metrics(environ, start_response)  # type: ignore[no-any-return]
@@ -108,12 +106,12 @@ class MetricsServer:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()  # one attempt per process, whatever comes of it
-            address = os.environ.get(ADDR_ENV, "127.0.0.1")
+            address = str(ADDR.value())
             try:
                 kind = _ThreadingServer6 if ":" in address else _ThreadingServer
                 server = make_server(address, self.port, wsgi_app(), kind, _QuietHandler)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE and isinstance(_config.current().backend, MultiprocessBackend):
+                if exc.errno == errno.EADDRINUSE and _config.current().backend.processes() is not None:
                     logger.debug("traced_tasks: another worker serves metrics on port %s", self.port)
                 else:
                     logger.exception("traced_tasks: cannot serve metrics on port %s", self.port)

@@ -22,8 +22,8 @@ from prometheus_client.metrics_core import Metric
 
 from traced_tasks import _conventions as names
 from traced_tasks._activity import Activity
+from traced_tasks._backends.in_process import InProcessBackend, InProcessCounts
 from traced_tasks._options import Options
-from traced_tasks._prometheus import InProcessBackend, InProcessCounts, labelnames
 from traced_tasks._version import __version__
 
 # The context measurements are made in, when no span of a run is to become their exemplar: without one, the SDK
@@ -152,7 +152,7 @@ class OpenTelemetryBackend:
     def __init__(self, options: Options, activity: Activity) -> None:
         assert options.meter_provider is not None
         self.local = InProcessBackend(options, None, activity)
-        self.labelnames = labelnames(options)
+        self.labelnames = options.label_names
         self._registry = options.registry
         prefix = f"{options.namespace}." if options.namespace else ""
         self.instruments = _instruments_for(options.meter_provider, prefix, list(options.buckets))
@@ -173,6 +173,12 @@ class OpenTelemetryBackend:
     def close(self) -> None:
         if self.instruments.observed is self:
             self.instruments.observed = None
+
+    def known_task_names(self) -> set[str]:
+        return set()
+
+    def processes(self) -> int | None:
+        return None
 
     def oldest_starts(self) -> list[Observation]:
         return [

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 
 from starlette.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
-TOKEN_ENV = "TRACED_TASKS_METRICS_TOKEN"
+from traced_tasks._options import TOKEN
 
 logger = logging.getLogger("traced_tasks")
 
@@ -34,7 +33,7 @@ class Guard:
 
     def allows(self, authorization: bytes) -> bool:
         """Whether a request with this Authorization header may read."""
-        token = self._token if self._token is not None else os.environ.get(TOKEN_ENV)
+        token = self._token if self._token is not None else TOKEN.read()
         if token is None:
             return True
         token = token.strip()
@@ -42,7 +41,7 @@ class Guard:
             if not self._warned:
                 self._warned = True
                 logger.error(
-                    "traced_tasks: %s is set but blank; refusing every request until it holds a token", TOKEN_ENV
+                    "traced_tasks: %s is set but blank; refusing every request until it holds a token", TOKEN.name
                 )
             return False
         scheme, _, credentials = authorization.strip().partition(b" ")

@@ -18,10 +18,11 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from traced_tasks import _conventions as names
-from traced_tasks._options import Options
-from traced_tasks._prometheus import exemplar_labels, labelnames
+from traced_tasks._backends.families import label_names, metric_name
+from traced_tasks._backends.in_process import exemplar_labels
+from traced_tasks._options import MULTIPROCESS_DIR, Options
 
-ENV = "PROMETHEUS_MULTIPROC_DIR"
+_KINDS: dict[str, Any] = {"counter": Counter, "histogram": Histogram, "gauge": Gauge}
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
 # What a worker with no run of a task in progress writes for it: `livemin` then takes the other workers' oldest.
 _NOTHING_RUNS = math.inf
@@ -29,7 +30,7 @@ _NOTHING_RUNS = math.inf
 
 def directory() -> str | None:
     """The multiprocess folder, when multiprocess mode is on."""
-    return os.environ.get(ENV) or None
+    return MULTIPROCESS_DIR.value()
 
 
 def check_directory() -> None:
@@ -39,10 +40,13 @@ def check_directory() -> None:
         return
     if not os.path.isdir(path):
         raise RuntimeError(
-            f"{ENV}={path!r} is not a directory: create it (empty) before the server starts, or unset {ENV}"
+            f"{MULTIPROCESS_DIR.name}={path!r} is not a directory: create it (empty) before the server starts, "
+            f"or unset {MULTIPROCESS_DIR.name}"
         )
     if not os.access(path, os.W_OK | os.X_OK):
-        raise RuntimeError(f"{ENV}={path!r} is not writable by this process (uid {os.getuid()}): fix its permissions")
+        raise RuntimeError(
+            f"{MULTIPROCESS_DIR.name}={path!r} is not writable by this process (uid {os.getuid()}): fix its permissions"
+        )
 
 
 def forget_dead_workers(path: str) -> None:
@@ -156,40 +160,19 @@ class MultiprocessBackend:
     def __init__(self, options: Options, folder: str) -> None:
         self.folder = folder
         self.lock = threading.Lock()
+        self._options = options
         self._registry = options.registry
-        self._prefix = f"{options.namespace}_" if options.namespace else ""
-        task = labelnames(options)
         # Made unregistered, then registered together by open(), so a clash leaves the registry as it was.
-        common: dict[str, Any] = {"namespace": options.namespace, "registry": None}
-        buckets = options.buckets
-        self.scheduled = Counter(names.SCHEDULED.name, names.SCHEDULED.help, task, **common)
-        self.wait = Histogram(names.WAIT.name, names.WAIT.help, task, buckets=buckets, **common)
-        self.duration = Histogram(
-            names.DURATION.name, names.DURATION.help, [*task, names.LABEL_STATUS], buckets=buckets, **common
-        )
-        self.in_progress = Gauge(
-            names.IN_PROGRESS.name, names.IN_PROGRESS.help, task, multiprocess_mode="livesum", **common
-        )
-        self.in_progress_since = Gauge(
-            names.IN_PROGRESS_SINCE.name, names.IN_PROGRESS_SINCE.help, task, multiprocess_mode="livemin", **common
-        )
-        self.exceptions = Counter(
-            names.EXCEPTIONS.name, names.EXCEPTIONS.help, [*task, names.LABEL_EXCEPTION], **common
-        )
-        self.skipped = Counter(names.SKIPPED.name, names.SKIPPED.help, task, **common)
-        self.last_success = Gauge(
-            names.LAST_SUCCESS.name, names.LAST_SUCCESS.help, task, multiprocess_mode="max", **common
-        )
-        self._families = (
-            self.scheduled,
-            self.wait,
-            self.duration,
-            self.in_progress,
-            self.in_progress_since,
-            self.exceptions,
-            self.skipped,
-            self.last_success,
-        )
+        made = {family: _metric(options, family) for family in names.FAMILIES}
+        self.scheduled = made[names.SCHEDULED]
+        self.wait = made[names.WAIT]
+        self.duration = made[names.DURATION]
+        self.in_progress = made[names.IN_PROGRESS]
+        self.in_progress_since = made[names.IN_PROGRESS_SINCE]
+        self.exceptions = made[names.EXCEPTIONS]
+        self.skipped = made[names.SKIPPED]
+        self.last_success = made[names.LAST_SUCCESS]
+        self._families = tuple(made.values())
 
     def open(self) -> None:
         registered = []
@@ -208,30 +191,42 @@ class MultiprocessBackend:
     def registry(self) -> CollectorRegistry:
         """A fresh registry that sums every worker's files when collected, as multiprocess mode requires."""
         served = CollectorRegistry()
-        served.register(_LiveWorkers(self.folder, self._prefix + names.IN_PROGRESS_SINCE.name))
+        served.register(_LiveWorkers(self.folder, metric_name(self._options, names.IN_PROGRESS_SINCE)))
         return served
 
     def collect(self) -> Iterable[Metric]:
-        ours = {self._prefix + family.name for family in names.FAMILIES}
+        ours = {metric_name(self._options, family) for family in names.FAMILIES}
         return [metric for metric in self.registry().collect() if metric.name in ours]
 
     def close(self) -> None:
         for family in self._families:
             self._registry.unregister(family)
 
-    def live_workers(self) -> int:
+    def processes(self) -> int | None:
         """How many worker processes write to the folder now: those with live gauges that are alive, and this one."""
         return len({pid for pid in _writers(self.folder) if _alive(pid)} | {os.getpid()})
 
-    def task_names(self) -> set[str]:
+    def known_task_names(self) -> set[str]:
         """The task label values already in the folder, from workers alive or gone: they count toward the cap."""
         files = glob.glob(os.path.join(self.folder, "counter_*.db"))
-        scheduled = self._prefix + names.SCHEDULED.name
+        scheduled = metric_name(self._options, names.SCHEDULED)
         found: set[str] = set()
         for metric in MultiProcessCollector.merge(files, accumulate=False):  # type: ignore[no-untyped-call]
             if metric.name == scheduled:
                 found.update(sample.labels[names.LABEL_TASK] for sample in metric.samples)
         return found
+
+
+def _metric(options: Options, family: names.Family) -> Any:
+    """`family` as a prometheus_client metric object, whose values live in the folder's files."""
+    extra: dict[str, Any] = {}
+    if family.kind == "histogram":
+        extra["buckets"] = options.buckets
+    if family.kind == "gauge":
+        extra["multiprocess_mode"] = family.multiprocess_mode
+    return _KINDS[family.kind](
+        family.name, family.help, label_names(options, family), namespace=options.namespace, registry=None, **extra
+    )
 
 
 class _LiveWorkers:

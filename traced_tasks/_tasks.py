@@ -1,0 +1,226 @@
+"""The batch: drop-in replacements for Starlette's BackgroundTask and BackgroundTasks, and what a batch decides:
+the order, the stop at a failure and the skips it causes, isolation, nested batches, and the batch classes of others.
+
+The bodies are module functions so that the instrumentor can put them on Starlette's own classes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec
+
+import anyio.to_thread
+from starlette import background
+from starlette._utils import is_async_callable
+from starlette.concurrency import run_in_threadpool
+
+from traced_tasks import _config, _run
+from traced_tasks._run import Run
+
+P = ParamSpec("P")
+logger = logging.getLogger("traced_tasks")
+
+
+def init(task: background.BackgroundTask, func: Callable[..., Any], args: Any, kwargs: Any) -> None:
+    """Starlette's BackgroundTask.__init__, then schedule the task: count it, start its wait clock, capture context."""
+    if not callable(func):
+        raise TypeError(f"a background task must be callable, got {func!r}")
+    task.func = func
+    task.args = args
+    task.kwargs = kwargs
+    task.is_async = _is_async_callable(func)
+    # A batch, or a task, passed as a task runs tasks of its own, and is not one.
+    traced = None if isinstance(func, _CONTAINERS) else _run.schedule(_config.current(), func)
+    task._traced = traced  # type: ignore[attr-defined]
+
+
+def _is_async_callable(func: Callable[..., Any]) -> bool:
+    """Starlette's is_async_callable, answered from the code flags first for async functions and methods."""
+    target = func.__func__ if type(func) is types.MethodType else func
+    if type(target) is types.FunctionType and target.__code__.co_flags & inspect.CO_COROUTINE:
+        return True
+    return is_async_callable(func)
+
+
+async def run_batch(batch: background.BackgroundTasks) -> None:
+    """Run a batch in order. The first failure stops it, as in Starlette, unless the failed task was scheduled with
+    isolate_tasks: then the rest still run, and the first failure is raised after them."""
+    tasks = batch.tasks
+    first: Exception | None = None
+    for index, task in enumerate(tasks):
+        try:
+            await task()
+        except BaseException as exc:
+            if isinstance(exc, Exception) and not _run.is_cancellation(exc) and isolates(task):
+                if first is None:
+                    first = exc
+                else:
+                    logger.error("traced_tasks: a background task failed; its batch went on", exc_info=exc)
+                continue
+            if first is not None:
+                logger.error("traced_tasks: a background task failed before its batch was stopped", exc_info=first)
+            # Starlette stops the batch here; count what never ran.
+            for later in tasks[index + 1 :]:
+                skip(later)
+            raise
+    if first is not None:
+        raise first
+
+
+async def run(task: background.BackgroundTask) -> None:
+    """Run one task inside its span, counting its outcome. Starlette's BackgroundTask.__call__, traced."""
+    scheduled: Run | None = getattr(task, "_traced", None)  # None: made before instrumentation
+    if scheduled is None:
+        await call(task)
+        return
+    current = scheduled.claim()
+    if task.is_async:
+        with current:
+            await task.func(*task.args, **task.kwargs)
+    else:
+        try:
+            # Starlette's run_in_threadpool, without the partial it would make.
+            await anyio.to_thread.run_sync(current.call, task.func, task.args, task.kwargs)
+        except BaseException as exc:
+            if not current.started:
+                current.cancelled_before_start(exc)
+            raise
+
+
+async def call(task: background.BackgroundTask) -> None:
+    # Not Starlette's __call__: instrumentations patch it, and each task gets one span, ours.
+    if task.is_async:
+        await task.func(*task.args, **task.kwargs)
+    else:
+        await run_in_threadpool(task.func, *task.args, **task.kwargs)
+
+
+def skip(task: object) -> None:
+    """Count a task that never ran because an earlier one stopped its batch. A nested batch, or a task that runs
+    one, counts every task it holds."""
+    for inner in _tasks_in(task):
+        scheduled: Run | None = getattr(inner, "_traced", None)
+        if scheduled is not None and not scheduled.claimed:  # else it ran, or a batch around it counted it already
+            scheduled.skip()
+
+
+def skip_unstarted(tasks: list[Any]) -> None:
+    """Count as skipped each task of a stopped batch that never started: those after the last one whose run began.
+    For batch classes whose own loop runs the tasks."""
+    flat = [inner for task in tasks for inner in _tasks_in(task)]
+    started = [index for index, task in enumerate(flat) if getattr(getattr(task, "_traced", None), "claimed", False)]
+    for task in flat[(started[-1] + 1 if started else 0) :]:
+        skip(task)
+
+
+def isolates(task: object) -> bool:
+    """Whether the configuration `task` was scheduled under lets its batch go on after it fails. For a nested
+    batch, its first task decides."""
+    for inner in _tasks_in(task):
+        scheduled: Run | None = getattr(inner, "_traced", None)
+        if scheduled is not None:
+            return scheduled.config.options.isolate_tasks
+    return False
+
+
+def _tasks_in(task: object) -> Iterator[object]:
+    """The tasks `task` stands for, in order: itself, or what a nested batch holds, at any depth."""
+    pending = [task]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:  # a batch that holds itself
+            continue
+        seen.add(id(item))
+        if isinstance(item, background.BackgroundTasks):
+            pending.extend(reversed(item.tasks))
+        elif isinstance(item, background.BackgroundTask) and isinstance(item.func, _CONTAINERS):
+            pending.append(item.func)
+        else:
+            yield item
+
+
+# A batch, or a task, passed as a task: it runs tasks of its own, and is not one.
+_CONTAINERS = (background.BackgroundTasks, background.BackgroundTask)
+
+
+class BackgroundTask(background.BackgroundTask):
+    """A Starlette `BackgroundTask` that is traced and counted.
+
+    It is scheduled when it is made: the current span becomes its parent and the wait clock starts.
+
+        return Response("ok", background=BackgroundTask(send_receipt, order_id))
+    """
+
+    def __init__(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+        init(self, func, args, kwargs)
+
+    __call__ = run
+
+
+class BackgroundTasks(background.BackgroundTasks):
+    """A Starlette `BackgroundTasks` whose tasks are traced and counted.
+
+    Use it exactly like Starlette's or FastAPI's class:
+
+        async def signup(request: Request) -> Response:
+            tasks = BackgroundTasks()
+            tasks.add_task(send_welcome_email, to=address)
+            return JSONResponse({"ok": True}, background=tasks)
+    """
+
+    def add_task(self, func: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> None:
+        self.tasks.append(BackgroundTask(func, *args, **kwargs))
+
+    __call__ = run_batch
+
+
+class Batches:
+    """Skips counted for batch classes with a `__call__` of their own, FastAPI's first: their loop runs traced
+    tasks, but stops at a failure without counting the rest. Classes defined later are caught as they are made."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[type, Any] = {}
+        self._had_init_subclass = "__init_subclass__" in background.BackgroundTasks.__dict__
+        self._init_subclass = background.BackgroundTasks.__dict__.get("__init_subclass__")
+
+    def install(self) -> None:
+        pending = list(background.BackgroundTasks.__subclasses__())
+        while pending:
+            cls = pending.pop()
+            self.wrap(cls)
+            pending.extend(cls.__subclasses__())
+        batches = self
+
+        def init_subclass(cls: type[background.BackgroundTasks], /, **kwargs: Any) -> None:
+            super(background.BackgroundTasks, cls).__init_subclass__(**kwargs)
+            batches.wrap(cls)
+
+        background.BackgroundTasks.__init_subclass__ = classmethod(init_subclass)  # type: ignore[assignment,method-assign]
+
+    def wrap(self, cls: type) -> None:
+        original = cls.__dict__.get("__call__")
+        if original is None or original is run_batch or cls in self._wrapped:
+            return
+        self._wrapped[cls] = original
+
+        async def __call__(batch: background.BackgroundTasks) -> None:
+            try:
+                await original(batch)
+            except BaseException:
+                skip_unstarted(batch.tasks)
+                raise
+
+        cls.__call__ = __call__  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        for cls, original in self._wrapped.items():
+            cls.__call__ = original  # type: ignore[method-assign]
+        self._wrapped = {}
+        if self._had_init_subclass:
+            background.BackgroundTasks.__init_subclass__ = self._init_subclass  # type: ignore[assignment,method-assign]
+        else:
+            del background.BackgroundTasks.__init_subclass__
