@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 import fastapi
@@ -17,6 +18,7 @@ from starlette.routing import Mount, Route
 
 import traced_tasks
 from tests.conftest import Telemetry
+from tests.support import Server, wait_until
 from traced_tasks import BackgroundTasks, _config
 from traced_tasks import _conventions as names
 from traced_tasks._labels import MAX_ROUTES
@@ -66,6 +68,47 @@ def test_without_traceparent_the_task_starts_a_trace(telemetry: Telemetry) -> No
     assert second.parent is None
     assert second.context.trace_id != first.context.trace_id
     assert trace.get_current_span().get_span_context().is_valid is False
+
+
+def remember_order(order_id: int, seen: list[tuple[int, Any, int, int | None]]) -> None:
+    span: Any = trace.get_current_span()  # the task's own span, an SDK span
+    parent = span.parent.trace_id if span.parent is not None else None
+    seen.append((order_id, baggage.get_baggage("tenant"), span.get_span_context().trace_id, parent))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_pipelined_requests_keep_their_own_traces(telemetry: Telemetry, serve: type[Server], http: str) -> None:
+    """Five requests pipelined on one HTTP/1.1 connection to a real uvicorn, which starts each request in the
+    context of the one before: each task is in its own request's trace and reads its own baggage, and the last
+    request, with neither header, starts a trace of its own with no baggage."""
+    seen: list[tuple[int, Any, int, int | None]] = []
+
+    async def place_order(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(remember_order, request.path_params["order_id"], seen)
+        return PlainTextResponse("ok", background=tasks)
+
+    app = Starlette(routes=[Route("/orders/{order_id:int}", place_order, methods=["POST"])])
+    app.add_middleware(traced_tasks.TraceContextMiddleware)
+    server = serve(app, http=http)
+    pipelined = b""
+    for order in range(5):
+        headers = f"POST /orders/{order} HTTP/1.1\r\nHost: shop\r\nContent-Length: 0\r\n"
+        if order < 4:
+            headers += f"traceparent: 00-{order + 1:032x}-{order + 1:016x}-01\r\nbaggage: tenant=t{order}\r\n"
+        pipelined += (headers + "\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(pipelined)
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 5:
+            answers += connection.recv(65536)
+    wait_until(lambda: len(seen) == 5)
+    assert sorted(seen)[:4] == [(order, f"t{order}", order + 1, order + 1) for order in range(4)]
+    last = sorted(seen)[4]
+    assert last[:2] == (4, None)
+    assert last[2] not in range(1, 5)
+    assert last[3] is None  # a root span
 
 
 def test_route_template_on_the_task_span(telemetry: Telemetry) -> None:

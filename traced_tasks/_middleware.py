@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -21,6 +22,9 @@ class _HeaderGetter(Getter[Scope]):
 
 
 _getter = _HeaderGetter()
+
+# Set, in the context each request is handled in, to that request's scope.
+_REQUEST = otel_context.create_key("traced_tasks.request")
 
 
 class TraceContextMiddleware:
@@ -40,13 +44,20 @@ class TraceContextMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if trace.get_current_span().get_span_context().is_valid:
-            # A server span instrumentation already extracted the caller's context and made its span current:
-            # the tasks belong under that span. Only make the route known.
-            with _request.serving(scope):
-                await self.app(scope, receive, send)
-            return
-        token = otel_context.attach(propagate.extract(scope, getter=_getter))
+        current = otel_context.get_current()
+        handled = current.get(_REQUEST)
+        if handled is scope:  # a middleware of an enclosing app made this request's context already
+            context = current
+        elif handled is None and trace.get_current_span(current).get_span_context().is_valid:
+            # A server span that instrumentation outside this middleware made for this request: the tasks belong
+            # under it. Only make the route known.
+            context = otel_context.set_value(_REQUEST, scope, current)
+        else:
+            # This request's own headers decide, from nothing. What is current may be another request's: uvicorn
+            # starts a pipelined request in the context of the one before it, which this middleware marked.
+            extracted = propagate.extract(scope, context=Context(), getter=_getter)
+            context = otel_context.set_value(_REQUEST, scope, extracted)
+        token = otel_context.attach(context)
         try:
             with _request.serving(scope):
                 await self.app(scope, receive, send)
