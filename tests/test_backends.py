@@ -67,12 +67,12 @@ def apply(backend: Backend, activity: Activity, events: list[tuple[Any, ...]], r
         elif event == "start":
             counts.start(seconds, clock)
             running.append(Running(task, route, values, clock))
-            activity.running.add(running[-1])
+            activity.running[running[-1]] = True
         elif event == "skip":
             counts.skip()
         elif running:
             run = running.pop(0)
-            activity.running.discard(run)
+            activity.running.pop(run)
             started_at = run.started_at
             if event == "succeed":
                 counts.succeed(seconds, started_at, exemplar)

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import ROOT, Collector, clean_environment, free_port, run_python, wait_for_http
+from tests.support import ROOT, Collector, clean_environment, free_port, run_python, wait_for_http, wait_until
+from traced_tasks import _conventions as names
 
 SCRIPT = """
 import asyncio
@@ -70,6 +74,14 @@ def test_none_exports_nothing(collector: Collector) -> None:
 
 SERVERS = {
     "uvicorn": ["{python}", "-m", "uvicorn", "tests.apps.traced_service:app", "--port", "{port}"],
+    "uvicorn, lifespan on": [
+        "{python}", "-m", "uvicorn", "tests.apps.traced_service:app", "--port", "{port}",
+        "--timeout-graceful-shutdown", "1", "--lifespan", "on",
+    ],
+    "uvicorn, lifespan off": [
+        "{python}", "-m", "uvicorn", "tests.apps.traced_service:app", "--port", "{port}",
+        "--timeout-graceful-shutdown", "1", "--lifespan", "off",
+    ],
     "uvicorn --workers 2": [
         "{python}", "-m", "uvicorn", "tests.apps.traced_service:app", "--port", "{port}", "--workers", "2"
     ],
@@ -131,6 +143,45 @@ def test_spans_queued_at_a_stop_are_exported(
         ["BackgroundTask tests.apps.traced_service.send_receipt"] * 6
         + ["BackgroundTask tests.apps.traced_service.build_report"] * 2
     ), (tmp_path / "server.log").read_text()[-3000:]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("server", ["uvicorn, lifespan on", "uvicorn, lifespan off"])
+def test_runs_cancelled_at_a_stop_are_exported_and_counted(collector: Collector, tmp_path: Path, server: str) -> None:
+    """With uvicorn --timeout-graceful-shutdown 1, the runs still in progress at a stop are cancelled: an async task
+    that awaits in its `finally`, a plain async task, and a sync task still in its thread each have their span
+    exported, marked cancelled, and are counted as cancelled, under lifespan on and off."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    variables = {"OTEL_BSP_SCHEDULE_DELAY": "30000", "PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    with serving(server, tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, **variables) as (process, url):
+        for name in ("cleans_up", "waits", "blocks"):
+            httpx.post(f"{url}/hang/{name}")
+        wait_until(lambda: sum(_running(httpx.get(f"{url}/metrics/").text).values()) == 3)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    log = (tmp_path / "server.log").read_text()[-3000:]
+    spans = {
+        span.name.rsplit(".", 1)[-1]: span for span in collector.spans() if span.name.startswith("BackgroundTask ")
+    }
+    assert sorted(spans) == ["blocks", "cleans_up", "waits"], log
+    for span in spans.values():
+        attributes = {attribute.key: attribute.value.string_value for attribute in span.attributes}
+        assert attributes[names.ATTR_STATUS] == names.STATUS_CANCELLED
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(folder))
+    for name in spans:
+        labels = {names.LABEL_TASK: f"tests.apps.traced_service.{name}", names.LABEL_STATUS: names.STATUS_CANCELLED}
+        assert registry.get_sample_value(names.DURATION.count, labels) == 1, name
+
+
+def _running(exposition: str) -> dict[str, float]:
+    return {
+        sample.labels[names.LABEL_TASK]: sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == names.IN_PROGRESS.name
+    }
 
 
 @pytest.mark.integration

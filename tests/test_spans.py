@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 
 import traced_tasks
 from tests.conftest import Telemetry
-from traced_tasks import BackgroundTask, BackgroundTasks
+from traced_tasks import BackgroundTask, BackgroundTasks, _run
 from traced_tasks import _conventions as names
 
 PREFIX = "tests.test_spans."
@@ -362,3 +362,30 @@ def test_a_run_the_sampler_drops_still_has_its_own_span_current() -> None:
     assert current.span_id != CALLER.span_id
     assert not current.trace_flags.sampled
     assert count == 1
+
+
+def test_a_run_abandoned_at_a_stop_ends_once(telemetry: Telemetry) -> None:
+    """A run that a server's stop abandons (a sync task whose thread a cancellation cannot stop) ends as cancelled at
+    once, span and counts; when its thread ends later, nothing more is counted or exported."""
+    release = threading.Event()
+
+    def blocks() -> None:
+        release.wait(10)
+
+    async def main() -> None:
+        running = asyncio.create_task(traced_tasks.BackgroundTask(blocks)())
+        while not _run.in_progress():
+            await asyncio.sleep(0.001)
+        (run,) = _run.in_progress()
+        run.abandon()
+        assert _run.in_progress() == []
+        release.set()
+        await running
+
+    asyncio.run(main())
+    name = "tests.test_spans.test_a_run_abandoned_at_a_stop_ends_once.<locals>.blocks"
+    assert telemetry.value(names.DURATION.count, task=name, status="cancelled") == 1
+    assert telemetry.value(names.DURATION.count, task=name, status="success") == 0
+    assert telemetry.value(names.IN_PROGRESS.name, task=name) == 0
+    (span,) = telemetry.task_spans()
+    assert (span.attributes or {})[names.ATTR_STATUS] == names.STATUS_CANCELLED

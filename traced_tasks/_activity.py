@@ -48,12 +48,12 @@ class Running(Protocol):
 class Activity:
     """The runs in progress and the last failures of one configuration, in this process.
 
-    Updated from the event loop and from threadpool threads without a lock: in CPython, set.add, set.discard,
-    set.copy, deque.append and list(deque) are each atomic.
+    Updated from the event loop and from threadpool threads without a lock: in CPython, setting a dict's key,
+    dict.pop, dict.copy, deque.append and list(deque) are each atomic.
     """
 
     def __init__(self) -> None:
-        self.running: set[Running] = set()
+        self.running: dict[Running, bool] = {}  # in the order they started
         self.failures: collections.deque[TaskRun] = collections.deque(maxlen=MAX_FAILURES)
 
     def running_now(self) -> list[Running]:

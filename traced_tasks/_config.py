@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, ParamSpec
 
@@ -44,6 +45,7 @@ class Configuration:
         self._reported: set[tuple[str, str]] = set()
         self._tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
         self._lock = threading.Lock()
+        _configurations.add(self)
 
     def tracer_for(self, provider: trace.TracerProvider) -> trace.Tracer:
         """traced_tasks' tracer from another provider: the one FastAPI's native telemetry traces a request with."""
@@ -69,6 +71,12 @@ class Configuration:
 
 _lock = threading.Lock()
 _current: Configuration | None = None
+# Every configuration still in use: the one in force, and those that runs scheduled earlier hold.
+_configurations: weakref.WeakSet[Configuration] = weakref.WeakSet()
+
+
+def configurations() -> list[Configuration]:
+    return list(_configurations)
 
 
 def _takes(options: Callable[P, object]) -> Callable[[Callable[..., None]], Callable[P, None]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
-from traced_tasks import _activity, _request
+from traced_tasks import _activity, _config, _request
 from traced_tasks import _conventions as names
 from traced_tasks._activity import TaskRun
 from traced_tasks._callables import describe
@@ -31,6 +32,9 @@ from traced_tasks._config import Configuration
 from traced_tasks._profiles import Profile
 
 _ROOT = Context()
+_ENDING = threading.Lock()
+# What a run abandoned at a stop ends with.
+_ABANDONED = asyncio.CancelledError("the server stopped while the task ran")
 
 
 def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
@@ -83,6 +87,7 @@ class Run:
 
     __slots__ = (
         "_claimed",
+        "_ended",
         "_span",
         "_started_ns",
         "_token",
@@ -101,6 +106,7 @@ class Run:
         self.tracer = tracer
         self.scheduled_ns = time.perf_counter_ns()
         self._claimed = False
+        self._ended = False
         self._started_ns = 0  # 0 until the run starts
 
     @property
@@ -113,6 +119,7 @@ class Run:
         responses, say."""
         again = copy.copy(self)
         again._started_ns = 0
+        again._ended = False
         return again
 
     @property
@@ -162,14 +169,26 @@ class Run:
             profile.counts.start((started_ns - self.scheduled_ns) / 1e9, self.started_at)
         except Exception:
             config.report("metrics", profile.name)
-        config.activity.running.add(self)
+        config.activity.running[self] = True
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)  # type: ignore[arg-type]  # logs, never raises
+        self._finish(exc)
+
+    def abandon(self) -> None:
+        """End a run that is still in progress as cancelled, now: at a server's stop, when nothing waits for it any
+        more (a sync task's thread, a task that ignored its cancellation). Its own end then counts nothing."""
+        self._finish(_ABANDONED)
+
+    def _finish(self, exc: BaseException | None) -> None:
         seconds = (time.perf_counter_ns() - self._started_ns) / 1e9
         config = self.config
         profile = self.profile
-        if self._token is not None:
-            otel_context.detach(self._token)  # type: ignore[arg-type]  # logs, never raises
+        with _ENDING:  # its own exit, or abandon() at a stop: the first ends it
+            if self._ended:
+                return
+            self._ended = True
         span = self._span
         cancelled = exc is not None and is_cancellation(exc)
         exemplar = None
@@ -201,7 +220,7 @@ class Run:
         except Exception:
             config.report("metrics", profile.name)
         # Running until counted as finished: a scrape between the two would see it in neither.
-        config.activity.running.discard(self)
+        config.activity.running.pop(self, None)
         if exc is not None or _activity.captures:
             ended = self.started_at + seconds
             record = TaskRun(profile.task, status, exception, self._trace_id(), seconds, profile.route, ended)
@@ -250,6 +269,11 @@ class Run:
             return format(span_context.trace_id, "032x")
         except Exception:  # a tracer other than the SDK's; the run's outcome matters more than its trace ID
             return None
+
+
+def in_progress() -> list[Run]:
+    """Every run in progress in this process, whatever configuration it was scheduled under."""
+    return [run for config in _config.configurations() for run in config.activity.running.copy()]  # type: ignore[misc]
 
 
 def _start_linked_span(tracer: Tracer, profile: Profile, parent: Context) -> Span:

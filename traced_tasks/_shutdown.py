@@ -2,12 +2,14 @@
 
 uvicorn, on its own, with --workers, and as gunicorn's worker, stops on SIGTERM with a graceful shutdown, then raises
 the signal again with its default action: the process ends without running atexit, where the SDK would export what
-its batch processor still holds. So the end of uvicorn's graceful shutdown exports them. A signal handler of ours
-could do it for other servers, but would keep a process whose main thread is stuck in C code from dying on SIGTERM.
+its batch processor still holds. So the end of uvicorn's graceful shutdown exports them, after the runs it cancelled
+have ended. A signal handler of ours could do it for other servers, but would keep a process whose main thread is
+stuck in C code from dying on SIGTERM.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -18,11 +20,17 @@ from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from traced_tasks import _run
+
 logger = logging.getLogger("traced_tasks")
 
 _providers: list[TracerProvider] = []
 _lock = threading.Lock()
 _stalled = threading.Event()  # an export at shutdown did not end in time
+
+# How long runs still in progress when the graceful shutdown ends get to end on their own: uvicorn has just cancelled
+# them, and a cancelled task may still await in its `finally`. Those that do not end by then are ended as cancelled.
+RUNS_GRACE_SECONDS = 1.0
 
 
 def flush_on_stop(provider: TracerProvider) -> None:
@@ -66,6 +74,19 @@ def flush(abort: Callable[[], bool] = lambda: False) -> bool:
         return False
 
 
+async def end_runs(abort: Callable[[], bool] = lambda: False) -> None:
+    """Give the runs still in progress RUNS_GRACE_SECONDS to end, then end the rest as cancelled, so that every run
+    that started has its span ended, to be exported, and its outcome counted. Never raises."""
+    try:
+        deadline = time.monotonic() + RUNS_GRACE_SECONDS
+        while _run.in_progress() and time.monotonic() < deadline and not abort():
+            await asyncio.sleep(0.01)
+        for run in _run.in_progress():
+            run.abandon()
+    except Exception:
+        logger.exception("traced_tasks: ending the runs left at shutdown failed")
+
+
 def _exporter_timeout() -> float:
     # As the OTLP exporter reads it, in seconds.
     for name in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
@@ -91,11 +112,15 @@ def _wrap_uvicorn_shutdown() -> None:
 
     @functools.wraps(shutdown)
     async def flushing_shutdown(self: Any, *args: Any, **kwargs: Any) -> None:
+        # A second Ctrl-C (uvicorn's force_exit) ends the waits as it ends uvicorn's.
+        def forced() -> bool:
+            return bool(getattr(self, "force_exit", False))
+
         try:
             await shutdown(self, *args, **kwargs)
         finally:
-            # A second Ctrl-C (uvicorn's force_exit) ends the wait as it ends uvicorn's.
-            flush(abort=lambda: bool(getattr(self, "force_exit", False)))
+            await end_runs(forced)
+            flush(abort=forced)
 
     flushing_shutdown._traced_tasks_flush = True  # type: ignore[attr-defined]
     server.shutdown = flushing_shutdown  # type: ignore[union-attr]

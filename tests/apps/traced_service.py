@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from fastapi import FastAPI
 
@@ -13,6 +14,7 @@ from traced_tasks import BackgroundTasks
 traced_tasks.setup_tracing("shutdown-test")
 
 app = FastAPI()
+app.mount("/metrics", traced_tasks.metrics_app)
 
 
 def send_receipt(order: int) -> None:
@@ -37,4 +39,28 @@ async def place_order(order: int, tasks: BackgroundTasks) -> dict[str, int]:
 @app.post("/reports/{order}")
 async def order_report(order: int, tasks: BackgroundTasks) -> dict[str, int]:
     tasks.add_task(build_report, order)
+    return {"pid": os.getpid()}
+
+
+async def cleans_up() -> None:
+    try:
+        await asyncio.sleep(3600)
+    finally:
+        await asyncio.sleep(0.2)  # awaits once cancelled
+
+
+async def waits() -> None:
+    await asyncio.sleep(3600)
+
+
+def blocks() -> None:
+    time.sleep(6)  # in its thread, which a cancellation does not stop
+
+
+HANGING = {task.__name__: task for task in (cleans_up, waits, blocks)}
+
+
+@app.post("/hang/{name}")
+async def hang(name: str, tasks: BackgroundTasks) -> dict[str, int]:
+    tasks.add_task(HANGING[name])
     return {"pid": os.getpid()}
