@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry, Counter
 
 import traced_tasks
@@ -101,3 +103,69 @@ def test_failed_registration_leaves_the_registry_as_it_was(telemetry: Telemetry)
     traced_tasks.configure(registry=registry)
     run((ok, ()))
     assert registry.get_sample_value(names.SCHEDULED.total, {"task": NAME + "ok"}) == 1
+
+
+def scheduled_through(reader: InMemoryMetricReader, instrument: str) -> float:
+    """The sum of `instrument`'s points in the reader's next collection."""
+    data = reader.get_metrics_data()
+    return sum(
+        point.value
+        for resource in (data.resource_metrics if data else [])
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == instrument
+        for point in metric.data.data_points  # type: ignore[union-attr]
+    )
+
+
+def test_a_later_configure_keeps_the_instrumentors_providers(telemetry: Telemetry) -> None:
+    """After the instrumentor was given a tracer and a meter provider, configure(namespace=...) keeps both: spans and
+    counts still go to them, under the namespace. A configure() that names a registry counts there instead."""
+    reader = InMemoryMetricReader()
+    meters = MeterProvider(metric_readers=[reader])
+    instrumentor = traced_tasks.BackgroundTasksInstrumentor()
+    instrumentor.instrument(tracer_provider=telemetry.provider, meter_provider=meters)
+    try:
+        traced_tasks.configure(namespace="shop")
+        run((ok, ()))
+        assert scheduled_through(reader, "shop." + names.SCHEDULED.instrument) == 1
+        assert [span.name for span in telemetry.task_spans()] == ["BackgroundTask " + NAME + "ok"]
+        registry = CollectorRegistry()
+        traced_tasks.configure(registry=registry)
+        run((ok, ()))
+        assert registry.get_sample_value(names.SCHEDULED.total, {"task": NAME + "ok"}) == 1
+        assert len(telemetry.task_spans()) == 2  # the tracer provider is still the instrumentor's
+    finally:
+        instrumentor.uninstrument()
+
+
+ENVIRONMENT_CHOSE = """
+import asyncio
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+import traced_tasks
+from tests.test_configure import scheduled_through
+
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+traced_tasks.configure(namespace="shop")
+
+def cleanup():
+    pass
+
+async def batch():
+    tasks = traced_tasks.BackgroundTasks()
+    tasks.add_task(cleanup)
+    await tasks()
+
+asyncio.run(batch())
+print(scheduled_through(reader, "shop.background_task.scheduled"))
+"""
+
+
+def test_a_later_configure_keeps_the_environments_choice() -> None:
+    """With TRACED_TASKS_METRICS=opentelemetry, configure(namespace=...) counts through the global MeterProvider."""
+    result = run_python(ENVIRONMENT_CHOSE, TRACED_TASKS_METRICS="opentelemetry")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1"]

@@ -10,14 +10,14 @@ import weakref
 from collections.abc import Callable
 from typing import Any, ParamSpec
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from prometheus_client import CollectorRegistry
 
 from traced_tasks import _backends
 from traced_tasks._activity import Activity
 from traced_tasks._conventions import INSTRUMENTATION_NAME
 from traced_tasks._labels import Labels
-from traced_tasks._options import Options, option_names
+from traced_tasks._options import METRICS, Options, option_names
 from traced_tasks._profiles import Profiles
 from traced_tasks._version import __version__
 
@@ -99,7 +99,9 @@ def configure(**options: Any) -> None:
         traced_tasks.configure(namespace="shop", max_task_names=200, isolate_tasks=True)
 
     Calling it again replaces the whole configuration, unregistering the previous metrics; tasks already scheduled
-    finish under the configuration they were scheduled with. A bad value raises before anything changes.
+    finish under the configuration they were scheduled with. A bad value raises before anything changes. The
+    providers the instrumentor was given, and the meter provider TRACED_TASKS_METRICS=opentelemetry chooses, are kept
+    unless the call names its own: `tracer_provider` for spans, `meter_provider` or `registry` for counts.
 
     Args:
         tracer_provider: The TracerProvider task spans go to. None: the global one, whenever it is set.
@@ -119,12 +121,44 @@ def configure(**options: Any) -> None:
         raise TypeError(
             f"configure() got an unknown option {unknown[0]!r}; its options are {', '.join(option_names())}"
         )
-    _install(Options(**options))
+    _install(Options(**_with_choices(options)))
 
 
-def reconfigure(**changes: Any) -> None:
-    """Replace some options of the configuration in force, keeping the others."""
-    _install(dataclasses.replace(current().options, **changes))
+def instrumented(**providers: Any) -> None:
+    """Use the providers the instrumentor was given, in the configuration in force and in later ones."""
+    _install(dataclasses.replace(current().options, **providers))
+    _instrumented.update(providers)
+
+
+def uninstrumented() -> None:
+    _instrumented.clear()
+
+
+# The tracer and meter providers the instrumentor was given: a later configure() keeps them.
+_instrumented: dict[str, Any] = {}
+
+
+def _with_choices(given: dict[str, Any]) -> dict[str, Any]:
+    """`given`, with what the environment and the instrumentor chose for what it does not name."""
+    chosen = dict(_instrumented)
+    if "meter_provider" not in chosen and counts_through_opentelemetry():
+        chosen["meter_provider"] = metrics.get_meter_provider()
+    if "registry" in given or "meter_provider" in given:  # it names how to count
+        chosen.pop("meter_provider", None)
+    return {**chosen, **given}
+
+
+def counts_through_opentelemetry() -> bool:
+    """TRACED_TASKS_METRICS=opentelemetry: count through the global MeterProvider, as opentelemetry-instrument sets
+    it up from OTEL_METRICS_EXPORTER; prometheus (the default) keeps prometheus_client."""
+    value = str(METRICS.value()).lower()
+    if value not in ("prometheus", "opentelemetry"):
+        logger.error(
+            "traced_tasks: %s must be prometheus or opentelemetry, got %r; counting with prometheus_client",
+            METRICS.name,
+            value,
+        )
+    return value == "opentelemetry"
 
 
 def _install(options: Options) -> None:
@@ -158,7 +192,7 @@ def _default() -> Configuration:
     global _current
     with _lock:
         if _current is None:
-            configuration = Configuration(Options())
+            configuration = Configuration(Options(**_with_choices({})))
             try:
                 configuration.backend.open()
             except ValueError:

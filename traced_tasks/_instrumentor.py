@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Collection
 from typing import Any
 
@@ -23,22 +22,6 @@ logger = logging.getLogger("traced_tasks")
 _OTEL_FASTAPI_MARK = "_otel_original_call"
 
 
-METRICS_ENV = "TRACED_TASKS_METRICS"
-
-
-def _counts_through_opentelemetry() -> bool:
-    """TRACED_TASKS_METRICS=opentelemetry: count through the global MeterProvider, as opentelemetry-instrument sets
-    it up from OTEL_METRICS_EXPORTER; prometheus (the default) keeps prometheus_client."""
-    value = os.environ.get(METRICS_ENV, "prometheus").strip().lower()
-    if value not in ("prometheus", "opentelemetry"):
-        logger.error(
-            "traced_tasks: %s must be prometheus or opentelemetry, got %r; counting with prometheus_client",
-            METRICS_ENV,
-            value,
-        )
-    return value == "opentelemetry"
-
-
 def _init(self: background.BackgroundTask, func: Any, *args: Any, **kwargs: Any) -> None:
     _tasks.init(self, func, args, kwargs)
 
@@ -52,8 +35,9 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         traced_tasks.BackgroundTasksInstrumentor().instrument(tracer_provider=provider)
 
     `tracer_provider` and `meter_provider`, as in OpenTelemetry's instrumentations, send task spans and counts to
-    those providers: they replace those options of the configuration in force and keep the others. With
-    TRACED_TASKS_METRICS=opentelemetry, counts go to the global meter provider.
+    those providers: they replace those options of the configuration in force and keep the others, and a later
+    `traced_tasks.configure()` keeps them unless it names its own. With TRACED_TASKS_METRICS=opentelemetry, counts
+    go to the global meter provider.
     """
 
     _originals: dict[tuple[type, str], Any]
@@ -66,11 +50,11 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _instrument(self, **kwargs: Any) -> None:
         # Never raise: opentelemetry-instrument would skip every instrumentation after this one.
         changes = {name: kwargs[name] for name in ("tracer_provider", "meter_provider") if kwargs.get(name) is not None}
-        if "meter_provider" not in changes and _counts_through_opentelemetry():
+        if "meter_provider" not in changes and _config.counts_through_opentelemetry():
             changes["meter_provider"] = metrics.get_meter_provider()
         if changes:
             try:
-                _config.reconfigure(**changes)
+                _config.instrumented(**changes)
             except Exception:
                 logger.exception("traced_tasks: cannot use the given %s; kept the configuration", " and ".join(changes))
         try:
@@ -103,6 +87,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         _fastapi.install()
 
     def _uninstrument(self, **kwargs: Any) -> None:
+        _config.uninstrumented()
         for (owner, name), original in self._originals.items():
             setattr(owner, name, original)
         self._originals = {}
