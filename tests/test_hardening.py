@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import struct
 import subprocess
 import sys
 import threading
@@ -45,6 +47,52 @@ def test_unusable_multiprocess_directory_fails_at_import(tmp_path: Path, problem
     result = run_python("import traced_tasks", PROMETHEUS_MULTIPROC_DIR=str(path))
     assert result.returncode == 1
     assert f"RuntimeError: PROMETHEUS_MULTIPROC_DIR={str(path)!r} is not a directory: create it" in result.stderr
+
+
+UNREADABLE_FILES = """
+import logging
+logging.basicConfig(format="%(name)s|%(levelname)s|%(message)s")
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
+import traced_tasks
+
+def send_receipt():
+    pass
+
+async def order(request):
+    tasks = traced_tasks.BackgroundTasks()
+    tasks.add_task(send_receipt)
+    return PlainTextResponse("ok", background=tasks)
+
+app = Starlette(routes=[Route("/orders", order, methods=["POST"]), Mount("/metrics", traced_tasks.metrics_app)])
+client = TestClient(app)
+print(client.post("/orders").status_code, client.post("/orders").status_code)
+for _ in range(2):
+    page = client.get("/metrics/")
+    print(page.status_code, [line for line in page.text.splitlines() if line.startswith("background_task_scheduled_total")])
+"""
+
+
+def test_unreadable_files_in_the_multiprocess_folder_are_skipped(tmp_path: Path) -> None:
+    """An empty file (a worker killed while it made it) and a garbled one in the multiprocess folder break neither
+    add_task nor /metrics: the tasks run and are counted, the other files are served, and each unreadable file is
+    logged once."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "counter_999991.db").write_bytes(b"")
+    # 64 bytes in use, then an entry whose key would be 1,000 bytes long.
+    (folder / "gauge_all_999992.db").write_bytes(struct.pack("<ii", 64, 0) + struct.pack("<i", 1000) + bytes(52))
+    result = run_python(UNREADABLE_FILES, PROMETHEUS_MULTIPROC_DIR=str(folder))
+    assert result.returncode == 0, result.stderr
+    scheduled = ['background_task_scheduled_total{task="__main__.send_receipt"} 2.0']
+    assert result.stdout.splitlines() == ["200 200", f"200 {scheduled}", f"200 {scheduled}"]
+    logged = re.findall(r"^traced_tasks\|WARNING\|traced_tasks: cannot read (\S+),", result.stderr, re.MULTILINE)
+    assert sorted(logged) == [
+        str(folder / "counter_999991.db"),
+        str(folder / "gauge_all_999992.db"),
+    ], result.stderr
 
 
 def test_odd_task_and_exception_names_keep_the_exposition_valid(telemetry: Telemetry) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import math
 import os
 import re
@@ -23,6 +24,8 @@ from traced_tasks._backends.in_process import exemplar_labels
 from traced_tasks._options import MULTIPROCESS_DIR, Options
 
 _KINDS: dict[str, Any] = {"counter": Counter, "histogram": Histogram, "gauge": Gauge}
+
+logger = logging.getLogger("traced_tasks")
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
 # What a worker with no run of a task in progress writes for it: `livemin` then takes the other workers' oldest.
 _NOTHING_RUNS = math.inf
@@ -208,13 +211,46 @@ class MultiprocessBackend:
 
     def known_task_names(self) -> set[str]:
         """The task label values already in the folder, from workers alive or gone: they count toward the cap."""
-        files = glob.glob(os.path.join(self.folder, "counter_*.db"))
         scheduled = metric_name(self._options, names.SCHEDULED)
         found: set[str] = set()
-        for metric in MultiProcessCollector.merge(files, accumulate=False):  # type: ignore[no-untyped-call]
+        for metric in merge(self.folder, "counter_*.db", accumulate=False):
             if metric.name == scheduled:
                 found.update(sample.labels[names.LABEL_TASK] for sample in metric.samples)
         return found
+
+
+def merge(folder: str, pattern: str, accumulate: bool) -> list[Metric]:
+    """MultiProcessCollector.merge() of the folder's files that match `pattern`, without those that cannot be read:
+    a worker killed while it made its file leaves it empty, and one such file would fail every read."""
+    files = sorted(glob.glob(os.path.join(folder, pattern)))
+    try:
+        return list(MultiProcessCollector.merge(files, accumulate=accumulate))  # type: ignore[no-untyped-call]
+    except Exception:
+        readable = [path for path in files if _readable(path)]
+        return list(MultiProcessCollector.merge(readable, accumulate=accumulate))  # type: ignore[no-untyped-call]
+
+
+_unreadable: set[str] = set()  # the files logged as unreadable, each once
+
+
+def _readable(path: str) -> bool:
+    try:
+        MultiProcessCollector.merge([path], accumulate=False)  # type: ignore[no-untyped-call]
+    except FileNotFoundError:
+        return False  # removed since it was listed: a dead worker's, by another scrape
+    except Exception:
+        if path not in _unreadable and len(_unreadable) < 1000:
+            _unreadable.add(path)
+            logger.warning(
+                "traced_tasks: cannot read %s, left by a process of %s=%s; its counts are left out. "
+                "Empty the folder before the server or worker starts",
+                path,
+                MULTIPROCESS_DIR.name,
+                os.path.dirname(path),
+                exc_info=True,
+            )
+        return False
+    return True
 
 
 def _metric(options: Options, family: names.Family) -> Any:
@@ -239,7 +275,7 @@ class _LiveWorkers:
 
     def collect(self) -> Iterable[Metric]:
         forget_dead_workers(self._folder)
-        metrics: list[Metric] = list(MultiProcessCollector(None, self._folder).collect())  # type: ignore[no-untyped-call]
+        metrics = merge(self._folder, "*.db", accumulate=True)
         for metric in metrics:
             if metric.name == self._since:
                 # 0 until the first set() of a worker that just made the series.
