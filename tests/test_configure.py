@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from prometheus_client import CollectorRegistry, Counter
 
 import traced_tasks
@@ -108,14 +108,15 @@ def test_failed_registration_leaves_the_registry_as_it_was(telemetry: Telemetry)
 def scheduled_through(reader: InMemoryMetricReader, instrument: str) -> float:
     """The sum of `instrument`'s points in the reader's next collection."""
     data = reader.get_metrics_data()
-    return sum(
-        point.value
+    points = [
+        point
         for resource in (data.resource_metrics if data else [])
         for scope in resource.scope_metrics
         for metric in scope.metrics
         if metric.name == instrument
-        for point in metric.data.data_points  # type: ignore[union-attr]
-    )
+        for point in metric.data.data_points
+    ]
+    return sum(point.value for point in points if isinstance(point, NumberDataPoint))
 
 
 def test_a_later_configure_keeps_the_instrumentors_providers(telemetry: Telemetry) -> None:
@@ -143,7 +144,7 @@ ENVIRONMENT_CHOSE = """
 import asyncio
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 import traced_tasks
 from tests.test_configure import scheduled_through
 

@@ -71,7 +71,8 @@ client = TestClient(app)
 print(client.post("/orders").status_code, client.post("/orders").status_code)
 for _ in range(2):
     page = client.get("/metrics/")
-    print(page.status_code, [line for line in page.text.splitlines() if line.startswith("background_task_scheduled_total")])
+    lines = page.text.splitlines()
+    print(page.status_code, [line for line in lines if line.startswith("background_task_scheduled_total")])
 """
 
 
