@@ -31,7 +31,8 @@ from starlette.testclient import TestClient
 
 import traced_tasks
 from tests.conftest import Telemetry
-from tests.support import OPENMETRICS, Server, require_tool, run_python, start_workers, wait_until
+from tests.apps.tasks import ok
+from tests.support import OPENMETRICS, Collector, Server, require_tool, run_python, start_workers, wait_until
 from traced_tasks import BackgroundTask, BackgroundTasks
 from traced_tasks import _conventions as names
 
@@ -135,6 +136,50 @@ def test_odd_task_and_exception_names_keep_the_exposition_valid(telemetry: Telem
     promtool = require_tool("promtool")
     checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_names_that_are_not_utf8_break_neither_scrape_nor_span_export(telemetry: Telemetry) -> None:
+    """A task whose name and file hold lone surrogates (as os.fsdecode makes from a file name that is not UTF-8),
+    failing with an exception class named the same way: /metrics answers in both formats with the names escaped,
+    and its span reaches an OTLP collector with the ten spans around it."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    def odd() -> None:
+        raise Odd()
+
+    odd.__qualname__ = "send_\udcff"
+    odd.__code__ = odd.__code__.replace(co_filename="/srv/\udce9t\udce9/tasks.py")
+    Odd = type("Odd", (Exception,), {"__qualname__": "Err\udcff"})
+
+    with Collector() as collector:
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=collector.endpoint + "/v1/traces")))
+        traced_tasks.configure(tracer_provider=provider, registry=telemetry.registry)
+
+        async def main() -> None:
+            for _ in range(5):
+                await BackgroundTask(ok)()
+            with pytest.raises(Odd):
+                await BackgroundTask(odd)()
+            for _ in range(5):
+                await BackgroundTask(ok)()
+
+        asyncio.run(main())
+        provider.force_flush()
+        spans = collector.spans()
+        provider.shutdown()
+    assert len(spans) == 11
+    (span,) = [span for span in spans if "send_" in span.name]
+    assert span.name == "BackgroundTask tests.test_hardening.send_\\udcff"
+    attributes = {attribute.key: attribute.value for attribute in span.attributes}
+    assert attributes[names.ATTR_FILE].string_value == "/srv/\\udce9t\\udce9/tasks.py"
+    assert attributes[names.ATTR_ERROR_TYPE].string_value == "Err\\udcff"
+    client = TestClient(traced_tasks.make_metrics_app(telemetry.registry))
+    for accept, parse in (("text/plain", parse_text), (OPENMETRICS, parse_openmetrics)):
+        page = client.get("/", headers={"accept": accept})
+        assert page.status_code == 200
+        labels = [sample.labels for family in parse(page.text) for sample in family.samples]
+        assert {"task": "tests.test_hardening.send_\\udcff", "exception": "Err\\udcff"} in labels
 
 
 def test_bearer_token(telemetry: Telemetry) -> None:

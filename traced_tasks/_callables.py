@@ -13,6 +13,8 @@ _MAX_UNWRAP = 32
 
 @dataclass(frozen=True)
 class Description:
+    """A callable's name and code location, each valid UTF-8."""
+
     name: str  # module.qualname
     file: str | None
     line: int | None
@@ -33,13 +35,23 @@ def describe(func: Callable[..., Any]) -> Description:
         module = _text(owner.__objclass__, "__module__")  # a method of a builtin type: `str.upper`
     elif module is None and hasattr(owner, "__self__"):
         module = type(owner.__self__).__module__  # a bound one: `some_list.append`
-    name = f"{module}.{qualname}" if module else qualname
+    name = utf8(f"{module}.{qualname}" if module else qualname)
     code = getattr(target, "__code__", None)
     file = getattr(code, "co_filename", None)
     line = getattr(code, "co_firstlineno", None)
     if isinstance(file, str) and type(line) is int:
-        return Description(name, file, line)
+        return Description(name, utf8(file), line)
     return Description(name, None, None)
+
+
+def utf8(text: str) -> str:
+    """`text`, with what UTF-8 cannot hold written as escapes: a lone surrogate, as os.fsdecode makes from a file name
+    that is not UTF-8, would fail every exposition and span export it reaches."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def code_of(func: Callable[..., Any]) -> tuple[types.CodeType, str, str] | None:

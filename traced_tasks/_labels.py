@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from traced_tasks._callables import utf8
 from traced_tasks._conventions import OVERFLOW
 
 MAX_ROUTES = 100
@@ -67,5 +68,9 @@ class Labels:
         return (task, "" if route is None else self._routes.admit(route))
 
     def exception(self, kind: type[BaseException]) -> str:
-        # The class name without its module, as OpenTelemetry's error.type.
-        return self._exceptions.admit(kind.__qualname__)
+        return self._exceptions.admit(error_type(kind))
+
+
+def error_type(kind: type[BaseException]) -> str:
+    """The class name without its module, as OpenTelemetry's error.type."""
+    return utf8(kind.__qualname__)

@@ -9,7 +9,7 @@ from typing import Any
 
 from traced_tasks import _conventions as names
 from traced_tasks._backends import Backend, TaskCounts
-from traced_tasks._callables import code_of, describe
+from traced_tasks._callables import code_of, describe, utf8
 from traced_tasks._labels import MAX_ROUTES, Labels
 
 
@@ -80,12 +80,13 @@ class Profiles:
             profile = entry.profiles.get(route)
             if profile is not None:
                 return profile
-            values = self._labels.values(entry.label, route)
+            template = None if route is None else utf8(route)
+            values = self._labels.values(entry.label, template)
             counts = self._counts.get(values)
             if counts is None:
                 counts = self._counts[values] = self._backend.counts(values)
-            attributes = entry.attributes if route is None else {**entry.attributes, names.ATTR_ROUTE: route}
-            profile = Profile(entry.name, values, route, attributes, counts)
+            attributes = entry.attributes if template is None else {**entry.attributes, names.ATTR_ROUTE: template}
+            profile = Profile(entry.name, values, template, attributes, counts)
             if len(entry.profiles) < MAX_ROUTES:  # past that, an application adding routes without end
                 entry.profiles[route] = profile
             return profile

@@ -27,7 +27,8 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from traced_tasks import _activity, _config, _request
 from traced_tasks import _conventions as names
 from traced_tasks._activity import TaskRun
-from traced_tasks._callables import describe
+from traced_tasks._callables import describe, utf8
+from traced_tasks._labels import error_type
 from traced_tasks._config import Configuration
 from traced_tasks._profiles import Profile
 
@@ -201,7 +202,7 @@ class Run:
                     span.set_attribute(names.ATTR_STATUS, names.STATUS_CANCELLED)
                 elif exc is not None:
                     span.add_event(names.EVENT_EXCEPTION, _exception_attributes(exc))
-                    span.set_attribute(names.ATTR_ERROR_TYPE, type(exc).__qualname__)
+                    span.set_attribute(names.ATTR_ERROR_TYPE, error_type(type(exc)))
                     span.set_status(Status(StatusCode.ERROR))
                 span.end()
             except Exception:
@@ -310,8 +311,8 @@ def _exception_attributes(exc: BaseException) -> dict[str, str]:
     """
     kind = type(exc)
     module = kind.__module__
-    name = kind.__qualname__ if module in (None, "builtins") else f"{module}.{kind.__qualname__}"
-    stack = "".join(traceback.format_tb(exc.__traceback__))
+    name = utf8(kind.__qualname__ if module in (None, "builtins") else f"{module}.{kind.__qualname__}")
+    stack = utf8("".join(traceback.format_tb(exc.__traceback__)))
     return {
         names.ATTR_EXCEPTION_TYPE: name,
         names.ATTR_EXCEPTION_STACKTRACE: f"Traceback (most recent call last):\n{stack}{name}",
