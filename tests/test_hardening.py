@@ -30,8 +30,8 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 import traced_tasks
-from tests.conftest import Telemetry
 from tests.apps.tasks import ok
+from tests.conftest import Telemetry
 from tests.support import OPENMETRICS, Collector, Server, require_tool, run_python, start_workers, wait_until
 from traced_tasks import BackgroundTask, BackgroundTasks
 from traced_tasks import _conventions as names
@@ -58,6 +58,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 import traced_tasks
+from traced_tasks import _conventions as names
 
 def send_receipt():
     pass
@@ -73,7 +74,7 @@ print(client.post("/orders").status_code, client.post("/orders").status_code)
 for _ in range(2):
     page = client.get("/metrics/")
     lines = page.text.splitlines()
-    print(page.status_code, [line for line in lines if line.startswith("background_task_scheduled_total")])
+    print(page.status_code, [line for line in lines if line.startswith(names.SCHEDULED.total)])
 """
 
 
@@ -88,7 +89,7 @@ def test_unreadable_files_in_the_multiprocess_folder_are_skipped(tmp_path: Path)
     (folder / "gauge_all_999992.db").write_bytes(struct.pack("<ii", 64, 0) + struct.pack("<i", 1000) + bytes(52))
     result = run_python(UNREADABLE_FILES, PROMETHEUS_MULTIPROC_DIR=str(folder))
     assert result.returncode == 0, result.stderr
-    scheduled = ['background_task_scheduled_total{task="__main__.send_receipt"} 2.0']
+    scheduled = [f'{names.SCHEDULED.total}{{task="__main__.send_receipt"}} 2.0']
     assert result.stdout.splitlines() == ["200 200", f"200 {scheduled}", f"200 {scheduled}"]
     logged = re.findall(r"^traced_tasks\|WARNING\|traced_tasks: cannot read (\S+),", result.stderr, re.MULTILINE)
     assert sorted(logged) == [

@@ -28,8 +28,8 @@ from traced_tasks import _activity, _config, _request
 from traced_tasks import _conventions as names
 from traced_tasks._activity import TaskRun
 from traced_tasks._callables import describe, utf8
-from traced_tasks._labels import error_type
 from traced_tasks._config import Configuration
+from traced_tasks._labels import error_type
 from traced_tasks._profiles import Profile
 
 _ROOT = Context()
