@@ -102,7 +102,7 @@ def in_process(
 ) -> tuple[InProcessBackend, CollectorRegistry]:
     registry = CollectorRegistry()
     options = Options(registry=registry, route_label=route_label, namespace=namespace)
-    backend = InProcessBackend(options, registry, activity or Activity())
+    backend = InProcessBackend(options, registry, (activity or Activity()).running.copy)
     backend.open()
     return backend, registry
 

@@ -169,4 +169,4 @@ def test_a_later_configure_keeps_the_environments_choice() -> None:
     """With TRACED_TASKS_METRICS=opentelemetry, configure(namespace=...) counts through the global MeterProvider."""
     result = run_python(ENVIRONMENT_CHOSE, TRACED_TASKS_METRICS="opentelemetry")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["1"]
+    assert result.stdout.split() == ["1.0"]

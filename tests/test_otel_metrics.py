@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
+import logging
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from tests.conftest import Telemetry
 from tests.support import ROOT, Collector, clean_environment, free_port, wait_for_http, wait_until
 from traced_tasks import BackgroundTask, BackgroundTasks
 from traced_tasks import _conventions as names
+from traced_tasks._backends.opentelemetry import attribute_set_limit
 
 NAME = "tests.test_otel_metrics."
 
@@ -285,4 +289,99 @@ def test_a_task_scheduled_from_a_new_route_keeps_its_last_success(telemetry: Tel
     client.get("/b")
     assert registry.get_sample_value(names.LAST_SUCCESS.name, task) == last
     assert registry.get_sample_value(names.DURATION.count, {**task, "status": "error"}) == 1
+    provider.shutdown()
+
+
+def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    """Per instrument, the data points of the reader's next collection."""
+    data = reader.get_metrics_data()
+    found: dict[str, list[Any]] = {}
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                found.setdefault(metric.name, []).extend(metric.data.data_points)
+    return found
+
+
+def test_task_names_past_the_sdks_limit_count_as_overflow(
+    telemetry: Telemetry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With 800 task names, each run once to success, error and cancellation: every instrument stays within the
+    SDK's limit of attribute sets (2,000 by default), so no series folds into OpenTelemetry's own overflow series,
+    which no rule reads; the names past what fits count as __overflow__, and configure() says so once."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    with caplog.at_level(logging.WARNING, logger="traced_tasks"):
+        traced_tasks.configure(tracer_provider=telemetry.provider, meter_provider=provider)
+    limit = attribute_set_limit(provider, "")
+    warned = [
+        record.getMessage() for record in caplog.records if "attribute sets per instrument" in record.getMessage()
+    ]
+    assert len(warned) == (0 if limit is None else 1)
+
+    def task(number: int, outcome: str) -> Callable[[], Any]:
+        async def run() -> None:
+            if outcome == "error":
+                raise Declined()
+            if outcome == "cancelled":
+                raise asyncio.CancelledError()
+
+        run.__qualname__ = f"task{number}"
+        return run
+
+    async def main() -> None:
+        for number in range(800):
+            for outcome in ("success", "error", "cancelled"):
+                with contextlib.suppress(Declined, asyncio.CancelledError):
+                    await BackgroundTask(task(number, outcome))()
+
+    asyncio.run(main())
+    found = points(reader)
+    for instrument, data in found.items():
+        assert all("otel.metric.overflow" not in point.attributes for point in data), instrument
+        assert limit is None or len(data) <= limit, instrument
+    tasks = {point.attributes[names.LABEL_TASK] for point in found[names.DURATION.instrument]}
+    if limit is None:  # an SDK before 1.45 keeps every attribute set
+        assert len(tasks) == 800
+    else:
+        assert len(tasks) == limit // 3
+        assert names.OVERFLOW in tasks
+    runs = sum(point.count for point in found[names.DURATION.instrument])
+    assert runs == 2400
+    provider.shutdown()
+
+
+def test_a_view_raises_the_limit_the_caps_fit(telemetry: Telemetry) -> None:
+    """A View of our instruments with a larger aggregation_cardinality_limit is read, so that max_task_names applies
+    as configured; without one, the SDK's default limit (2,000 from version 1.45) fits the caps."""
+    from opentelemetry.sdk.metrics.view import View
+
+    if "aggregation_cardinality_limit" not in inspect.signature(View).parameters:
+        pytest.skip("this OpenTelemetry SDK has no limit of attribute sets")
+    plain = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    raised = MeterProvider(
+        metric_readers=[InMemoryMetricReader()],
+        views=[View(instrument_name="shop.background_task.*", aggregation_cardinality_limit=10_000)],
+    )
+    default = attribute_set_limit(plain, "shop")
+    assert default in (None, 2000)
+    assert attribute_set_limit(raised, "shop") == (None if default is None else 10_000)
+    assert attribute_set_limit(raised, "") == default  # the view names other instruments
+
+
+def test_the_last_success_is_in_every_collection(telemetry: Telemetry) -> None:
+    """After a success, the last-success gauge is in every collection, not only the first one after it (a
+    synchronous gauge of OpenTelemetry SDKs before 1.45 was), so BackgroundTaskStalled cannot fire for a task that
+    succeeded."""
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    traced_tasks.configure(tracer_provider=telemetry.provider, meter_provider=provider)
+    traffic(orders=1)
+    for _ in range(5):
+        (point,) = [
+            point
+            for point in points(reader)[names.LAST_SUCCESS.instrument]
+            if point.attributes[names.LABEL_TASK] == NAME + "send_receipt"
+        ]
+        assert point.value > 0
     provider.shutdown()

@@ -38,7 +38,7 @@ class Configuration:
         self.tracer = trace.get_tracer(INSTRUMENTATION_NAME, __version__, tracer_provider=options.tracer_provider)
         self.activity = Activity()
         self.backend = _backends.choose(options, self.activity)
-        self.labels = Labels(options.max_task_names, options.route_label)
+        self.labels = Labels(options.max_task_names, options.route_label, self.backend.series_limit())
         # Names other processes admitted (earlier workers, in multiprocess mode) are in what /metrics serves too.
         self.labels.admit_tasks(self.backend.known_task_names())
         self.profiles = Profiles(self.labels, self.backend, options.max_task_names)

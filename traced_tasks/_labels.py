@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Generic, TypeVar
 
 from traced_tasks._callables import utf8
 from traced_tasks._conventions import OVERFLOW
@@ -13,25 +14,28 @@ MAX_EXCEPTION_TYPES = 100
 
 logger = logging.getLogger("traced_tasks")
 
+T = TypeVar("T", str, tuple[str, ...])
 
-class CappedLabel:
-    """Values of one label, admitted up to a cap; past it, the overflow value, with one warning."""
 
-    def __init__(self, cap: int, what: str) -> None:
+class CappedLabel(Generic[T]):
+    """Values of one label, or sets of them, admitted up to a cap; past it, `overflow`, with one warning."""
+
+    def __init__(self, cap: int, what: str, overflow: T) -> None:
         self._cap = cap
         self._what = what
-        self._seen: set[str] = set()
+        self._overflow: T = overflow
+        self._seen: set[T] = set()
         self._overflowed = False
         self._lock = threading.Lock()
 
-    def admit_all(self, values: set[str]) -> None:
+    def admit_all(self, values: set[T]) -> None:
         """Count values already in use toward the cap, all of them, even past it."""
         with self._lock:
-            self._seen |= values - {OVERFLOW}
+            self._seen |= values - {self._overflow}
 
-    def admit(self, value: str) -> str:
+    def admit(self, value: T) -> T:
         with self._lock:
-            if value in self._seen:
+            if value in self._seen or value == self._overflow:
                 return value
             if len(self._seen) < self._cap:
                 self._seen.add(value)
@@ -42,17 +46,19 @@ class CappedLabel:
             logger.warning(
                 "traced_tasks: more than %d %s seen; further ones are counted as %r", self._cap, self._what, OVERFLOW
             )
-        return OVERFLOW
+        return self._overflow
 
 
 class Labels:
     """The label values of one configuration: every backend counts under the same ones."""
 
-    def __init__(self, max_task_names: int, route_label: bool) -> None:
+    def __init__(self, max_task_names: int, route_label: bool, max_series: int | None = None) -> None:
         self.route_label = route_label
-        self._tasks = CappedLabel(max_task_names, "task names")
-        self._routes = CappedLabel(MAX_ROUTES, "routes")
-        self._exceptions = CappedLabel(MAX_EXCEPTION_TYPES, "exception classes")
+        self._tasks = CappedLabel(max_task_names, "task names", OVERFLOW)
+        self._routes = CappedLabel(MAX_ROUTES, "routes", OVERFLOW)
+        self._exceptions = CappedLabel(MAX_EXCEPTION_TYPES, "exception classes", OVERFLOW)
+        width = 2 if route_label else 1
+        self._series = None if max_series is None else CappedLabel(max_series, "task series", (OVERFLOW,) * width)
 
     def task(self, name: str) -> str:
         return self._tasks.admit(name)
@@ -63,9 +69,8 @@ class Labels:
 
     def values(self, task: str, route: str | None) -> tuple[str, ...]:
         """A task's label values: (task,) or, with the route label, (task, route), the route "" when unknown."""
-        if not self.route_label:
-            return (task,)
-        return (task, "" if route is None else self._routes.admit(route))
+        values = (task, "" if route is None else self._routes.admit(route)) if self.route_label else (task,)
+        return values if self._series is None else self._series.admit(values)
 
     def exception(self, kind: type[BaseException]) -> str:
         return self._exceptions.admit(error_type(kind))

@@ -63,6 +63,9 @@ class Backend(Protocol):
     def processes(self) -> int | None:
         """How many live processes' counts collect() sums, this one included; None: this process's only."""
 
+    def series_limit(self) -> int | None:
+        """The most sets of label values it keeps apart, past which one more stands for the rest; None: no limit."""
+
 
 def choose(options: Options, activity: Activity) -> Backend:
     """In-process numbers by default, prometheus_client's files in multiprocess mode, and OpenTelemetry's
@@ -72,4 +75,4 @@ def choose(options: Options, activity: Activity) -> Backend:
     folder = multiprocess.directory()
     if folder is not None:
         return multiprocess.MultiprocessBackend(options, folder)
-    return InProcessBackend(options, options.registry, activity)
+    return InProcessBackend(options, options.registry, activity.running.copy)

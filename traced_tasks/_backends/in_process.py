@@ -2,14 +2,15 @@
 prometheus_client as a custom collector when scraped, its documented extension point.
 
 One lock per update costs a fraction of prometheus_client's own metric objects, which lock per child and value. The
-runs in progress are not counted again here: the configuration's activity record holds them, and a scrape reads it.
+runs in progress are the runs started and not finished, from the same counts; when the oldest of them started comes
+from the runs themselves, as the configuration's activity record holds them.
 """
 
 from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from opentelemetry.trace import SpanContext
@@ -19,7 +20,7 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from traced_tasks import _conventions as names
-from traced_tasks._activity import Activity
+from traced_tasks._activity import Running
 from traced_tasks._backends.families import label_names, metric_name
 from traced_tasks._options import Options
 
@@ -59,7 +60,7 @@ class _Histogram:
         return copied
 
 
-class _Snapshot(NamedTuple):
+class Snapshot(NamedTuple):
     values: tuple[str, ...]
     scheduled: float
     wait: _Histogram
@@ -67,6 +68,12 @@ class _Snapshot(NamedTuple):
     exceptions: dict[str, float]
     skipped: float
     last_success: float
+
+    @property
+    def in_progress(self) -> float:
+        """Runs started (their wait observed) and not finished (no duration yet)."""
+        finished = sum(sum(histogram.counts) for histogram in self.durations.values())
+        return sum(self.wait.counts) - finished
 
 
 class InProcessCounts:
@@ -143,9 +150,9 @@ class InProcessCounts:
         with self._lock:
             self.skipped += 1
 
-    def snapshot(self) -> _Snapshot:
+    def snapshot(self) -> Snapshot:
         # Under the backend's lock.
-        return _Snapshot(
+        return Snapshot(
             self.values,
             self.scheduled,
             self.wait.copy(),
@@ -160,12 +167,14 @@ class InProcessBackend:
     """The families of one configuration, counted in this process and collected as one custom collector.
 
     With a registry it registers there, all families at once or none; without one it only counts, for the task
-    console and the gauges of another backend.
+    console and the observations of another backend. `running()` gives the runs in progress.
     """
 
-    def __init__(self, options: Options, registry: CollectorRegistry | None, activity: Activity) -> None:
+    def __init__(
+        self, options: Options, registry: CollectorRegistry | None, running: Callable[[], Iterable[Running]]
+    ) -> None:
         self.bounds = tuple(options.buckets)
-        self._activity = activity
+        self._running = running
         self._lock = threading.Lock()
         self._options = options
         self._le = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
@@ -193,25 +202,30 @@ class InProcessBackend:
     def known_task_names(self) -> set[str]:
         return set()
 
+    def series_limit(self) -> int | None:
+        return None
+
     def processes(self) -> int | None:
         return None
 
-    def running(self) -> dict[tuple[str, ...], tuple[int, float]]:
-        """For each set of label values with runs in progress: how many, and the Unix time the oldest started."""
-        found: dict[tuple[str, ...], tuple[int, float]] = {}
-        for run in self._activity.running.copy():
-            count, oldest = found.get(run.values, (0, run.started_at))
-            found[run.values] = (count + 1, min(oldest, run.started_at))
+    def oldest_starts(self) -> dict[tuple[str, ...], float]:
+        """For each set of label values with runs in progress, the Unix time the oldest of them started."""
+        found: dict[tuple[str, ...], float] = {}
+        for run in self._running():
+            found[run.values] = min(found.get(run.values, run.started_at), run.started_at)
         return found
+
+    def snapshots(self) -> list[Snapshot]:
+        with self._lock:
+            return [counts.snapshot() for counts in self._counts.values()]
 
     def describe(self) -> list[Metric]:
         """The families without samples, so the registry can refuse names that are taken."""
         return list(self._families().values())
 
     def collect(self) -> Iterable[Metric]:
-        with self._lock:
-            snapshots = [counts.snapshot() for counts in self._counts.values()]
-        running = self.running()
+        snapshots = self.snapshots()
+        oldest_starts = self.oldest_starts()
         # Built outside the lock, so tasks finishing during a scrape wait only for the copy.
         family = self._families()
         for task in snapshots:
@@ -220,8 +234,8 @@ class InProcessBackend:
             self._add_histogram(family[names.WAIT], labels, task.wait)
             for status, histogram in task.durations.items():
                 self._add_histogram(family[names.DURATION], [*labels, status], histogram)
-            runs, oldest = running.get(task.values, (0, None))
-            family[names.IN_PROGRESS].add_metric(labels, float(runs))
+            family[names.IN_PROGRESS].add_metric(labels, task.in_progress)
+            oldest = oldest_starts.get(task.values)
             if oldest is not None:  # absent while nothing runs
                 family[names.IN_PROGRESS_SINCE].add_metric(labels, oldest)
             for label, count in task.exceptions.items():

@@ -205,6 +205,9 @@ class MultiprocessBackend:
         for family in self._families:
             self._registry.unregister(family)
 
+    def series_limit(self) -> int | None:
+        return None
+
     def processes(self) -> int | None:
         """How many worker processes write to the folder now: those with live gauges that are alive, and this one."""
         return len({pid for pid in _writers(self.folder) if _alive(pid)} | {os.getpid()})

@@ -2,15 +2,18 @@
 any reader the application set up.
 
 OpenTelemetry's Prometheus translation turns each instrument into the Prometheus family of the same meaning (see
-_conventions.Family), so one set of dashboards and rules reads both paths. The counts are also kept in this
-process, as the default backend keeps them, for the task console and for the gauge of the oldest run in progress,
-which OpenTelemetry reads through a callback.
+_conventions.Family), so one set of dashboards and rules reads both paths. The counts are kept in this process, as
+the default backend keeps them: the two histograms are measured at each run, and every other family is observed from
+those counts when the meter provider collects, which costs a run nothing.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import logging
 import threading
-from collections.abc import Iterable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from opentelemetry import trace
@@ -21,121 +24,191 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from traced_tasks import _conventions as names
-from traced_tasks._activity import Activity
-from traced_tasks._backends.in_process import InProcessBackend, InProcessCounts
+from traced_tasks._activity import Activity, Running
+from traced_tasks._backends.in_process import InProcessBackend, InProcessCounts, Snapshot
 from traced_tasks._options import Options
 from traced_tasks._version import __version__
+
+logger = logging.getLogger("traced_tasks")
 
 # The context measurements are made in, when no span of a run is to become their exemplar: without one, the SDK
 # would take the current context's span, which is the request's, not the task's.
 _NO_SPAN = trace.set_span_in_context(trace.INVALID_SPAN, Context())
 
+# The OpenTelemetry SDK's limit of attribute sets per instrument, from version 1.45: past it, measurements fold into
+# one series marked otel.metric.overflow=true, which no rule or dashboard reads.
+SDK_DEFAULT_LIMIT = 2000
+
+# Series of the run-time histogram per set of label values: success, error and cancelled.
+_STATUSES = 3
+
 
 class _Instruments:
-    """The instruments of one meter provider and namespace. OpenTelemetry hands back the instrument it made first for
-    a name, callbacks and buckets included, so each configuration on the same provider shares these."""
+    """The instruments of one meter provider and namespace, and the counts they observe. OpenTelemetry hands back the
+    instrument it made first for a name, callbacks and buckets included, so each configuration on the same provider
+    shares these, and counts on where the one before stopped."""
 
-    def __init__(self, provider: MeterProvider, prefix: str, buckets: list[float]) -> None:
+    def __init__(self, provider: MeterProvider, options: Options) -> None:
         self.provider = provider  # kept alive, so that its id() stays this entry's key
-        self.buckets = buckets
-        self.observed: OpenTelemetryBackend | None = None  # the configuration whose runs in progress are observed
-        self._series: set[tuple[tuple[str, str], ...]] = set()
+        self.buckets = list(options.buckets)
+        self.route_label = options.route_label
+        self.label_names = options.label_names
+        self.limit = attribute_set_limit(provider, options.namespace)
+        self.backends: weakref.WeakSet[OpenTelemetryBackend] = weakref.WeakSet()  # whose runs are in progress
+        self.counts = InProcessBackend(options, None, self._running)
+        self._pairs: set[tuple[tuple[str, ...], str]] = set()
         self._lock = threading.Lock()
+        self.warned = False
         meter = provider.get_meter(names.INSTRUMENTATION_NAME, __version__)
+        prefix = f"{options.namespace}." if options.namespace else ""
 
-        def family(kind: Any, family: names.Family, **extra: Any) -> Any:
+        def make(kind: Callable[..., Any], family: names.Family, **extra: Any) -> Any:
             return kind(prefix + family.instrument, unit=family.unit, description=family.help, **extra)
 
-        self.scheduled = family(meter.create_counter, names.SCHEDULED)
-        self.wait = family(meter.create_histogram, names.WAIT, explicit_bucket_boundaries_advisory=buckets)
-        self.duration = family(meter.create_histogram, names.DURATION, explicit_bucket_boundaries_advisory=buckets)
-        self.in_progress = family(meter.create_up_down_counter, names.IN_PROGRESS)
-        self.exceptions = family(meter.create_counter, names.EXCEPTIONS)
-        self.skipped = family(meter.create_counter, names.SKIPPED)
-        self.last_success = family(meter.create_gauge, names.LAST_SUCCESS)
-        family(meter.create_observable_gauge, names.IN_PROGRESS_SINCE, callbacks=[self._oldest_starts])
+        self.wait = make(meter.create_histogram, names.WAIT, explicit_bucket_boundaries_advisory=self.buckets)
+        self.duration = make(meter.create_histogram, names.DURATION, explicit_bucket_boundaries_advisory=self.buckets)
+        observed = {
+            names.SCHEDULED: (meter.create_observable_counter, self._scheduled),
+            names.SKIPPED: (meter.create_observable_counter, self._skipped),
+            names.EXCEPTIONS: (meter.create_observable_counter, self._exceptions),
+            names.IN_PROGRESS: (meter.create_observable_up_down_counter, self._in_progress),
+            names.IN_PROGRESS_SINCE: (meter.create_observable_gauge, self._oldest_starts),
+            names.LAST_SUCCESS: (meter.create_observable_gauge, self._last_successes),
+        }
+        for family, (kind, callback) in observed.items():
+            make(kind, family, callbacks=[callback])
 
-    def first(self, attributes: dict[str, str]) -> bool:
-        """Whether this set of attributes is new to these instruments, in this process."""
-        key = tuple(sorted(attributes.items()))
+    def exception(self, values: tuple[str, ...], exception: str) -> str:
+        """The exception label of a failure, past the limit of (task, exception) pairs the overflow value: for each
+        set of label values one more pair is left, for its overflow."""
+        pair = (values, exception)
+        if self.limit is None or exception == names.OVERFLOW:
+            return exception
         with self._lock:
-            if key in self._series:
-                return False
-            self._series.add(key)
-            return True
+            if pair in self._pairs:
+                return exception
+            if len(self._pairs) < self.limit - (self.limit // _STATUSES):
+                self._pairs.add(pair)
+                return exception
+        return names.OVERFLOW
+
+    def _running(self) -> Iterator[Running]:
+        for backend in list(self.backends):
+            yield from backend.activity.running.copy()
+
+    def _attributes(self, snapshot: Snapshot) -> dict[str, str]:
+        return dict(zip(self.label_names, snapshot.values, strict=True))
+
+    def _observe(self, value: Callable[[Snapshot], float]) -> list[Observation]:
+        return [Observation(value(task), self._attributes(task)) for task in self.counts.snapshots()]
+
+    def _scheduled(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe(lambda task: task.scheduled)
+
+    def _skipped(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe(lambda task: task.skipped)
+
+    def _in_progress(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe(lambda task: task.in_progress)
+
+    def _last_successes(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe(lambda task: task.last_success)
+
+    def _exceptions(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(count, {**self._attributes(task), names.LABEL_EXCEPTION: exception})
+            for task in self.counts.snapshots()
+            for exception, count in task.exceptions.items()
+        ]
 
     def _oldest_starts(self, options: CallbackOptions) -> Iterable[Observation]:
-        backend = self.observed
-        return [] if backend is None else backend.oldest_starts()
+        return [
+            Observation(oldest, dict(zip(self.label_names, values, strict=True)))
+            for values, oldest in self.counts.oldest_starts().items()
+        ]
+
+
+def attribute_set_limit(provider: MeterProvider, namespace: str) -> int | None:
+    """How many attribute sets the SDK keeps per instrument of ours: the readers' limit, or that of the views that
+    match our instruments; None where there is none (another SDK, or one before 1.45)."""
+    config = getattr(provider, "_sdk_config", None)
+    limits = [
+        limit
+        for reader in getattr(provider, "_metric_readers", ())
+        for limit in (getattr(reader, "_instrument_class_cardinality_limit", None) or {}).values()
+        if isinstance(limit, int)
+    ]
+    if not limits:
+        return None
+    default = min(limits)
+    ours = (f"{namespace}." if namespace else "") + names.DURATION.instrument
+    views = [
+        getattr(view, "_aggregation_cardinality_limit", None) or default
+        for view in getattr(config, "views", ())
+        if isinstance(getattr(view, "_instrument_name", None), str) and fnmatch.fnmatch(ours, view._instrument_name)
+    ]
+    return min(views, default=default)
 
 
 _instruments: dict[tuple[int, str], _Instruments] = {}
 _instruments_lock = threading.Lock()
 
 
-def _instruments_for(provider: MeterProvider, prefix: str, buckets: list[float]) -> _Instruments:
+def _instruments_for(provider: MeterProvider, options: Options) -> _Instruments:
     with _instruments_lock:
-        found = _instruments.get((id(provider), prefix))
+        key = (id(provider), options.namespace)
+        found = _instruments.get(key)
         if found is None:
-            found = _instruments[(id(provider), prefix)] = _Instruments(provider, prefix, buckets)
-        elif found.buckets != buckets:
+            found = _instruments[key] = _Instruments(provider, options)
+        elif found.buckets != list(options.buckets):
             raise ValueError(
                 f"buckets: this MeterProvider's histograms have the buckets {tuple(found.buckets)} since an earlier "
                 "configure(), and OpenTelemetry keeps an instrument's first buckets; pass those, or a new MeterProvider"
+            )
+        elif found.route_label != options.route_label:
+            raise ValueError(
+                f"route_label: this MeterProvider's instruments have route_label={found.route_label} since an earlier "
+                "configure(), and OpenTelemetry keeps an instrument's series; pass that, or a new MeterProvider"
             )
         return found
 
 
 class _Counts:
-    """One set of label values: the counts kept here, and the same events as measurements."""
+    """One set of label values: the counts kept here, and the run's wait and run time as measurements."""
 
-    __slots__ = ("_base", "_by_status", "_instruments", "_local")
+    __slots__ = ("_base", "_by_status", "_instruments", "_local", "_values")
 
     def __init__(self, backend: OpenTelemetryBackend, values: tuple[str, ...]) -> None:
         self._instruments = instruments = backend.instruments
-        self._local: InProcessCounts = backend.local.counts(values)
-        self._base = dict(zip(backend.labelnames, values, strict=True))
+        self._values = values
+        self._local: InProcessCounts = instruments.counts.counts(values)
+        self._base = dict(zip(instruments.label_names, values, strict=True))
         self._by_status = {
             status: {**self._base, names.LABEL_STATUS: status}
             for status in (names.STATUS_SUCCESS, names.STATUS_ERROR, names.STATUS_CANCELLED)
         }
-        if instruments.first(self._base):
-            # The series the Prometheus path makes at 0 for a task's first schedule; a histogram's cannot be made
-            # before its first measurement. Once: a later configuration must not set a last success back to 0.
-            for instrument in (instruments.scheduled, instruments.skipped, instruments.in_progress):
-                instrument.add(0, self._base, context=_NO_SPAN)
-            instruments.last_success.set(0.0, self._base, context=_NO_SPAN)
 
     def schedule(self) -> None:
         self._local.schedule()
-        self._instruments.scheduled.add(1, self._base, context=_NO_SPAN)
 
     def start(self, wait: float, started_at: float) -> None:
         self._local.start(wait, started_at)
-        instruments = self._instruments
-        instruments.wait.record(wait, self._base, context=_NO_SPAN)
-        instruments.in_progress.add(1, self._base, context=_NO_SPAN)
+        self._instruments.wait.record(wait, self._base, context=_NO_SPAN)
 
     def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None:
         self._local.succeed(seconds, started_at, exemplar)
-        instruments = self._instruments
-        instruments.in_progress.add(-1, self._base, context=_NO_SPAN)
-        instruments.duration.record(seconds, self._by_status[names.STATUS_SUCCESS], context=_exemplar(exemplar))
-        instruments.last_success.set(self._local.last_success, self._base, context=_NO_SPAN)
+        self._instruments.duration.record(seconds, self._by_status[names.STATUS_SUCCESS], context=_exemplar(exemplar))
 
     def fail(
         self, status: str, seconds: float, started_at: float, exemplar: SpanContext | None, exception: str | None
     ) -> None:
-        self._local.fail(status, seconds, started_at, exemplar, exception)
-        instruments = self._instruments
-        instruments.in_progress.add(-1, self._base, context=_NO_SPAN)
-        instruments.duration.record(seconds, self._by_status[status], context=_exemplar(exemplar))
         if exception is not None:
-            instruments.exceptions.add(1, {**self._base, names.LABEL_EXCEPTION: exception}, context=_NO_SPAN)
+            exception = self._instruments.exception(self._values, exception)
+        self._local.fail(status, seconds, started_at, exemplar, exception)
+        self._instruments.duration.record(seconds, self._by_status[status], context=_exemplar(exemplar))
 
     def skip(self) -> None:
         self._local.skip()
-        self._instruments.skipped.add(1, self._base, context=_NO_SPAN)
 
 
 def _exemplar(span_context: SpanContext | None) -> Context:
@@ -151,11 +224,10 @@ class OpenTelemetryBackend:
 
     def __init__(self, options: Options, activity: Activity) -> None:
         assert options.meter_provider is not None
-        self.local = InProcessBackend(options, None, activity)
-        self.labelnames = options.label_names
+        self.activity = activity
         self._registry = options.registry
-        prefix = f"{options.namespace}." if options.namespace else ""
-        self.instruments = _instruments_for(options.meter_provider, prefix, list(options.buckets))
+        self._max_task_names = options.max_task_names
+        self.instruments = _instruments_for(options.meter_provider, options)
 
     def counts(self, values: tuple[str, ...]) -> _Counts:
         return _Counts(self, values)
@@ -165,14 +237,26 @@ class OpenTelemetryBackend:
         return self._registry
 
     def collect(self) -> Iterable[Metric]:
-        return self.local.collect()
+        return self.instruments.counts.collect()
 
     def open(self) -> None:
-        self.instruments.observed = self
+        instruments = self.instruments
+        instruments.backends.add(self)
+        limit = self.series_limit()
+        if limit is not None and limit < self._max_task_names and not instruments.warned:
+            instruments.warned = True
+            logger.warning(
+                "traced_tasks: the MeterProvider's limit of %d attribute sets per instrument leaves room for %d tasks "
+                "(and routes), fewer than max_task_names=%d: further ones are counted as %r. A View of the "
+                "background_task.* instruments with a larger aggregation_cardinality_limit raises it",
+                instruments.limit,
+                limit,
+                self._max_task_names,
+                names.OVERFLOW,
+            )
 
     def close(self) -> None:
-        if self.instruments.observed is self:
-            self.instruments.observed = None
+        """Nothing to take out: a run of this configuration still in progress is still observed."""
 
     def known_task_names(self) -> set[str]:
         return set()
@@ -180,8 +264,8 @@ class OpenTelemetryBackend:
     def processes(self) -> int | None:
         return None
 
-    def oldest_starts(self) -> list[Observation]:
-        return [
-            Observation(oldest, dict(zip(self.labelnames, values, strict=True)))
-            for values, (_, oldest) in self.local.running().items()
-        ]
+    def series_limit(self) -> int | None:
+        """The most sets of label values whose run-time series all fit under the SDK's limit, with one more set for
+        the overflow."""
+        limit = self.instruments.limit
+        return None if limit is None else limit // _STATUSES - 1
