@@ -129,7 +129,7 @@ def longest_running(grid: tuple[int, int, int, int]) -> dict[str, Any]:
         "s",
         [
             target(
-                f"time() - min by (task) ({names.IN_PROGRESS_SINCE.name}{{{SELECTOR}}})",
+                f"time() - min by (task) ({names.IN_PROGRESS_SINCE.name}{{{SELECTOR}}} < +Inf)",
                 "{{task}}",
                 "A",
             )
@@ -142,11 +142,14 @@ def overview() -> dict[str, Any]:
     runs = names.DURATION.count
     duration = names.DURATION.bucket
     # Counters only: each task is counted once when scheduled, once when it starts (its wait is observed)
-    # and once if skipped; what is left is work dropped before it started, plus tasks still waiting.
+    # and once if skipped; what is left is work dropped before it started, plus tasks still waiting. A task that
+    # never started has no wait series through OpenTelemetry, whose histograms begin at their first measurement:
+    # `or` counts it as 0 there.
+    scheduled = f"sum by (task) ({rate(names.SCHEDULED.total, func='increase')})"
     never_started = (
-        f"sum by (task) ({rate(names.SCHEDULED.total, func='increase')})"
-        f" - sum by (task) ({rate(names.WAIT.count, func='increase')})"
-        f" - sum by (task) ({rate(names.SKIPPED.total, func='increase')})"
+        f"{scheduled}"
+        f" - (sum by (task) ({rate(names.WAIT.count, func='increase')}) or 0 * {scheduled})"
+        f" - (sum by (task) ({rate(names.SKIPPED.total, func='increase')}) or 0 * {scheduled})"
     )
     top_runs = f"topk(10, sum by (task) ({rate(runs, window='$__range', func='increase')}))"
     top = f" and on (task) {top_runs}"  # the same ten tasks in every column

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from starlette.routing import Mount, Route
 import traced_tasks
 from tests.conftest import Telemetry
 from tests.dashboards import RULES, concrete, queries, rules
-from tests.support import Server, free_port, require_tool, wait_for_http, wait_until
+from tests.support import ROOT, Server, clean_environment, free_port, require_tool, wait_for_http, wait_until
 from traced_tasks import BackgroundTasks
 from traced_tasks import _conventions as names
 
@@ -51,6 +52,10 @@ async def notify_warehouse(order: int) -> None:
     await asyncio.sleep(0.001)
 
 
+def audit(order: int) -> None:
+    pass
+
+
 def build_report(done: threading.Event) -> None:
     done.wait(300)  # runs for as long as the test does: the longest-running panel has something to show
 
@@ -67,9 +72,15 @@ def shop(done: threading.Event) -> Starlette:
         tasks.add_task(notify_warehouse, order)  # ...which then skips this one
         return PlainTextResponse("ok", background=tasks)
 
+    async def cancel_order(request: Request) -> Response:
+        tasks = BackgroundTasks()
+        tasks.add_task(audit, int(request.path_params["order"]))
+        raise RuntimeError("the endpoint fails after add_task: Starlette drops the task")
+
     return Starlette(
         routes=[
             Route("/orders/{order:int}", place_order, methods=["POST"]),
+            Route("/orders/{order:int}/cancel", cancel_order, methods=["POST"]),
             Route("/reports", build, methods=["POST"]),
             Mount("/metrics", traced_tasks.metrics_app),
         ]
@@ -133,12 +144,12 @@ def prometheus_binary() -> str:
 def test_dashboards_and_rules_against_real_prometheus(
     telemetry: Telemetry, serve: type[Server], prometheus_binary: str, tmp_path: Path, path: str
 ) -> None:
-    """With live traffic (successes, failures, skips), counted by prometheus_client or through an OpenTelemetry
-    MeterProvider read by OpenTelemetry's Prometheus exporter (scope labels and target_info included), every
-    dashboard query and rule expression succeeds, every panel query returns data that has moved (not only zeros),
-    every recording rule returns data, and every rule evaluates healthily. On the prometheus_client path,
-    Prometheus also holds exemplars whose trace IDs are spans the service exported; OpenTelemetry's Prometheus
-    exporter writes none (they travel over OTLP)."""
+    """With live traffic (successes, failures, skips, dropped tasks), counted by prometheus_client or through an
+    OpenTelemetry MeterProvider read by OpenTelemetry's Prometheus exporter (scope labels and target_info
+    included), every dashboard query and rule expression succeeds, every panel query returns data that has moved
+    (not only zeros), every recording rule returns data, and every rule evaluates healthily. On the
+    prometheus_client path, Prometheus also holds exemplars whose trace IDs are spans the service exported;
+    OpenTelemetry's Prometheus exporter writes none (they travel over OTLP)."""
     provider = None
     if path == "opentelemetry":
         registry = CollectorRegistry()
@@ -157,6 +168,8 @@ def test_dashboards_and_rules_against_real_prometheus(
             while not stop.wait(0.02):
                 order += 1
                 client.post(f"/orders/{order}")
+                if order % 5 == 0:
+                    client.post(f"/orders/{order}/cancel")
 
     driver = threading.Thread(target=traffic, daemon=True)
     driver.start()
@@ -179,7 +192,7 @@ def check_every_query(prometheus: Prometheus, target: str) -> None:
     # The three tasks selected in the task variable, rendered as Grafana renders a multi-value regex.
     tasks = "|".join(
         f"tests\\\\.test_prometheus\\\\.{name}"
-        for name in ("send_receipt", "charge", "notify_warehouse", "build_report")
+        for name in ("send_receipt", "charge", "notify_warehouse", "build_report", "audit")
     )
     variables = {
         "job": JOB,
@@ -203,6 +216,13 @@ def check_every_query(prometheus: Prometheus, target: str) -> None:
             problems.append(f"only zeros: {query.dashboard} / {query.panel}: {query.expr}")
     assert checked >= 20
     assert problems == []
+    # A task that is always dropped: never started, on both paths, though it has no wait series at all.
+    (never_started,) = [query for query in queries() if query.panel == "Scheduled, never started"]
+    dropped = {
+        sample["metric"]["task"]: float(sample["value"][1])
+        for sample in prometheus.query(concrete(never_started.expr, variables))
+    }
+    assert dropped.get("tests.test_prometheus.audit", 0) > 0, dropped
     for name, selector in (
         ("job", names.SCHEDULED.total),
         ("instance", f'{names.SCHEDULED.total}{{job=~"{JOB}"}}'),
@@ -252,3 +272,38 @@ def test_prometheus_fixture_can_fail(prometheus_binary: str, tmp_path: Path) -> 
         assert prometheus.query(names.SCHEDULED.name + "_nonexistent_total") == []
     finally:
         prometheus.stop()
+
+
+def test_panels_and_alerts_read_no_infinity_from_prometheus_clients_collector(
+    prometheus_binary: str, tmp_path: Path
+) -> None:
+    """Through prometheus_client's own multiprocess collector, which serves +Inf as the oldest start of a task no
+    process runs now, the longest-running panels show nothing for it rather than -Inf, and BackgroundTaskHung stays
+    quiet."""
+    folder = tmp_path / "multiprocess"
+    folder.mkdir()
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "tests.apps.standard_multiprocess:app", "--port", str(port)]
+    env = clean_environment(PROMETHEUS_MULTIPROC_DIR=str(folder))
+    service = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(url + "/metrics/")
+        httpx.post(url + "/orders")
+        prometheus = Prometheus(prometheus_binary, tmp_path, f"127.0.0.1:{port}")
+        try:
+            since = f'{names.IN_PROGRESS_SINCE.name}{{task="tests.apps.standard_multiprocess.send_receipt"}}'
+            wait_until(lambda: prometheus.query(since), timeout=60)
+            assert [sample["value"][1] for sample in prometheus.query(since)] == ["+Inf"]
+            variables = {"job": JOB, "instance": ".*", "task": ".*", "__rate_interval": "5s", "__range": "1m"}
+            longest = [query for query in queries() if query.panel == "Longest-running run"]
+            assert len(longest) == 2  # one on each dashboard
+            for query in longest:
+                assert prometheus.query(concrete(query.expr, variables)) == [], query.expr
+            hung = next(rule for rule in rules() if rule.get("alert") == "BackgroundTaskHung")
+            assert prometheus.query(hung["expr"]) == []
+        finally:
+            prometheus.stop()
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
