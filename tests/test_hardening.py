@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -193,6 +193,21 @@ def test_bearer_token(telemetry: Telemetry) -> None:
     served = client.get("/", headers={"authorization": "Bearer s3cret"})
     assert served.status_code == 200
     assert names.SCHEDULED.total in served.text
+
+
+@pytest.mark.parametrize("token", [b"s3cret", 1234, ["s3cret"]], ids=["bytes", "int", "list"])
+@pytest.mark.parametrize("make", [traced_tasks.make_metrics_app, traced_tasks.make_console_app])
+def test_a_token_that_is_not_text_is_refused_at_the_call(make: Callable[..., object], token: object) -> None:
+    """A bearer token that is not a str fails where the app is made, with a TypeError naming the argument, rather
+    than with a 500 on every request."""
+    with pytest.raises(TypeError, match="bearer_token must be a str"):
+        make(bearer_token=token)
+
+
+def test_a_registry_that_is_not_one_is_refused_at_the_call() -> None:
+    """make_metrics_app() refuses something that is not a prometheus_client registry, naming the argument."""
+    with pytest.raises(TypeError, match="registry must be a prometheus_client CollectorRegistry"):
+        traced_tasks.make_metrics_app("REGISTRY")  # type: ignore[arg-type]
 
 
 def test_the_token_is_read_when_serving(telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch) -> None:

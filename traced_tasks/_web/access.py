@@ -26,6 +26,10 @@ class Guard:
     """
 
     def __init__(self, bearer_token: str | None) -> None:
+        if bearer_token is not None and not isinstance(bearer_token, str):
+            raise TypeError(
+                f"bearer_token must be a str (or None to read {TOKEN.name} at each request), got {bearer_token!r}"
+            )
         if bearer_token is not None and not bearer_token.strip():
             raise ValueError("bearer_token is blank: pass the token, or None to read TRACED_TASKS_METRICS_TOKEN")
         self._token = bearer_token

@@ -31,6 +31,8 @@ def make_metrics_app(registry: CollectorRegistry | None = None, *, bearer_token:
 
         app.mount("/metrics", make_metrics_app(my_registry, bearer_token=os.environ["METRICS_TOKEN"]))
     """
+    if registry is not None and not isinstance(registry, CollectorRegistry):
+        raise TypeError(f"registry must be a prometheus_client CollectorRegistry (or None), got {registry!r}")
     guard = Guard(bearer_token)
 
     async def metrics_app(scope: Scope, receive: Receive, send: Send) -> None:
