@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
@@ -389,3 +390,39 @@ def test_a_run_abandoned_at_a_stop_ends_once(telemetry: Telemetry) -> None:
     assert telemetry.value(names.IN_PROGRESS.name, task=name) == 0
     (span,) = telemetry.task_spans()
     assert (span.attributes or {})[names.ATTR_STATUS] == names.STATUS_CANCELLED
+
+
+def test_a_sync_task_that_returns_a_coroutine_is_an_error(
+    telemetry: Telemetry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sync callable that returns a coroutine never ran anything (Starlette drops the coroutine): the run counts
+    as an error, CoroutineNeverAwaited, with an ERROR span; the batch goes on as in Starlette, nothing is raised,
+    and a warning says what to change, once per task."""
+    ran: list[str] = []
+
+    async def send() -> None:
+        ran.append("send")
+
+    def wrapper() -> Any:  # a decorator that lost the function's asyncness
+        return send()
+
+    async def main() -> None:
+        for _ in range(2):
+            tasks = BackgroundTasks()
+            tasks.add_task(wrapper)
+            tasks.add_task(ran.append, "after")
+            await tasks()
+
+    with caplog.at_level(logging.WARNING, logger="traced_tasks"):
+        asyncio.run(main())
+    assert ran == ["after", "after"]
+    name = "tests.test_spans.test_a_sync_task_that_returns_a_coroutine_is_an_error.<locals>.wrapper"
+    assert telemetry.value(names.DURATION.count, task=name, status="error") == 2
+    assert telemetry.value(names.DURATION.count, task=name, status="success") == 0
+    assert telemetry.value(names.EXCEPTIONS.total, task=name, exception="CoroutineNeverAwaited") == 2
+    spans = [span for span in telemetry.task_spans() if span.name.endswith(".wrapper")]
+    assert [span.status.status_code for span in spans] == [StatusCode.ERROR] * 2
+    assert [(span.attributes or {})[names.ATTR_ERROR_TYPE] for span in spans] == ["CoroutineNeverAwaited"] * 2
+    warnings = [record.getMessage() for record in caplog.records if "never ran" in record.getMessage()]
+    assert len(warnings) == 1
+    assert name in warnings[0]

@@ -56,17 +56,27 @@ class Configuration:
 
     def report(self, part: str, task: str) -> None:
         """Log the exception being handled, once per part and task, so a broken exporter cannot flood the logs."""
+        last = self._first(part, task)
+        if last is not None:
+            logger.exception(
+                "traced_tasks: %s failed for task %s; it runs on without it, and this failure is not logged again%s",
+                part,
+                task,
+                " (nor are further instrumentation failures of any task)" if last else "",
+            )
+
+    def warn(self, part: str, task: str, message: str) -> None:
+        """Log a warning about a task, once per part and task, within the same bound as report()."""
+        if self._first(part, task) is not None:
+            logger.warning("traced_tasks: task %s %s", task, message)
+
+    def _first(self, part: str, task: str) -> bool | None:
+        """None when (part, task) was logged already, or too much was; else whether it is the last one logged."""
         with self._lock:
             if (part, task) in self._reported or len(self._reported) > MAX_REPORTED:
-                return
+                return None
             self._reported.add((part, task))
-            last = len(self._reported) > MAX_REPORTED
-        logger.exception(
-            "traced_tasks: %s failed for task %s; it runs on without it, and this failure is not logged again%s",
-            part,
-            task,
-            " (nor are further instrumentation failures of any task)" if last else "",
-        )
+            return len(self._reported) > MAX_REPORTED
 
 
 _lock = threading.Lock()

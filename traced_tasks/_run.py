@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import inspect
 import threading
 import time
 import traceback
@@ -251,9 +252,29 @@ class Run:
         return run
 
     def call(self, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        """Run a sync task in this run, in a threadpool thread: its run starts when the thread starts it."""
-        with self:
-            return func(*args, **kwargs)
+        """Run a sync task in this run, in a threadpool thread: its run starts when the thread starts it.
+
+        A sync callable that returns a coroutine (a lambda around an async function, a decorator that lost the
+        function's asyncness) did nothing: Starlette drops the coroutine unawaited. The run counts as an error,
+        CoroutineNeverAwaited, the coroutine is closed, and a warning says so once per task; nothing is raised.
+        """
+        self.__enter__()
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        if inspect.iscoroutine(result):
+            result.close()
+            self.config.warn(
+                "coroutine",
+                self.profile.name,
+                "returned a coroutine that nothing awaits, so it never ran: make the task itself `async def`",
+            )
+            self.__exit__(CoroutineNeverAwaited, CoroutineNeverAwaited(), None)
+        else:
+            self.__exit__(None, None, None)
+        return result
 
     def cancelled_before_start(self, exc: BaseException) -> None:
         """Count a run that was cancelled while it waited for a thread, with no run time to speak of."""
@@ -270,6 +291,10 @@ class Run:
             return format(span_context.trace_id, "032x")
         except Exception:  # a tracer other than the SDK's; the run's outcome matters more than its trace ID
             return None
+
+
+class CoroutineNeverAwaited(Exception):  # the outcome's name, never raised
+    """The outcome of a sync task that returned a coroutine, which Starlette drops unawaited."""
 
 
 def in_progress() -> list[Run]:
