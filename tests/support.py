@@ -4,6 +4,7 @@ polling, and external tools."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 import socket
@@ -16,8 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import fastapi
 import httpx
 import pytest
+import starlette
 import uvicorn
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -25,6 +28,14 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from starlette.types import ASGIApp
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Starlette records the route a request matched in its scope from 1.7 on; FastAPI always did.
+STARLETTE_RECORDS_ROUTES = tuple(int(part) for part in starlette.__version__.split(".")[:2]) >= (1, 7)
+# FastAPI's own telemetry, FastAPI(telemetry=...), is there from 0.165 on.
+FASTAPI_NATIVE_TELEMETRY = "telemetry" in inspect.signature(fastapi.FastAPI).parameters
+needs_starlette_routes = pytest.mark.skipif(
+    not STARLETTE_RECORDS_ROUTES, reason="plain Starlette routes have an http.route from Starlette 1.7 on"
+)
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 

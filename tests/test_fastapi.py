@@ -2,13 +2,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from importlib.metadata import version
 from typing import Annotated, Any
 
 import fastapi
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.responses import PlainTextResponse
-from fastapi.telemetry import get_telemetry_data
 from fastapi.testclient import TestClient
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from packaging.version import Version
 from starlette.background import BackgroundTask as StarletteBackgroundTask
 
 import traced_tasks
@@ -101,6 +102,8 @@ def test_response_background_task(telemetry: Telemetry) -> None:
 @pytest.fixture
 def instrumented(telemetry: Telemetry) -> Iterator[FastAPI]:
     """A FastAPI app instrumented by opentelemetry-instrumentation-fastapi, which patches Starlette's BackgroundTask."""
+    if Version(version("opentelemetry-instrumentation-fastapi")) < Version("0.63b0"):
+        pytest.skip("opentelemetry-instrumentation-fastapi wraps background tasks from 0.63b0 on")
     app = FastAPI()
     FastAPIInstrumentor.instrument_app(app, tracer_provider=telemetry.provider)
     yield app
@@ -148,7 +151,7 @@ def test_plain_starlette_task_still_gets_the_instrumentation_span(telemetry: Tel
 def test_one_span_per_task_with_fastapi_native_telemetry(telemetry: Telemetry) -> None:
     """With FastAPI's own telemetry on, which wraps each task of its class, each task is still exactly one span."""
     if "telemetry" not in inspect.signature(FastAPI).parameters:
-        pytest.skip("this FastAPI has no native telemetry")
+        pytest.skip("this FastAPI has no native telemetry (0.165 and later)")
     app = FastAPI(telemetry={"tracer_provider": telemetry.provider})  # type: ignore[call-arg,unused-ignore]
 
     @app.get("/")
@@ -165,6 +168,8 @@ def test_one_span_per_task_with_fastapi_native_telemetry(telemetry: Telemetry) -
 
 def native_app(provider: TracerProvider, seen: list[Any]) -> FastAPI:
     app = FastAPI(telemetry={"tracer_provider": provider})  # type: ignore[call-arg,unused-ignore]
+
+    from fastapi.telemetry import get_telemetry_data
 
     def look(order_id: int) -> None:
         data = get_telemetry_data()
@@ -187,7 +192,7 @@ def test_native_telemetry_on_its_own_provider_keeps_one_recording_span_per_task(
     is exactly one recording span, in that provider, a child of the request's server span, and FastAPI's
     get_telemetry_data() works inside the task."""
     if "telemetry" not in inspect.signature(FastAPI).parameters:
-        pytest.skip("this FastAPI has no native telemetry")
+        pytest.skip("this FastAPI has no native telemetry (0.165 and later)")
     traced_tasks.configure(registry=telemetry.registry)  # no tracer_provider: the global one, here the API's no-op
     seen: list[Any] = []
     TestClient(native_app(telemetry.provider, seen)).post("/orders/7")
@@ -207,7 +212,7 @@ def test_configured_tracer_provider_wins_over_fastapis(telemetry: Telemetry) -> 
     """configure(tracer_provider=...) names where task spans go, whatever provider FastAPI's telemetry uses; they
     stay children of the request's server span."""
     if "telemetry" not in inspect.signature(FastAPI).parameters:
-        pytest.skip("this FastAPI has no native telemetry")
+        pytest.skip("this FastAPI has no native telemetry (0.165 and later)")
     fastapis = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(fastapis))
@@ -223,7 +228,7 @@ def test_native_telemetry_gives_the_route_its_server_span_reports(telemetry: Tel
     """Under FastAPI's native telemetry, with no middleware of ours, a task scheduled under an included router gets
     the http.route FastAPI's server span reports, and with the route label, its series."""
     if "telemetry" not in inspect.signature(FastAPI).parameters:
-        pytest.skip("this FastAPI has no native telemetry")
+        pytest.skip("this FastAPI has no native telemetry (0.165 and later)")
     traced_tasks.configure(registry=telemetry.registry, route_label=True)
     router = fastapi.APIRouter()
 

@@ -18,7 +18,7 @@ from starlette.routing import Mount, Route
 
 import traced_tasks
 from tests.conftest import Telemetry
-from tests.support import Server, wait_until
+from tests.support import Server, needs_starlette_routes, wait_until
 from traced_tasks import BackgroundTasks, _config
 from traced_tasks import _conventions as names
 from traced_tasks._labels import MAX_ROUTES
@@ -111,6 +111,7 @@ def test_pipelined_requests_keep_their_own_traces(telemetry: Telemetry, serve: t
     assert last[3] is None  # a root span
 
 
+@needs_starlette_routes
 def test_route_template_on_the_task_span(telemetry: Telemetry) -> None:
     """The scheduling request's route template is the task span's http.route."""
     TestClient(orders([])).post("/orders/7")
@@ -128,6 +129,7 @@ def test_no_route_under_a_mount(telemetry: Telemetry) -> None:
     assert "acme" not in task.to_json()
 
 
+@needs_starlette_routes
 def test_beside_a_server_span_the_task_stays_under_it(telemetry: Telemetry) -> None:
     """Under OpenTelemetry's ASGI middleware, TraceContextMiddleware does not replace the server span: the task is
     the server span's child, with or without a traceparent, and still gets http.route."""
@@ -187,6 +189,7 @@ def test_route_label_is_off_by_default(telemetry: Telemetry) -> None:
     assert telemetry.value(names.SCHEDULED.total, task="tests.test_middleware.remember") == 1
 
 
+@needs_starlette_routes
 def test_route_label(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> None:
     """With route_label, every family is split by the scheduling request's route template, "" when unknown, and
     past 100 routes further ones are counted under __overflow__ with one warning."""
@@ -219,6 +222,7 @@ def test_route_label(telemetry: Telemetry, caplog: pytest.LogCaptureFixture) -> 
     assert len([record for record in caplog.records if "routes seen" in record.getMessage()]) == 1
 
 
+@needs_starlette_routes
 def test_route_label_makes_no_unknown_route_series_for_routed_tasks(telemetry: Telemetry) -> None:
     """With route_label, a task only ever scheduled from known routes has no route="" series."""
     traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry, route_label=True)
@@ -228,6 +232,7 @@ def test_route_label_makes_no_unknown_route_series_for_routed_tasks(telemetry: T
     assert telemetry.value(names.SCHEDULED.total, task=task, route="") is None
 
 
+@needs_starlette_routes
 def test_every_route_reaches_its_spans_and_the_cache_per_task_stays_bounded(telemetry: Telemetry) -> None:
     """A task scheduled from more routes than MAX_ROUTES still gets each request's route on its span, while
     what traced_tasks keeps per task and route stops growing at MAX_ROUTES entries."""

@@ -38,8 +38,9 @@ def test_every_configure_option_is_documented() -> None:
     section = README.split("## Options", 1)[1].split("\n## ", 1)[0]
     assert options == option_names()
     assert [name for name in options if f"{name}=" not in section] == []
-    args = (traced_tasks.configure.__doc__ or "").split("Args:", 1)[1]
-    assert [name for name in options if f"\n        {name}: " not in args] == []
+    # Python 3.13 strips docstrings' indentation, earlier ones do not; cleandoc makes them alike.
+    args = inspect.cleandoc(traced_tasks.configure.__doc__ or "").split("Args:", 1)[1]
+    assert [name for name in options if f"\n    {name}: " not in args] == []
 
 
 def test_every_metric_is_documented() -> None:

@@ -155,8 +155,11 @@ class Run:
                 span = self.tracer.start_span(
                     profile.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=profile.attributes
                 )
-                if not span.is_recording() and span is trace.get_current_span(parent):
-                    # The API's no-op tracer hands back the parent's own span: nothing of ours to end or annotate.
+                if not span.is_recording() and (
+                    span is trace.get_current_span(parent) or not span.get_span_context().is_valid
+                ):
+                    # The API's no-op tracer hands back the parent's own span (an invalid one, in older APIs):
+                    # nothing of ours to end or annotate, and the parent context stays as it is.
                     span = None
             # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
             token = otel_context.attach(parent if span is None else trace.set_span_in_context(span, parent))
