@@ -110,7 +110,7 @@ def in_process(
 def multiprocess(folder: Path, route_label: bool = False) -> tuple[MultiprocessBackend, CollectorRegistry]:
     # prometheus_client keeps these objects' values in memory: it chose so when first imported, without the folder.
     registry = CollectorRegistry()
-    backend = MultiprocessBackend(Options(registry=registry, route_label=route_label), str(folder))
+    backend = MultiprocessBackend(Options(registry=registry, route_label=route_label), str(folder), Activity())
     backend.open()
     return backend, registry
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +23,9 @@ from starlette.testclient import TestClient
 
 import traced_tasks
 from tests.conftest import Telemetry
-from tests.support import Server, chromium, wait_until
-from traced_tasks import BackgroundTasks
+from tests.support import Server, chromium, start_workers, wait_until
+from traced_tasks import BackgroundTask, BackgroundTasks
+from traced_tasks._activity import MAX_LISTED
 
 TRACE_URL = "https://jaeger.example/trace/{trace_id}"
 SECRET = "card 4111-1111-1111-1111 of jane@example.com"
@@ -118,6 +125,72 @@ def test_data_counts_running_and_failures(telemetry: Telemetry, release: threadi
     assert "declined" not in str(data)
 
 
+def test_the_running_list_is_bounded_and_says_how_many_it_leaves_out(telemetry: Telemetry) -> None:
+    """With more runs in progress than the console lists, data.json lists the oldest MAX_LISTED, counts every run in
+    its task's row and the totals, and says how many it leaves out."""
+    app = traced_tasks.make_console_app()
+
+    async def main() -> dict[str, Any]:
+        released = asyncio.Event()
+
+        async def hold() -> None:
+            await released.wait()
+
+        runs = [asyncio.create_task(BackgroundTask(hold)()) for _ in range(MAX_LISTED + 50)]
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://console") as client:
+            data: dict[str, Any] = (await client.get("/data.json")).json()
+        released.set()
+        await asyncio.gather(*runs)
+        return data
+
+    data = asyncio.run(main())
+    assert len(data["running"]) == MAX_LISTED
+    starts = [run["started_at"] for run in data["running"]]
+    assert starts == sorted(starts)
+    assert data["running_not_listed"] == 50
+    assert data["totals"]["running"] == MAX_LISTED + 50
+    (task,) = data["tasks"]
+    assert task["running"] == MAX_LISTED + 50
+
+
+def test_the_overflow_row_is_flagged_hung_and_sorted_first(telemetry: Telemetry) -> None:
+    """Past max_task_names, a hung run of a task counted as __overflow__ flags that row hung, and it sorts above a
+    task that fails every time."""
+    traced_tasks.configure(tracer_provider=telemetry.provider, registry=telemetry.registry, max_task_names=2)
+    app = traced_tasks.make_console_app(hung_after=0.01)
+
+    async def main() -> dict[str, Any]:
+        released = asyncio.Event()
+
+        async def first() -> None:
+            pass
+
+        async def second() -> None:
+            raise PaymentDeclined()
+
+        async def third() -> None:  # past the cap: __overflow__
+            await released.wait()
+
+        await BackgroundTask(first)()
+        with contextlib.suppress(PaymentDeclined):
+            await BackgroundTask(second)()
+        hung = asyncio.create_task(BackgroundTask(third)())
+        await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://console") as client:
+            data: dict[str, Any] = (await client.get("/data.json")).json()
+        released.set()
+        await hung
+        return data
+
+    data = asyncio.run(main())
+    assert [(task["task"], task["hung"]) for task in data["tasks"]][:2] == [
+        (traced_tasks.OVERFLOW, True),
+        (f"{__name__}.test_the_overflow_row_is_flagged_hung_and_sorted_first.<locals>.main.<locals>.second", False),
+    ]
+    assert data["totals"]["hung"] == 1
+
+
 def test_console_refuses_without_the_token_and_websockets(telemetry: Telemetry, release: threading.Event) -> None:
     """The console takes the same token as /metrics, read when serving, and refuses websockets."""
     client = TestClient(shop(release, bearer_token="s3cret"))
@@ -186,3 +259,88 @@ def test_the_page_in_a_browser(
         assert errors == []
     finally:
         driver.quit()
+
+
+@pytest.mark.integration
+def test_every_worker_shows_the_runs_and_failures_of_all(tmp_path: Path) -> None:
+    """Under uvicorn --workers 2 in multiprocess mode, with a hung run in one worker and failures in both,
+    data.json from either worker shows them all: the hung run with its worker's pid and its task flagged hung, every
+    failure, and the counts of both workers."""
+    with start_workers(tmp_path) as url:
+        with httpx.Client() as client:
+            hung = client.post(url + "/long").json()["pid"]
+        charged: list[int] = []
+        for order in range(1000):  # a connection each, until both workers had a failure
+            with httpx.Client() as client:
+                charged.append(client.post(f"{url}/charges/{order}").json()["pid"])
+            if len(set(charged)) == 2:
+                break
+        assert len(set(charged)) == 2, "requests never reached the second worker"
+        assert len(charged) < 50  # all of them fit in the list of failures
+        answered: dict[int, dict[str, Any]] = {}
+
+        def both_answered_with_everything() -> bool:
+            with httpx.Client() as client:
+                data = client.get(url + "/tasks/data.json").json()
+            by_task = {task["task"]: task for task in data["tasks"]}
+            if len(data["failures"]) == len(charged) and by_task["tests.apps.workers.long_job"]["hung"]:
+                answered[data["pid"]] = data
+            return len(answered) == 2
+
+        try:
+            wait_until(both_answered_with_everything, timeout=60)
+        finally:
+            os.kill(hung, signal.SIGKILL)  # the graceful shutdown would wait for its run
+        for data in answered.values():
+            assert data["workers"] == 2
+            assert [(run["task"], run["pid"], run["hung"]) for run in data["running"]] == [
+                ("tests.apps.workers.long_job", hung, True)
+            ]
+            assert {(run["task"], run["exception"]) for run in data["failures"]} == {
+                ("tests.apps.workers.charge", "Declined")
+            }
+            by_task = {task["task"]: task for task in data["tasks"]}
+            assert by_task["tests.apps.workers.long_job"]["running"] == 1
+            assert by_task["tests.apps.workers.charge"]["failed"] == len(charged)
+            assert data["totals"]["hung"] == 1
+
+
+@pytest.mark.integration
+def test_a_scrape_never_waits_behind_the_console(
+    telemetry: Telemetry, serve: type[Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through real uvicorn, while five requests for data.json wait on a console render that does not end (tabs
+    left open through an incident), /metrics answers at once from threads of its own; and the five requests cost
+    two renders, not five."""
+    from traced_tasks._web import console
+
+    entered = threading.Event()
+    finish = threading.Event()
+    renders: list[float] = []
+    render = console.snapshot
+
+    def slow(*args: Any) -> dict[str, Any]:
+        renders.append(time.monotonic())
+        entered.set()
+        finish.wait(60)
+        return render(*args)
+
+    monkeypatch.setattr(console, "snapshot", slow)
+    app = Starlette(
+        routes=[
+            Mount("/metrics", traced_tasks.make_metrics_app(telemetry.registry)),
+            Mount("/tasks", traced_tasks.make_console_app()),
+        ]
+    )
+    server = serve(app)
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        tabs = [pool.submit(httpx.get, server.url + "/tasks/data.json", timeout=90) for _ in range(5)]
+        try:
+            assert entered.wait(30)
+            for _ in range(3):
+                assert httpx.get(server.url + "/metrics/", timeout=10).status_code == 200
+            assert not any(tab.done() for tab in tabs)
+        finally:
+            finish.set()
+        assert [tab.result().status_code for tab in tabs] == [200] * 5
+    assert len(renders) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
 import os
@@ -464,3 +465,55 @@ def test_worker_folder_is_cleaned_for_dead_pids_only(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     forget_dead_workers(str(tmp_path))
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[1:])
+
+
+RECONFIGURED_MIDWAY = """
+import asyncio, os
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+import traced_tasks
+from traced_tasks import _conventions as names
+
+def counts():
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    labels = {"task": "__main__.work"}
+    return (
+        registry.get_sample_value(names.DURATION.count, {**labels, "status": "success"}),
+        registry.get_sample_value(names.IN_PROGRESS.name, labels),
+    )
+
+async def work(released=None):
+    if released is not None:
+        await released.wait()
+
+async def main():
+    traced_tasks.configure(buckets=(60,))  # every run in the first bucket, so that each one updates the same value
+    seen = []
+    for _ in range(5):
+        await traced_tasks.BackgroundTask(work)()
+        seen.append(counts())
+    released = asyncio.Event()
+    running = asyncio.create_task(traced_tasks.BackgroundTask(work, released)())
+    await asyncio.sleep(0.01)
+    traced_tasks.configure(buckets=(60,))  # again, while a task runs
+    await traced_tasks.BackgroundTask(work)()
+    seen.append(counts())
+    released.set()
+    await running
+    seen.append(counts())
+    print(seen)
+
+asyncio.run(main())
+"""
+
+
+def test_configuring_again_while_a_task_runs_keeps_multiprocess_counts(tmp_path: Path) -> None:
+    """In multiprocess mode, configure() while a task runs, then more runs: the run-time count climbs 1 to 7 without
+    a dip (a dip reads as a counter reset), and nothing is left in progress."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    result = run_python(RECONFIGURED_MIDWAY, PROMETHEUS_MULTIPROC_DIR=str(folder))
+    assert result.returncode == 0, result.stderr
+    seen = ast.literal_eval(result.stdout.strip())
+    assert seen == [(1.0, 0.0), (2.0, 0.0), (3.0, 0.0), (4.0, 0.0), (5.0, 0.0), (6.0, 1.0), (7.0, 0.0)]

@@ -12,6 +12,7 @@ from traced_tasks import BackgroundTasks
 
 app = FastAPI()
 app.mount("/metrics", traced_tasks.metrics_app)
+app.mount("/tasks", traced_tasks.make_console_app(hung_after=1))
 
 
 def record_order(order_id: int) -> None:
@@ -31,4 +32,18 @@ async def long_job() -> None:
 @app.post("/long")
 def start_long_job(tasks: BackgroundTasks) -> dict[str, int]:
     tasks.add_task(long_job)
+    return {"pid": os.getpid()}
+
+
+class Declined(Exception):
+    pass
+
+
+def charge(order_id: int) -> None:
+    raise Declined()
+
+
+@app.post("/charges/{order_id}")
+def place_charge(order_id: int, tasks: BackgroundTasks) -> dict[str, int]:
+    tasks.add_task(charge, order_id)
     return {"pid": os.getpid()}

@@ -9,7 +9,7 @@ from opentelemetry.trace import SpanContext
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
-from traced_tasks._activity import Activity
+from traced_tasks._activity import Activity, View
 from traced_tasks._backends import multiprocess
 from traced_tasks._backends.in_process import InProcessBackend
 from traced_tasks._backends.opentelemetry import OpenTelemetryBackend
@@ -66,6 +66,10 @@ class Backend(Protocol):
     def series_limit(self) -> int | None:
         """The most sets of label values it keeps apart, past which one more stands for the rest; None: no limit."""
 
+    def activity(self, local: Activity) -> View:
+        """The runs in progress and recent failures of the processes whose counts collect() sums, `local` being
+        this process's."""
+
 
 def choose(options: Options, activity: Activity) -> Backend:
     """In-process numbers by default, prometheus_client's files in multiprocess mode, and OpenTelemetry's
@@ -74,5 +78,5 @@ def choose(options: Options, activity: Activity) -> Backend:
         return OpenTelemetryBackend(options, activity)
     folder = multiprocess.directory()
     if folder is not None:
-        return multiprocess.MultiprocessBackend(options, folder)
+        return multiprocess.MultiprocessBackend(options, folder, activity)
     return InProcessBackend(options, options.registry, activity.running.copy)

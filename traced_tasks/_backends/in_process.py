@@ -20,7 +20,7 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from traced_tasks import _conventions as names
-from traced_tasks._activity import Running
+from traced_tasks._activity import Activity, Running, View
 from traced_tasks._backends.families import label_names, metric_name
 from traced_tasks._options import Options
 
@@ -201,6 +201,9 @@ class InProcessBackend:
 
     def known_task_names(self) -> set[str]:
         return set()
+
+    def activity(self, local: Activity) -> View:
+        return local.view()
 
     def series_limit(self) -> int | None:
         return None

@@ -1,15 +1,19 @@
 """The metrics backend for prometheus_client's multiprocess mode: counts in its files, summed over every worker
-when scraped, and the folder those files live in."""
+when scraped, and the folder those files live in. Beside them, each process keeps a file of its runs in progress and
+recent failures, so that the task console shows those of every process, whichever one answers."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
+import json
 import logging
 import math
 import os
 import re
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,6 +23,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from traced_tasks import _conventions as names
+from traced_tasks._activity import Activity, View
 from traced_tasks._backends.families import label_names, metric_name
 from traced_tasks._backends.in_process import exemplar_labels
 from traced_tasks._options import MULTIPROCESS_DIR, Options
@@ -27,6 +32,9 @@ _KINDS: dict[str, Any] = {"counter": Counter, "histogram": Histogram, "gauge": G
 
 logger = logging.getLogger("traced_tasks")
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")
+_ACTIVITY_FILE = re.compile(r"traced_tasks_activity_(\d+)\.json")
+# How often a process writes its file of runs in progress and failures, when they changed.
+ACTIVITY_EVERY_SECONDS = 1.0
 # What a worker with no run of a task in progress writes for it: `livemin` then takes the other workers' oldest.
 _NOTHING_RUNS = math.inf
 
@@ -99,7 +107,7 @@ class _Counts:
         "values",
     )
 
-    def __init__(self, backend: MultiprocessBackend, values: tuple[str, ...]) -> None:
+    def __init__(self, backend: _Families, values: tuple[str, ...]) -> None:
         self.values = values
         self._backend = backend
         self._scheduled = backend.scheduled.labels(*values)
@@ -121,6 +129,7 @@ class _Counts:
         self._scheduled.inc()
 
     def start(self, wait: float, started_at: float) -> None:
+        self._backend.files.publish()
         self._wait.observe(wait)
         self._in_progress.inc()
         with self._backend.lock:
@@ -157,30 +166,55 @@ class _Counts:
             self._in_progress_since.set(min(self._starts) if self._starts else _NOTHING_RUNS)
 
 
+class _Families:
+    """The families as prometheus_client metric objects, and the counts of each set of label values: one of each per
+    process for one set of names, buckets and labels, whatever configuration counts in them. Two objects for one
+    series would each keep their own value, and overwrite each other's in the file."""
+
+    def __init__(self, options: Options, folder: str) -> None:
+        self.lock = threading.Lock()
+        self.files = _files(folder)
+        self.made = {family: _metric(options, family) for family in names.FAMILIES}
+        self.scheduled = self.made[names.SCHEDULED]
+        self.wait = self.made[names.WAIT]
+        self.duration = self.made[names.DURATION]
+        self.in_progress = self.made[names.IN_PROGRESS]
+        self.in_progress_since = self.made[names.IN_PROGRESS_SINCE]
+        self.exceptions = self.made[names.EXCEPTIONS]
+        self.skipped = self.made[names.SKIPPED]
+        self.last_success = self.made[names.LAST_SUCCESS]
+        self.counts: dict[tuple[str, ...], _Counts] = {}
+
+
+_families: dict[tuple[object, ...], _Families] = {}
+_families_lock = threading.Lock()
+
+
+def _families_for(options: Options, folder: str) -> _Families:
+    key = (folder, options.prefix, options.label_names, tuple(options.buckets))
+    with _families_lock:
+        found = _families.get(key)
+        if found is None:
+            found = _families[key] = _Families(options, folder)
+        return found
+
+
 class MultiprocessBackend:
     """The families as prometheus_client metric objects, whose values live in the multiprocess folder."""
 
-    def __init__(self, options: Options, folder: str) -> None:
+    def __init__(self, options: Options, folder: str, activity: Activity) -> None:
         self.folder = folder
-        self.lock = threading.Lock()
         self._options = options
         self._registry = options.registry
-        # Made unregistered, then registered together by open(), so a clash leaves the registry as it was.
-        made = {family: _metric(options, family) for family in names.FAMILIES}
-        self.scheduled = made[names.SCHEDULED]
-        self.wait = made[names.WAIT]
-        self.duration = made[names.DURATION]
-        self.in_progress = made[names.IN_PROGRESS]
-        self.in_progress_since = made[names.IN_PROGRESS_SINCE]
-        self.exceptions = made[names.EXCEPTIONS]
-        self.skipped = made[names.SKIPPED]
-        self.last_success = made[names.LAST_SUCCESS]
-        self._families = tuple(made.values())
+        self._shared = _families_for(options, folder)
+        self._files = self._shared.files
+        self._files.watch(activity)
 
     def open(self) -> None:
+        # Registered together, so a clash leaves the registry as it was.
         registered = []
         try:
-            for family in self._families:
+            for family in self._shared.made.values():
                 self._registry.register(family)
                 registered.append(family)
         except ValueError:
@@ -189,7 +223,12 @@ class MultiprocessBackend:
             raise
 
     def counts(self, values: tuple[str, ...]) -> _Counts:
-        return _Counts(self, values)
+        shared = self._shared
+        with shared.lock:
+            found = shared.counts.get(values)
+            if found is None:
+                found = shared.counts[values] = _Counts(shared, values)
+            return found
 
     def registry(self) -> CollectorRegistry:
         """A fresh registry that sums every worker's files when collected, as multiprocess mode requires."""
@@ -202,15 +241,21 @@ class MultiprocessBackend:
         return [metric for metric in self.registry().collect() if metric.name in ours]
 
     def close(self) -> None:
-        for family in self._families:
+        for family in self._shared.made.values():
             self._registry.unregister(family)
 
     def series_limit(self) -> int | None:
         return None
 
+    def activity(self, local: Activity) -> View:
+        """The runs in progress and recent failures of every live process, this one's as they are now."""
+        return self._files.read(local)
+
     def processes(self) -> int | None:
-        """How many worker processes write to the folder now: those with live gauges that are alive, and this one."""
-        return len({pid for pid in _writers(self.folder) if _alive(pid)} | {os.getpid()})
+        """How many processes count in the folder now: those with runs, or that ran tasks, alive, and this one."""
+        return len(
+            {pid for pid in _writers(self.folder) | _activity_writers(self.folder) if _alive(pid)} | {os.getpid()}
+        )
 
     def known_task_names(self) -> set[str]:
         """The task label values already in the folder, from workers alive or gone: they count toward the cap."""
@@ -284,3 +329,94 @@ class _LiveWorkers:
                 # 0 until the first set() of a worker that just made the series.
                 metric.samples = [sample for sample in metric.samples if 0 < sample.value < _NOTHING_RUNS]
         return metrics
+
+
+def _activity_writers(folder: str) -> set[int]:
+    return {int(match.group(1)) for match in map(_ACTIVITY_FILE.fullmatch, os.listdir(folder)) if match}
+
+
+class _ActivityFiles:
+    """This process's file of runs in progress and recent failures in the folder, written by a thread of its own at
+    most every ACTIVITY_EVERY_SECONDS, when it changed; and the files of the other processes, read by the console."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._activities: weakref.WeakSet[Activity] = weakref.WeakSet()
+        self._pid: int | None = None  # the process whose thread writes, None until one does
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._unreadable: set[str] = set()
+        os.register_at_fork(after_in_child=self._forked)
+
+    def watch(self, activity: Activity) -> None:
+        self._activities.add(activity)
+
+    def publish(self) -> None:
+        """Start this process's writer, once: the first run of a process calls it, fork or not."""
+        if self._pid is not None:
+            return
+        with self._lock:
+            if self._pid is not None:
+                return
+            self._pid = os.getpid()
+            threading.Thread(target=self._write_while_running, name="traced_tasks-activity", daemon=True).start()
+            atexit.register(self._remove)
+
+    def read(self, local: Activity) -> View:
+        views = [local.view()]
+        mine = os.getpid()
+        for pid in _activity_writers(self.folder) - {mine}:
+            path = self._path(pid)
+            if not _alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                continue
+            try:
+                with open(path, encoding="utf-8") as file:
+                    views.append(View.from_json(json.load(file)))
+            except FileNotFoundError:
+                continue
+            except Exception:
+                if path not in self._unreadable and len(self._unreadable) < 1000:
+                    self._unreadable.add(path)
+                    logger.warning("traced_tasks: cannot read %s; the console leaves it out", path, exc_info=True)
+        return View.merge(views)
+
+    def _path(self, pid: int) -> str:
+        return os.path.join(self.folder, f"traced_tasks_activity_{pid}.json")
+
+    def _write_while_running(self) -> None:
+        written = b""
+        while not self._stop.wait(ACTIVITY_EVERY_SECONDS):
+            try:
+                body = json.dumps(View.merge(a.view() for a in list(self._activities)).to_json()).encode()
+                if body != written:
+                    path = self._path(os.getpid())
+                    with open(path + ".tmp", "wb") as file:
+                        file.write(body)
+                    os.replace(path + ".tmp", path)  # whole or not at all, for a reader in another process
+                    written = body
+            except Exception:
+                logger.exception("traced_tasks: cannot write the runs of this process for the console")
+                return
+
+    def _remove(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            os.remove(self._path(os.getpid()))
+
+    def _forked(self) -> None:
+        # The writer thread of the parent does not exist here: the child's first run starts its own.
+        self._pid = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+
+_all_files: dict[str, _ActivityFiles] = {}
+
+
+def _files(folder: str) -> _ActivityFiles:
+    found = _all_files.get(folder)
+    if found is None:
+        found = _all_files[folder] = _ActivityFiles(folder)
+    return found

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from traced_tasks import _conventions as names
-from traced_tasks._activity import Activity, Running
+from traced_tasks._activity import Activity, Running, View
 from traced_tasks._backends.in_process import InProcessBackend, InProcessCounts, Snapshot
 from traced_tasks._options import Options
 from traced_tasks._version import __version__
@@ -94,7 +94,7 @@ class _Instruments:
 
     def _running(self) -> Iterator[Running]:
         for backend in list(self.backends):
-            yield from backend.activity.running.copy()
+            yield from backend.local.running.copy()
 
     def _attributes(self, snapshot: Snapshot) -> dict[str, str]:
         return dict(zip(self.label_names, snapshot.values, strict=True))
@@ -224,7 +224,7 @@ class OpenTelemetryBackend:
 
     def __init__(self, options: Options, activity: Activity) -> None:
         assert options.meter_provider is not None
-        self.activity = activity
+        self.local = activity
         self._registry = options.registry
         self._max_task_names = options.max_task_names
         self.instruments = _instruments_for(options.meter_provider, options)
@@ -263,6 +263,9 @@ class OpenTelemetryBackend:
 
     def processes(self) -> int | None:
         return None
+
+    def activity(self, local: Activity) -> View:
+        return local.view()
 
     def series_limit(self) -> int | None:
         """The most sets of label values whose run-time series all fit under the SDK's limit, with one more set for

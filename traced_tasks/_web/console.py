@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -28,7 +29,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from traced_tasks import _config
 from traced_tasks import _conventions as names
 from traced_tasks._web.access import Guard
-from traced_tasks._web.metrics import RENDERING
+
+# The console renders in a thread of its own, one request at a time: never in the threads /metrics renders in, so that
+# a scrape never waits behind it.
+CONSOLE = anyio.CapacityLimiter(1)
 
 # A run in progress for longer than this is hung, as the BackgroundTaskHung alert has it.
 HUNG_AFTER_SECONDS = 15 * 60
@@ -98,7 +102,8 @@ def make_console_app(
         if path in ("", "/", "/index.html"):
             response = Response(PAGE, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
         elif path == "/data.json":
-            body = await anyio.to_thread.run_sync(data_json, trace_url, hung_after, limiter=RENDERING)
+            arrived = time.monotonic()
+            body = await anyio.to_thread.run_sync(data_json, trace_url, hung_after, arrived, limiter=CONSOLE)
             response = Response(body, media_type="application/json", headers=JSON_HEADERS)
         else:
             response = Response("not found\n", 404, media_type="text/plain")
@@ -116,28 +121,55 @@ def _route_path(scope: Scope) -> str:
     return path
 
 
-def data_json(trace_url: str | None, hung_after: float = HUNG_AFTER_SECONDS) -> bytes:
-    return json.dumps(snapshot(trace_url, hung_after), separators=(",", ":"), allow_nan=False).encode()
+def data_json(trace_url: str | None, hung_after: float = HUNG_AFTER_SECONDS, arrived: float | None = None) -> bytes:
+    """data.json for a request that arrived at `arrived` (time.monotonic(); now by default). One render at a time: a
+    request takes the last render when that began after the request arrived, so that many open tabs or a slow render
+    cost one render more, not one each."""
+    arrived = time.monotonic() if arrived is None else arrived
+    key = (_config.current(), trace_url, hung_after)
+    with _rendering:
+        if _rendered.key == key and _rendered.began >= arrived:
+            return _rendered.body
+        began = time.monotonic()
+        body = json.dumps(snapshot(trace_url, hung_after), separators=(",", ":"), allow_nan=False).encode()
+        _rendered.key, _rendered.began, _rendered.body = key, began, body
+        return body
+
+
+class _Rendered:
+    key: tuple[object, str | None, float] | None = None
+    began = 0.0
+    body = b""
+
+
+_rendering = threading.Lock()
+_rendered = _Rendered()
 
 
 def snapshot(trace_url: str | None = None, hung_after: float = HUNG_AFTER_SECONDS) -> dict[str, Any]:
-    """Everything the page shows, in seconds and Unix times; never a task's arguments or an exception's message."""
+    """Everything the page shows, in seconds and Unix times; never a task's arguments or an exception's message.
+    Counts, runs in progress and failures are those of every process the backend sums (every worker in multiprocess
+    mode), the runs in progress listed up to MAX_LISTED, the oldest first."""
     config = _config.current()
     now = time.time()
-    prefix = config.options.prefix
-    tasks = _tasks(config.backend.collect(), prefix, config.options.buckets)
+    activity = config.backend.activity(config.activity)
+    tasks = _tasks(config.backend.collect(), config.options.prefix, config.options.buckets)
+    for task in tasks:
+        _, oldest = activity.by_label.get(task["task"], (0, None))
+        task["oldest_running_seconds"] = None if oldest is None else max(0.0, now - oldest)
+        task["hung"] = oldest is not None and now - oldest > hung_after
     running = [
         {
             "task": run.task,
+            "label": run.label,
             "route": run.route,
             "started_at": run.started_at,
             "seconds": max(0.0, now - run.started_at),
             "hung": now - run.started_at > hung_after,
+            "pid": run.pid,
         }
-        for run in config.activity.running_now()
+        for run in activity.listed
     ]
-    for task in tasks:
-        task["hung"] = any(run["hung"] and run["task"] == task["task"] for run in running)
     failures = [
         {
             "finished_at": run.finished_at,
@@ -149,18 +181,18 @@ def snapshot(trace_url: str | None = None, hung_after: float = HUNG_AFTER_SECOND
             "trace_id": run.trace_id,
             "trace_url": trace_url.replace(_TRACE_ID, run.trace_id) if trace_url and run.trace_id else None,
         }
-        for run in config.activity.recent_failures()
+        for run in activity.failures
     ]
-    backend = config.backend
     return {
         "service": _service_name(),
         "pid": os.getpid(),
         "now": now,
-        "workers": backend.processes(),
+        "workers": config.backend.processes(),
         "hung_after_seconds": hung_after,
-        "totals": _totals(tasks, running),
+        "totals": _totals(tasks),
         "tasks": sorted(tasks, key=_trouble),
         "running": running,
+        "running_not_listed": max(0, activity.running - len(running)),
         "failures": failures,
     }
 
@@ -265,9 +297,10 @@ def _quantile(q: float, per_bucket: list[float], bounds: list[float]) -> float |
     return bounds[-1]
 
 
-def _totals(tasks: list[dict[str, Any]], running: list[dict[str, Any]]) -> dict[str, Any]:
+def _totals(tasks: list[dict[str, Any]]) -> dict[str, Any]:
     finished = sum(task["finished"] for task in tasks)
     failed = sum(task["failed"] for task in tasks)
+    oldest = [task["oldest_running_seconds"] for task in tasks if task["oldest_running_seconds"] is not None]
     return {
         "finished": finished,
         "failed": failed,
@@ -275,8 +308,8 @@ def _totals(tasks: list[dict[str, Any]], running: list[dict[str, Any]]) -> dict[
         "skipped": sum(task["skipped"] for task in tasks),
         "running": sum(task["running"] for task in tasks),
         "not_started": sum(task["not_started"] for task in tasks),
-        "oldest_running_seconds": max((run["seconds"] for run in running), default=None),
-        "hung": sum(1 for run in running if run["hung"]),
+        "oldest_running_seconds": max(oldest, default=None),
+        "hung": sum(1 for task in tasks if task["hung"]),  # tasks with a run in progress past hung_after
     }
 
 

@@ -15,8 +15,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from traced_tasks import _config
 from traced_tasks._web.access import Guard
 
-# Threads of their own for rendering /metrics and the task console: the application's threadpool limiter (40
-# tokens) is shared by sync endpoints and sync tasks, and when they fill it during an incident, both must answer.
+# Threads of their own for rendering /metrics: the application's threadpool limiter (40 tokens) is shared by sync
+# endpoints and sync tasks, and when they fill it during an incident, /metrics must answer.
 RENDERING = anyio.CapacityLimiter(4)
 
 
