@@ -7,7 +7,7 @@ app.mount("/tasks", traced_tasks.console_app)  # a page for people
 
 from traced_tasks import _fastapi, package, testing
 from traced_tasks._backends import multiprocess as _multiprocess
-from traced_tasks._config import configure
+from traced_tasks._config import configure, declare
 from traced_tasks._conventions import OVERFLOW
 from traced_tasks._instrumentor import BackgroundTasksInstrumentor
 from traced_tasks._middleware import TraceContextMiddleware
@@ -28,6 +28,7 @@ __all__ = [
     "__version__",
     "configure",
     "console_app",
+    "declare",
     "make_console_app",
     "make_metrics_app",
     "metrics_app",

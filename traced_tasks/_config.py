@@ -6,8 +6,9 @@ import dataclasses
 import inspect
 import logging
 import threading
+import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec
 
 from opentelemetry import metrics, trace
@@ -46,6 +47,15 @@ class Configuration:
         self._tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
         self._lock = threading.Lock()
         _configurations.add(self)
+        self.declare(task for task in (reference() for reference in _declared) if task is not None)
+
+    def declare(self, tasks: Iterable[Callable[..., Any]]) -> None:
+        """Make the series of `tasks` exist now, at 0, as a first schedule would."""
+        for task in tasks:
+            try:
+                self.profiles.get(task, None)
+            except Exception:
+                self.report("declaring", str(task))
 
     def tracer_for(self, provider: trace.TracerProvider) -> trace.Tracer:
         """traced_tasks' tracer from another provider: the one FastAPI's native telemetry traces a request with."""
@@ -97,6 +107,39 @@ def _takes(options: Callable[P, object]) -> Callable[[Callable[..., None]], Call
         return function
 
     return decorate
+
+
+def declare(*tasks: Callable[..., Any]) -> None:
+    """Make each task's series exist now, at 0, in the configuration in force and in every later one.
+
+    A task's series otherwise appear with its first schedule, a moment before its first run: its first failure or
+    skip in a process then makes a series whose first scrape already reads 1, and increase() and the alerts built
+    on it do not see it. Declared at startup, the series are scraped at 0 first, so every event counts:
+
+        traced_tasks.declare(send_receipt, notify_partner, render_report)
+
+    Declared tasks count toward max_task_names. With route_label=True the declared series have route="", since no
+    request scheduled them yet. Celery and taskiq workers declare every task registered with them.
+    """
+    for task in tasks:
+        if not callable(task):
+            raise TypeError(f"declare() takes the tasks' callables, got {task!r}")
+    _declared[:] = [reference for reference in _declared if reference() is not None]
+    _declared.extend(_weak(task) for task in tasks)
+    current().declare(tasks)
+
+
+# What declare() named, weakly: a task that goes away (a function of a test, say) is declared no more.
+_declared: list[Callable[[], Callable[..., Any] | None]] = []
+
+
+def _weak(task: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]:
+    if isinstance(task, types.MethodType):
+        return weakref.WeakMethod(task)
+    try:
+        return weakref.ref(task)
+    except TypeError:  # an object that takes no weak reference: kept
+        return lambda: task
 
 
 @_takes(Options)
