@@ -142,6 +142,58 @@ def start_workers(tmp_path: Path, app: str = "tests.apps.workers:app") -> Iterat
         log.close()
 
 
+class Process:
+    """A program started in a process of its own, from the project's folder, with a clean environment plus `env`;
+    its output goes to `log`. stop() ends it with SIGTERM, then SIGKILL after `grace` seconds."""
+
+    def __init__(self, command: list[str], log: Path, **env: str) -> None:
+        self.log = log
+        self._output = log.open("wb")
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=clean_environment(**env), stdout=self._output, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, grace: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self._output.close()
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def redis_server(folder: Path) -> Iterator[str]:
+    """Debian's redis-server on a free loopback port, keeping nothing on disk; yields its URL."""
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [require_tool("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", "--dir", str(folder)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 class Collector:
     """A minimal OTLP/HTTP receiver on a loopback port, as an OpenTelemetry collector or Jaeger would be: it decodes
     each export request, traces and metrics, with the OTLP protobuf schema. With `hang`, it never answers."""
@@ -191,6 +243,20 @@ class Collector:
             for span in scope_spans.spans
         ]
 
+    def spans_of(self, service: str) -> list[Span]:
+        """The spans exported by the processes whose resource's service.name is `service`."""
+        return [
+            span
+            for request in self.traces
+            for resource_spans in request.resource_spans
+            if any(
+                attribute.key == "service.name" and attribute.value.string_value == service
+                for attribute in resource_spans.resource.attributes
+            )
+            for scope_spans in resource_spans.scope_spans
+            for span in scope_spans.spans
+        ]
+
     def services(self) -> set[str]:
         return {
             attribute.value.string_value
@@ -208,6 +274,27 @@ class Collector:
             self.hang.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def samples(url: str, **headers: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples a /metrics endpoint serves now: (name, sorted labels) to value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, headers=headers, timeout=30).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def attributes(span: Span) -> dict[str, Any]:
+    """An OTLP span's attributes as a dict of plain values."""
+    found: dict[str, Any] = {}
+    for attribute in span.attributes:
+        value = attribute.value
+        found[attribute.key] = getattr(value, value.WhichOneof("value") or "string_value")
+    return found
 
 
 def chromium(user_data: Path, width: int = 1400, height: int = 1000) -> Any:

@@ -35,6 +35,7 @@ def describe(func: Callable[..., Any]) -> Description:
         module = _text(owner.__objclass__, "__module__")  # a method of a builtin type: `str.upper`
     elif module is None and hasattr(owner, "__self__"):
         module = type(owner.__self__).__module__  # a bound one: `some_list.append`
+    qualname = _written(qualname)
     name = utf8(f"{module}.{qualname}" if module else qualname)
     code = getattr(target, "__code__", None)
     file = getattr(code, "co_filename", None)
@@ -55,16 +56,30 @@ def utf8(text: str) -> str:
 
 
 def code_of(func: Callable[..., Any]) -> tuple[types.CodeType, str, str] | None:
-    """What every call of `func` runs, for plain functions and their bound methods and partials: the code object,
-    the module and the qualified name. None for other callables."""
+    """What every call of `func` runs, for plain functions and their bound methods and partials, and for the task
+    objects of Celery and taskiq, which wrap a function (`__wrapped__`): the code object, the module and the
+    qualified name. None for other callables."""
     target: Any = func
     while type(target) is functools.partial:
         target = target.func
+    if type(target) is not types.FunctionType and type(target) is not types.MethodType:
+        wrapped = getattr(target, "__wrapped__", None)
+        if type(wrapped) is types.FunctionType or type(wrapped) is types.MethodType:
+            target = wrapped
     if type(target) is types.MethodType:
         target = target.__func__
     if type(target) is not types.FunctionType:
         return None
-    return target.__code__, target.__module__, target.__qualname__
+    return target.__code__, target.__module__, _written(target.__qualname__)
+
+
+# taskiq's @broker.task renames the function it wraps `<name>__taskiq_original`; the task keeps the name it was
+# written with, as in process, so that its series go on unchanged when it moves to a taskiq worker.
+_RENAMED = "__taskiq_original"
+
+
+def _written(qualname: str) -> str:
+    return qualname.removesuffix(_RENAMED)
 
 
 def _unwrap(func: Callable[..., Any]) -> Any:

@@ -6,7 +6,6 @@ import dataclasses
 import inspect
 import logging
 import threading
-import types
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec
@@ -47,7 +46,6 @@ class Configuration:
         self._tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
         self._lock = threading.Lock()
         _configurations.add(self)
-        self.declare(task for task in (reference() for reference in _declared) if task is not None)
 
     def declare(self, tasks: Iterable[Callable[..., Any]]) -> None:
         """Make the series of `tasks` exist now, at 0, as a first schedule would."""
@@ -110,7 +108,8 @@ def _takes(options: Callable[P, object]) -> Callable[[Callable[..., None]], Call
 
 
 def declare(*tasks: Callable[..., Any]) -> None:
-    """Make each task's series exist now, at 0, in the configuration in force and in every later one.
+    """Make each task's series exist now, at 0, in the configuration in force: call it at startup, after
+    configure(), whose new configuration starts without them.
 
     A task's series otherwise appear with its first schedule, a moment before its first run: its first failure or
     skip in a process then makes a series whose first scrape already reads 1, and increase() and the alerts built
@@ -119,27 +118,12 @@ def declare(*tasks: Callable[..., Any]) -> None:
         traced_tasks.declare(send_receipt, notify_partner, render_report)
 
     Declared tasks count toward max_task_names. With route_label=True the declared series have route="", since no
-    request scheduled them yet. Celery and taskiq workers declare every task registered with them.
+    request scheduled them yet. The Celery and taskiq integrations declare every task registered with them.
     """
     for task in tasks:
         if not callable(task):
             raise TypeError(f"declare() takes the tasks' callables, got {task!r}")
-    _declared[:] = [reference for reference in _declared if reference() is not None]
-    _declared.extend(_weak(task) for task in tasks)
     current().declare(tasks)
-
-
-# What declare() named, weakly: a task that goes away (a function of a test, say) is declared no more.
-_declared: list[Callable[[], Callable[..., Any] | None]] = []
-
-
-def _weak(task: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]:
-    if isinstance(task, types.MethodType):
-        return weakref.WeakMethod(task)
-    try:
-        return weakref.ref(task)
-    except TypeError:  # an object that takes no weak reference: kept
-        return lambda: task
 
 
 @_takes(Options)

@@ -129,6 +129,12 @@ EXEMPLAR_TRACE_ID = "trace_id"
 EXEMPLAR_SPAN_ID = "span_id"
 
 SPAN_NAME_PREFIX = "BackgroundTask "
+# The span of a hand-off to Celery or taskiq that failed (the broker is down), in the process that scheduled it.
+PUBLISH_SPAN_PREFIX = "publish "
+
+# What travels with a task handed to Celery (message headers) or taskiq (labels), beside the trace context.
+CARRIED_SCHEDULED_AT = "traced_tasks_scheduled_at"  # Unix time: when scheduled, or the start it was given
+CARRIED_ROUTE = "traced_tasks_route"  # the route template of the request that scheduled it
 
 ATTR_FUNCTION = "code.function.name"
 ATTR_FILE = "code.file.path"

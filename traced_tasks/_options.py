@@ -137,10 +137,16 @@ ADDR = Switch(
     "The address the metrics port listens on: `0.0.0.0` (or `::`) in a container that Prometheus scrapes from outside.",
     "127.0.0.1",
 )
+HUNG_AFTER = Switch(
+    "TRACED_TASKS_HUNG_AFTER",
+    "Seconds after which the task console marks a run in progress hung, where make_console_app() is not given "
+    "hung_after: the console on the metrics port, for one. Read at each request. Unset: 900, as the "
+    "BackgroundTaskHung alert.",
+)
 MULTIPROCESS_DIR = Switch(
     "PROMETHEUS_MULTIPROC_DIR",
     "prometheus_client's multiprocess mode: every process counts in files in this folder, and `/metrics` sums them. "
     "Set it, to an empty folder, before the server or worker starts.",
 )
 
-SWITCHES = (METRICS, TOKEN, PORT, ADDR, MULTIPROCESS_DIR)
+SWITCHES = (METRICS, TOKEN, PORT, ADDR, HUNG_AFTER, MULTIPROCESS_DIR)

@@ -14,14 +14,14 @@ import inspect
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
 import anyio
 import anyio.to_thread
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
@@ -41,6 +41,14 @@ _ABANDONED = asyncio.CancelledError("the server stopped while the task ran")
 
 def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
     """Capture what a task needs at its run and count it as scheduled; never raises. None: the setup failed."""
+    scheduled = capture(config, func)
+    if scheduled is not None:
+        count_scheduled(config, scheduled.profile)
+    return scheduled
+
+
+def capture(config: Configuration, func: Callable[..., Any]) -> Run | None:
+    """A Run of `func` in the context and route of now, counting nothing yet; never raises. None: the setup failed."""
     try:
         context = otel_context.get_current()
         scope = _request.serving_scope()
@@ -48,15 +56,29 @@ def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
         tracer = config.tracer
         if _request.NATIVE_KEY in context:
             context, route, tracer = _under_fastapis_telemetry(config, context, route)
-        scheduled = Run(config, config.profiles.get(func, route), context, tracer)
+        return Run(config, config.profiles.get(func, route), context, tracer)
     except Exception:
         config.report("task setup", _name(func))
         return None
+
+
+def count_scheduled(config: Configuration, profile: Profile) -> None:
     try:
-        scheduled.profile.counts.schedule()
+        profile.counts.schedule()
     except Exception:
-        config.report("metrics", scheduled.profile.name)
-    return scheduled
+        config.report("metrics", profile.name)
+
+
+def published(config: Configuration, func: Callable[..., Any], carried: Mapping[str, Any]) -> None:
+    """Count a message an engine published as scheduled, under the route it carries: for a publish traced_tasks did
+    not make (task.delay(), a retry), once the engine published it."""
+    try:
+        route = carried.get(names.CARRIED_ROUTE)
+        profile = config.profiles.get(func, route if isinstance(route, str) else None)
+    except Exception:
+        config.report("task setup", _name(func))
+        return
+    count_scheduled(config, profile)
 
 
 def _under_fastapis_telemetry(
@@ -95,6 +117,8 @@ class Run:
         "_token",
         "config",
         "context",
+        "engine",
+        "kind",
         "profile",
         "scheduled_ns",
         "started_at",
@@ -107,6 +131,8 @@ class Run:
         self.context = context
         self.tracer = tracer
         self.scheduled_ns = time.perf_counter_ns()
+        self.kind = SpanKind.INTERNAL  # CONSUMER for a run an engine delivered
+        self.engine: Any = None  # the engine a run is handed to, for a task of an engine's
         self._claimed = False
         self._ended = False
         self._started_ns = 0  # 0 until the run starts
@@ -141,19 +167,22 @@ class Run:
         return self._started_ns != 0
 
     def __enter__(self) -> None:
+        self._start(time.perf_counter_ns(), self.profile.span_name, self.kind)
+
+    def _start(self, started_ns: int, span_name: str, kind: SpanKind, start_time: int | None = None) -> None:
         config = self.config
         profile = self.profile
-        self._started_ns = started_ns = time.perf_counter_ns()
-        self.started_at = time.time()
+        self._started_ns = started_ns
+        self.started_at = time.time() - (time.perf_counter_ns() - started_ns) / 1e9 if start_time else time.time()
         parent = self.context
         span: Span | None = None
         token: object = None
         try:
             if config.options.use_span_links:
-                span = _start_linked_span(self.tracer, profile, parent)
+                span = _start_linked_span(self.tracer, span_name, kind, profile.attributes, parent, start_time)
             else:
                 span = self.tracer.start_span(
-                    profile.span_name, context=parent, kind=SpanKind.INTERNAL, attributes=profile.attributes
+                    span_name, context=parent, kind=kind, attributes=profile.attributes, start_time=start_time
                 )
                 if not span.is_recording() and (
                     span is trace.get_current_span(parent) or not span.get_span_context().is_valid
@@ -254,6 +283,29 @@ class Run:
         run._claimed = True
         return run
 
+    def carried(self, starts_at: float | None = None) -> dict[str, str]:
+        """What travels with the message when an engine runs this task: the trace context it was scheduled in,
+        through the configured propagator (traceparent, tracestate, baggage), the Unix time it was scheduled, or
+        `starts_at`, the start it was given (an ETA: a delay on purpose is no wait), and its route."""
+        carrier: dict[str, str] = {}
+        try:
+            propagate.inject(carrier, context=self.context)
+            scheduled_at = time.time() - (time.perf_counter_ns() - self.scheduled_ns) / 1e9
+            carrier[names.CARRIED_SCHEDULED_AT] = repr(max(scheduled_at, starts_at or 0.0))
+            if self.profile.route is not None:
+                carrier[names.CARRIED_ROUTE] = self.profile.route
+        except Exception:
+            self.config.report("tracing", self.profile.name)
+        return carrier
+
+    def hand_off_failed(self, exc: BaseException, began_ns: int) -> None:
+        """Count a hand-off to an engine that failed (its broker is down, say) as this run, begun at `began_ns`,
+        failing with the engine's exception: no run of it will start anywhere. Its span is a PRODUCER span of the
+        publish, not one of the task."""
+        start_time = time.time_ns() - (time.perf_counter_ns() - began_ns)
+        self._start(began_ns, names.PUBLISH_SPAN_PREFIX + self.profile.name, SpanKind.PRODUCER, start_time)
+        self.__exit__(type(exc), exc, exc.__traceback__)
+
     def call(self, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         """Run a sync task in this run, in a threadpool thread: its run starts when the thread starts it.
 
@@ -300,18 +352,42 @@ class CoroutineNeverAwaited(Exception):  # the outcome's name, never raised
     """The outcome of a sync task that returned a coroutine, which Starlette drops unawaited."""
 
 
+def received(
+    config: Configuration, func: Callable[..., Any], carried: Mapping[str, Any], scheduled_at: float | None = None
+) -> Run:
+    """The Run of a message an engine delivered, to start now in this process: under the context, route and time of
+    scheduling carried with it (`carried()`). A message that carries no time of scheduling (published by a process
+    without traced_tasks) waited `scheduled_at` (a Unix time), or no time at all."""
+    context = propagate.extract(carried, context=Context())
+    route = carried.get(names.CARRIED_ROUTE)
+    run = Run(config, config.profiles.get(func, route if isinstance(route, str) else None), context, config.tracer)
+    run.kind = SpanKind.CONSUMER
+    run._claimed = True
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        scheduled_at = float(carried[names.CARRIED_SCHEDULED_AT])
+    if scheduled_at is not None:
+        # Unix times, from two hosts' clocks: the wait is as good as their synchronisation, and never negative.
+        run.scheduled_ns -= int(max(0.0, time.time() - scheduled_at) * 1e9)
+    return run
+
+
 def in_progress() -> list[Run]:
     """Every run in progress in this process, whatever configuration it was scheduled under."""
     return [run for config in _config.configurations() for run in config.activity.running.copy()]  # type: ignore[misc]
 
 
-def _start_linked_span(tracer: Tracer, profile: Profile, parent: Context) -> Span:
+def _start_linked_span(
+    tracer: Tracer,
+    name: str,
+    kind: SpanKind,
+    attributes: dict[str, str | int],
+    parent: Context,
+    start_time: int | None,
+) -> Span:
     """The run's span in link mode: the first of a trace of its own, linked to the span that scheduled it."""
     request = trace.get_current_span(parent).get_span_context()
     links = [Link(request)] if request.is_valid else None
-    return tracer.start_span(
-        profile.span_name, context=_ROOT, kind=SpanKind.INTERNAL, attributes=profile.attributes, links=links
-    )
+    return tracer.start_span(name, context=_ROOT, kind=kind, attributes=attributes, links=links, start_time=start_time)
 
 
 def is_cancellation(exc: BaseException) -> bool:

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 import types
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec
 
 import anyio.to_thread
+from opentelemetry import context as otel_context
 from starlette import background
 from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 
-from traced_tasks import _config, _run
+from traced_tasks import _config, _engines, _run
 from traced_tasks._run import Run
 
 P = ParamSpec("P")
@@ -33,7 +35,16 @@ def init(task: background.BackgroundTask, func: Callable[..., Any], args: Any, k
     task.kwargs = kwargs
     task.is_async = _is_async_callable(func)
     # A batch, or a task, passed as a task runs tasks of its own, and is not one.
-    traced = None if isinstance(func, _CONTAINERS) else _run.schedule(_config.current(), func)
+    if isinstance(func, _CONTAINERS):
+        task._traced = None  # type: ignore[attr-defined]
+        return
+    engine = _engines.engine_for(func)
+    if engine is not None:
+        engine.check(func, args, kwargs)  # what cannot travel fails here, with the engine's own error
+        task._engine = engine  # type: ignore[attr-defined]
+    traced = _run.schedule(_config.current(), func)
+    if traced is not None:
+        traced.engine = engine
     task._traced = traced  # type: ignore[attr-defined]
 
 
@@ -77,7 +88,9 @@ async def run(task: background.BackgroundTask) -> None:
         await call(task)
         return
     current = scheduled.claim()
-    if task.is_async:
+    if current.engine is not None:
+        await hand_off(current, current.engine, task)
+    elif task.is_async:
         with current:
             await task.func(*task.args, **task.kwargs)
     else:
@@ -90,8 +103,28 @@ async def run(task: background.BackgroundTask) -> None:
             raise
 
 
+async def hand_off(run: Run, engine: _engines.Engine, task: background.BackgroundTask) -> None:
+    """Publish a task of an engine's to its broker, in the context it was scheduled in. A publish that fails is this
+    run, failed; one that succeeds is counted where the task runs."""
+    began = time.perf_counter_ns()
+    token = otel_context.attach(run.context)
+    try:
+        with _engines.handing_off():
+            await engine.hand_off(task.func, task.args, task.kwargs, run.carried())
+    except BaseException as exc:
+        run.hand_off_failed(exc, began)
+        raise
+    finally:
+        otel_context.detach(token)
+
+
 async def call(task: background.BackgroundTask) -> None:
     # Not Starlette's __call__: instrumentations patch it, and each task gets one span, ours.
+    engine: _engines.Engine | None = task.__dict__.get("_engine")
+    if engine is not None:  # its setup failed: handed off, uncounted
+        with _engines.handing_off():
+            await engine.hand_off(task.func, task.args, task.kwargs, {})
+        return
     if task.is_async:
         await task.func(*task.args, **task.kwargs)
     else:

@@ -10,6 +10,7 @@ import base64
 import bisect
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from traced_tasks import _config
 from traced_tasks import _conventions as names
+from traced_tasks._options import HUNG_AFTER
 from traced_tasks._web.access import Guard
 
 # The console renders in a thread of its own, one request at a time: never in the threads /metrics renders in, so that
@@ -36,6 +38,8 @@ CONSOLE = anyio.CapacityLimiter(1)
 
 # A run in progress for longer than this is hung, as the BackgroundTaskHung alert has it.
 HUNG_AFTER_SECONDS = 15 * 60
+
+logger = logging.getLogger("traced_tasks")
 
 PAGE = resources.files("traced_tasks._web").joinpath("console.html").read_text(encoding="utf-8")
 _TRACE_ID = "{trace_id}"
@@ -78,7 +82,7 @@ def check_trace_url(trace_url: str | None) -> None:
 
 
 def make_console_app(
-    *, trace_url: str | None = None, bearer_token: str | None = None, hung_after: float = HUNG_AFTER_SECONDS
+    *, trace_url: str | None = None, bearer_token: str | None = None, hung_after: float | None = None
 ) -> ASGIApp:
     """An ASGI app that serves the task console: what runs now, what failed lately, and each task's counts and
     run times, updated in place every few seconds. Mount it where people can reach it:
@@ -86,12 +90,13 @@ def make_console_app(
         app.mount("/tasks", traced_tasks.make_console_app(trace_url="http://jaeger:16686/trace/{trace_id}"))
 
     `trace_url`, with `{trace_id}`, links each failure to its trace. A run in progress for more than `hung_after`
-    seconds (15 minutes, as the BackgroundTaskHung alert) is marked hung. Requests need `Authorization: Bearer
+    seconds is marked hung: by default TRACED_TASKS_HUNG_AFTER, read at each request, or 15 minutes, as the
+    BackgroundTaskHung alert has it. Requests need `Authorization: Bearer
     <token>` when `bearer_token` is given, or else when TRACED_TASKS_METRICS_TOKEN is set at the time of the
     request, as for `/metrics`. `data.json`, beside the page, holds the same data for scripts.
     """
     check_trace_url(trace_url)
-    if isinstance(hung_after, bool) or not isinstance(hung_after, (int, float)) or not 0 < hung_after < math.inf:
+    if hung_after is not None and not _seconds(hung_after):
         raise ValueError(f"hung_after must be a positive, finite number of seconds, got {hung_after!r}")
     guard = Guard(bearer_token)
 
@@ -112,6 +117,30 @@ def make_console_app(
     return console_app
 
 
+def _seconds(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
+
+
+def hung_after_seconds() -> float:
+    """TRACED_TASKS_HUNG_AFTER, or 15 minutes when it is unset or not a positive number of seconds (said once)."""
+    value = HUNG_AFTER.value()
+    if value is None:
+        return HUNG_AFTER_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not _seconds(seconds):
+        if value not in _refused:
+            _refused.add(value)
+            logger.error("traced_tasks: %s=%r is not a positive number of seconds; 900 it is", HUNG_AFTER.name, value)
+        return HUNG_AFTER_SECONDS
+    return seconds
+
+
+_refused: set[str] = set()
+
+
 def _route_path(scope: Scope) -> str:
     """The path within this app: Starlette's Mount keeps the whole path in the scope and the prefix in root_path."""
     path: str = scope["path"]
@@ -121,11 +150,12 @@ def _route_path(scope: Scope) -> str:
     return path
 
 
-def data_json(trace_url: str | None, hung_after: float = HUNG_AFTER_SECONDS, arrived: float | None = None) -> bytes:
+def data_json(trace_url: str | None, hung_after: float | None = None, arrived: float | None = None) -> bytes:
     """data.json for a request that arrived at `arrived` (time.monotonic(); now by default). One render at a time: a
     request takes the last render when that began after the request arrived, so that many open tabs or a slow render
     cost one render more, not one each."""
     arrived = time.monotonic() if arrived is None else arrived
+    hung_after = hung_after_seconds() if hung_after is None else hung_after
     key = (_config.current(), trace_url, hung_after)
     with _rendering:
         if _rendered.key == key and _rendered.began >= arrived:

@@ -1,0 +1,57 @@
+"""A Celery application for the Celery tests: its worker runs these tasks, and tests/apps/celery_web.py hands them
+over. The broker is CELERY_BROKER; spans go where setup_tracing() sends them (OTEL_EXPORTER_OTLP_ENDPOINT)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery import Celery
+
+import traced_tasks
+import traced_tasks.celery
+
+traced_tasks.setup_tracing("shop")
+
+app = Celery("shop", broker=os.environ.get("CELERY_BROKER", "memory://"))
+# Fail at once when the broker is down, rather than after Celery's retries; redeliver the message of a run whose
+# worker died as soon as the worker is back.
+app.conf.task_publish_retry_policy = {"max_retries": 0}
+app.conf.broker_transport_options = {"visibility_timeout": 5, "unacked_restore_interval": 1}
+traced_tasks.celery.instrument(app)
+
+SECRET = "card 4111-1111-1111-1111 of jane@example.com"
+
+
+class Declined(Exception):
+    pass
+
+
+@app.task
+def send_receipt(order_id: int) -> None:
+    time.sleep(0.01)
+
+
+@app.task
+def charge(order_id: int) -> None:
+    raise Declined(f"{SECRET} declined for order {order_id}")
+
+
+@app.task(name="shop.reports.render")  # a Celery name of its own: the task label stays module.qualname
+def render_report(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@app.task(bind=True, autoretry_for=(ConnectionError,), retry_kwargs={"countdown": 1, "max_retries": 1})
+def notify_partner(self: Any, order_id: int) -> None:
+    if self.request.retries == 0:
+        raise ConnectionError("the partner's endpoint is down")
+
+
+@app.task(acks_late=True, reject_on_worker_lost=True)
+def reconcile(marker: str) -> None:
+    """Runs for a while, and notes each start in the file `marker`, so that a test can kill its worker mid-run."""
+    with open(marker, "a") as file:
+        file.write(f"{os.getpid()}\n")
+    time.sleep(2)
