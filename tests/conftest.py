@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp
 
 import traced_tasks
-from tests.support import Server
+from tests.support import Collector, Server, redis_server
 
 
 @dataclass
@@ -62,3 +62,17 @@ def serve() -> Iterator[type[Server]]:
     yield Tracked
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server, for the Celery and taskiq tests of one module: its URL."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    """An OTLP/HTTP receiver."""
+    with Collector() as receiver:
+        yield receiver

@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -143,14 +144,20 @@ def start_workers(tmp_path: Path, app: str = "tests.apps.workers:app") -> Iterat
 
 
 class Process:
-    """A program started in a process of its own, from the project's folder, with a clean environment plus `env`;
-    its output goes to `log`. stop() ends it with SIGTERM, then SIGKILL after `grace` seconds."""
+    """A program started in a process group of its own, from the project's folder, with a clean environment plus
+    `env`; its output goes to `log`. stop() ends the group with SIGTERM, then SIGKILL after `grace` seconds: a
+    program's own worker processes go with it."""
 
     def __init__(self, command: list[str], log: Path, **env: str) -> None:
         self.log = log
         self._output = log.open("wb")
         self.process = subprocess.Popen(
-            command, cwd=ROOT, env=clean_environment(**env), stdout=self._output, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            env=clean_environment(**env),
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     @property
@@ -162,12 +169,13 @@ class Process:
 
     def stop(self, grace: float = 30.0) -> int:
         if self.process.poll() is None:
-            self.process.terminate()
-            try:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
         self._output.close()
         return self.process.returncode
 

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,107 +20,33 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.trace import SpanKind
 
 from tests.conftest import Telemetry
+from tests.engines import BIN, TRACE_ID, Engine, Shop, shape, spans_named, traceparent, value
 from tests.support import (
     Collector,
-    Process,
     attributes,
     free_port,
-    redis_server,
-    samples,
-    wait_for_http,
     wait_until,
 )
 from traced_tasks import BackgroundTasks
 from traced_tasks import _conventions as names
 
 TASKS = "tests.apps.celery_shop."
-BIN = Path(sys.executable).parent
-TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
-def traceparent(order: int) -> str:
-    return f"00-{TRACE_ID[:-4]}{order:04x}-00f067aa0ba902b7-01"
-
-
-def value(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
-    return found.get((name, tuple(sorted(labels.items()))))
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with redis_server(tmp_path_factory.mktemp("redis")) as url:
-        yield url
-
-
-@pytest.fixture
-def collector() -> Iterator[Collector]:
-    with Collector() as receiver:
-        yield receiver
-
-
-class Shop:
-    """The web process and, once started, the worker, around one broker and one OTLP receiver."""
-
-    def __init__(self, folder: Path, broker: str, collector: Collector) -> None:
-        self.folder = folder
-        self.broker = broker
-        self.collector = collector
-        self.processes: list[Process] = []
-        self.worker: Process | None = None
-        self.worker_url = ""
-
-    def environment(self, service: str, **env: str) -> dict[str, str]:
-        return {
-            "CELERY_BROKER": self.broker,
-            "OTEL_SERVICE_NAME": service,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": self.collector.endpoint,
-            "OTEL_BSP_SCHEDULE_DELAY": "100",
-            **env,
-        }
-
-    def start_web(self, app: str = "tests.apps.celery_web:app", command: tuple[str, ...] = (), **env: str) -> str:
-        port = free_port()
-        argv = [*command, sys.executable, "-m", "uvicorn", app, "--port", str(port)]
-        web = Process(argv, self.folder / f"web-{port}.log", **self.environment("shop-web", **env))
-        self.processes.append(web)
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(url + "/metrics/")
-        return url
-
-    def start_worker(self) -> str:
-        port = free_port()
-        metrics = self.folder / "worker-metrics"
-        metrics.mkdir(exist_ok=True)
-        command = [str(BIN / "celery"), "-A", "tests.apps.celery_shop", "worker", "-P", "prefork", "-c", "2"]
-        command += ["--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        env = {
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics),
-            "TRACED_TASKS_METRICS_PORT": str(port),
-            "TRACED_TASKS_HUNG_AFTER": "1",
-        }
-        self.worker = Process(command, self.folder / "worker.log", **self.environment("shop-worker", **env))
-        self.processes.append(self.worker)
-        self.worker_url = f"http://127.0.0.1:{port}"
-        wait_for_http(self.worker_url + "/metrics")
-        return self.worker_url
-
-    def web_metrics(self, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        return samples(url + "/metrics/")
-
-    def worker_metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        return samples(self.worker_url + "/metrics")
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {process.log.name}\n{process.output()[-3000:]}" for process in self.processes)
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.stop(grace=15)
+CELERY = Engine(
+    web="tests.apps.celery_web:app",
+    worker=[
+        *(str(BIN / "celery"), "-A", "tests.apps.celery_shop", "worker", "-P", "prefork", "-c", "2"),
+        *("--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"),
+    ],
+    broker_variable="CELERY_BROKER",
+    grace=15,
+)
 
 
 @pytest.fixture
 def shop(tmp_path: Path, broker: str, collector: Collector) -> Iterator[Shop]:
-    started = Shop(tmp_path, broker, collector)
+    started = Shop(CELERY, tmp_path, broker, collector)
     try:
         yield started
     finally:
@@ -129,7 +54,7 @@ def shop(tmp_path: Path, broker: str, collector: Collector) -> Iterator[Shop]:
 
 
 def task_spans(spans: list[Span], task: str) -> list[Span]:
-    return [span for span in spans if span.name == names.SPAN_NAME_PREFIX + TASKS + task]
+    return spans_named(spans, TASKS + task)
 
 
 @pytest.mark.integration
@@ -165,18 +90,7 @@ def test_a_task_runs_on_the_worker_in_the_trace_that_scheduled_it(shop: Shop) ->
     assert value(worker, names.WAIT.count, task=task) == 3
     assert value(worker, names.WAIT.bucket, task=task, le="1.0") == 0  # every wait over a second
     assert value(worker, names.IN_PROGRESS.name, task=task) == 0
-    assert shape(worker) == shape(web_side)
-
-
-def shape(found: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[tuple[str, tuple[str, ...]]]:
-    """traced_tasks' sample names, with their label keys and bucket bounds."""
-    return {
-        (name, tuple(sorted(key if key != "le" else f"le={value}" for key, value in labels)))
-        for name, labels in found
-        if name.startswith(names.PREFIX) and not name.endswith("_created")
-        for _ in [0]
-        if dict(labels).get(names.LABEL_TASK) == TASKS + "send_receipt"
-    }
+    assert shape(worker, task) == shape(web_side, task)
 
 
 @pytest.mark.integration

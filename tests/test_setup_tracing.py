@@ -37,12 +37,6 @@ provider.shutdown()
 """
 
 
-@pytest.fixture
-def collector() -> Iterator[Collector]:
-    with Collector() as receiver:
-        yield receiver
-
-
 def run_script(**env: str) -> subprocess.CompletedProcess[str]:
     result = run_python(SCRIPT, **env)
     assert result.returncode == 0, result.stderr

@@ -47,12 +47,14 @@ def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
     return scheduled
 
 
-def capture(config: Configuration, func: Callable[..., Any]) -> Run | None:
-    """A Run of `func` in the context and route of now, counting nothing yet; never raises. None: the setup failed."""
+def capture(config: Configuration, func: Callable[..., Any], route: object = None) -> Run | None:
+    """A Run of `func` in the context and route of now, counting nothing yet; never raises. None: the setup failed.
+    `route`, when it is text, stands for the route where no request is served now (a retry in a worker)."""
     try:
         context = otel_context.get_current()
         scope = _request.serving_scope()
-        route = None if scope is None else _request.route(scope)
+        served = None if scope is None else _request.route(scope)
+        route = served if served is not None or not isinstance(route, str) else route
         tracer = config.tracer
         if _request.NATIVE_KEY in context:
             context, route, tracer = _under_fastapis_telemetry(config, context, route)

@@ -114,7 +114,7 @@ def _before_task_publish(sender: str | None = None, headers: dict[str, Any] | No
     if task is None:
         return
     config = _config.current()
-    run = _run.capture(config, task)
+    run = _run.capture(config, task, headers.get(names.CARRIED_ROUTE))
     if run is not None:
         headers.update(run.carried(starts_at=_eta(headers.get("eta"))))
 
