@@ -25,7 +25,17 @@ from starlette.routing import Mount, Route
 import traced_tasks
 from tests.conftest import Telemetry
 from tests.dashboards import RULES, concrete, queries, rules
-from tests.support import ROOT, Server, clean_environment, free_port, require_tool, wait_for_http, wait_until
+from tests.engines import Shop
+from tests.support import (
+    ROOT,
+    Collector,
+    Server,
+    clean_environment,
+    free_port,
+    require_tool,
+    wait_for_http,
+    wait_until,
+)
 from traced_tasks import BackgroundTasks
 from traced_tasks import _conventions as names
 
@@ -88,7 +98,10 @@ def shop(done: threading.Event) -> Starlette:
 
 
 class Prometheus:
-    def __init__(self, binary: str, folder: Path, target: str) -> None:
+    """Debian's Prometheus on a loopback port, with the shipped rules, scraping `target` as the job JOB, or each job
+    of `jobs` (job name: (target, metrics path))."""
+
+    def __init__(self, binary: str, folder: Path, target: str = "", jobs: dict[str, tuple[str, str]] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         rule_file = yaml.safe_load(RULES.read_text())
@@ -99,7 +112,8 @@ class Prometheus:
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": ["rules.yml"],
             "scrape_configs": [
-                {"job_name": JOB, "metrics_path": "/metrics/", "static_configs": [{"targets": [target]}]}
+                {"job_name": job, "metrics_path": path, "static_configs": [{"targets": [address]}]}
+                for job, (address, path) in (jobs or {JOB: (target, "/metrics/")}).items()
             ],
         }
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -176,7 +190,7 @@ def test_dashboards_and_rules_against_real_prometheus(
     try:
         # Enough scrapes for rates over 5 s windows, and rules evaluated more than once.
         wait_until(lambda: prometheus.query(f'count_over_time(up{{job="{JOB}"}}[1m]) >= 8'), timeout=90)
-        check_every_query(prometheus, target)
+        check_every_query(prometheus, (target,))
         check_rules(prometheus)
         if provider is None:
             check_exemplars(prometheus, telemetry)
@@ -188,16 +202,22 @@ def test_dashboards_and_rules_against_real_prometheus(
             provider.shutdown()
 
 
-def check_every_query(prometheus: Prometheus, target: str) -> None:
-    # The three tasks selected in the task variable, rendered as Grafana renders a multi-value regex.
-    tasks = "|".join(
-        f"tests\\\\.test_prometheus\\\\.{name}"
-        for name in ("send_receipt", "charge", "notify_warehouse", "build_report", "audit")
-    )
+def grafana_regex(values: list[str]) -> str:
+    """A multi-value variable as Grafana renders it in a regex matcher."""
+    return "(" + "|".join(value.replace(".", "\\\\.") for value in values) + ")"
+
+
+def check_every_query(
+    prometheus: Prometheus,
+    targets: tuple[str, ...],
+    jobs: tuple[str, ...] = (JOB,),
+    tasks: tuple[str, ...] = ("send_receipt", "charge", "notify_warehouse", "build_report", "audit"),
+    module: str = "tests.test_prometheus",
+) -> None:
     variables = {
-        "job": JOB,
-        "instance": target.replace(".", "\\\\."),
-        "task": f"({tasks})",
+        "job": grafana_regex(list(jobs)),
+        "instance": grafana_regex(list(targets)),
+        "task": grafana_regex([f"{module}.{name}" for name in tasks]),
         "__rate_interval": "5s",
         "__range": "1m",
         "__interval": "1s",
@@ -222,17 +242,18 @@ def check_every_query(prometheus: Prometheus, target: str) -> None:
         sample["metric"]["task"]: float(sample["value"][1])
         for sample in prometheus.query(concrete(never_started.expr, variables))
     }
-    assert dropped.get("tests.test_prometheus.audit", 0) > 0, dropped
+    assert dropped.get(f"{module}.audit", 0) > 0, dropped
     for name, selector in (
         ("job", names.SCHEDULED.total),
-        ("instance", f'{names.SCHEDULED.total}{{job=~"{JOB}"}}'),
-        ("task", f'{names.SCHEDULED.total}{{job=~"{JOB}", instance=~".*"}}'),
+        ("instance", f'{names.SCHEDULED.total}{{job=~"{variables["job"]}"}}'),
+        ("task", f'{names.SCHEDULED.total}{{job=~"{variables["job"]}", instance=~".*"}}'),
     ):
         values = prometheus.api(f"label/{name}/values", **{"match[]": selector})
         assert values, name
+    assert set(prometheus.api("label/job/values", **{"match[]": names.SCHEDULED.total})) >= set(jobs)
 
 
-def check_rules(prometheus: Prometheus) -> None:
+def check_rules(prometheus: Prometheus, skipped: str = "tests.test_prometheus.notify_warehouse") -> None:
     for rule in rules():
         result = prometheus.query(rule["expr"])
         if "record" in rule:
@@ -248,9 +269,7 @@ def check_rules(prometheus: Prometheus) -> None:
     assert [(rule["name"], rule.get("lastError")) for rule in loaded if rule["health"] != "ok"] == []
     # The recorded series exist, under the names the alerts read.
     assert prometheus.query("job_task:background_task_errors:ratio_rate5m")
-    assert prometheus.query(
-        'job_task:background_task_skipped:increase10m{task="tests.test_prometheus.notify_warehouse"} > 0'
-    )
+    assert prometheus.query(f'job_task:background_task_skipped:increase10m{{task="{skipped}"}} > 0')
 
 
 def check_exemplars(prometheus: Prometheus, telemetry: Telemetry) -> None:
@@ -307,3 +326,55 @@ def test_panels_and_alerts_read_no_infinity_from_prometheus_clients_collector(
     finally:
         service.terminate()
         service.wait(timeout=30)
+
+
+@pytest.mark.parametrize("engine", ["celery"])
+def test_dashboards_and_rules_across_a_web_and_a_worker_job(
+    prometheus_binary: str, tmp_path: Path, broker: str, collector: Collector, engine: str
+) -> None:
+    """With tasks handed over to a real Celery worker, and Prometheus scraping the web process and the worker as two
+    jobs: every dashboard query returns data that has moved, every recording rule returns data, every rule
+    evaluates healthily, and 'Scheduled, never started' subtracts the worker's starts from the web's schedules."""
+    from tests.test_celery import CELERY
+
+    shop = Shop(CELERY, tmp_path, broker, collector)
+    stop = threading.Event()
+    try:
+        web = shop.start_web()
+        worker = shop.start_worker()
+        httpx.post(web + "/reports", params={"seconds": 120})  # the longest-running panel has something to show
+        web_target, worker_target = web.removeprefix("http://"), worker.removeprefix("http://")
+        jobs = {"shop-web": (web_target, "/metrics/"), "shop-worker": (worker_target, "/metrics")}
+        prometheus = Prometheus(prometheus_binary, tmp_path, jobs=jobs)
+
+        def traffic() -> None:
+            order = 0
+            with httpx.Client(base_url=web, headers={"connection": "close"}) as client:
+                while not stop.wait(0.05):
+                    order += 1
+                    client.post(f"/orders/{order}")
+                    if order % 3 == 0:
+                        client.post(f"/charges/{order}")
+                    if order % 4 == 0:
+                        client.post(f"/backorders/{order}")
+                    if order % 5 == 0:
+                        client.post(f"/cancellations/{order}")
+
+        driver = threading.Thread(target=traffic, daemon=True)
+        driver.start()
+        try:
+            wait_until(lambda: prometheus.query('count_over_time(up{job="shop-worker"}[1m]) >= 8'), timeout=90)
+            check_every_query(
+                prometheus,
+                (web_target, worker_target),
+                jobs=tuple(jobs),
+                tasks=("send_receipt", "charge", "render_report", "audit"),
+                module="tests.apps.celery_shop",
+            )
+            check_rules(prometheus, skipped="tests.apps.celery_shop.send_receipt")
+        finally:
+            stop.set()
+            driver.join(timeout=30)
+            prometheus.stop()
+    finally:
+        shop.stop()

@@ -34,6 +34,11 @@ def send_receipt(order_id: int) -> None:
 
 
 @app.task
+def audit(order_id: int) -> None:
+    pass
+
+
+@app.task
 def charge(order_id: int) -> None:
     raise Declined(f"{SECRET} declined for order {order_id}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 import traced_tasks
-from tests.apps.celery_shop import charge, notify_partner, reconcile, render_report, send_receipt
+from tests.apps.celery_shop import audit, charge, notify_partner, reconcile, render_report, send_receipt
 from traced_tasks import BackgroundTasks
 
 app = FastAPI()
@@ -38,6 +38,12 @@ def place_backorder(order_id: int, tasks: BackgroundTasks) -> dict[str, int]:
     tasks.add_task(reserve_stock, order_id)  # in this process, and it fails...
     tasks.add_task(send_receipt, order_id)  # ...so this one is skipped, and never published
     return {"order_id": order_id}
+
+
+@app.post("/cancellations/{order_id}")
+def cancel(order_id: int, tasks: BackgroundTasks) -> dict[str, int]:
+    tasks.add_task(audit, order_id)
+    raise RuntimeError("the endpoint fails after add_task: Starlette drops the task, which is never published")
 
 
 @app.post("/direct/{order_id}")

@@ -113,8 +113,10 @@ class _Counts:
         self._scheduled = backend.scheduled.labels(*values)
         self._wait = backend.wait.labels(*values)
         self._in_progress = backend.in_progress.labels(*values)
-        self._in_progress_since = backend.in_progress_since.labels(*values)
-        self._in_progress_since.set(_NOTHING_RUNS)
+        # Made at this process's first run, not before: prometheus_client writes 0 for a gauge it makes, and a
+        # process forked after making it (a prefork pool's, a preloading server's) writes 0 for every one it has.
+        # livemin then takes that 0 over every other process's start.
+        self._in_progress_since: Any = None
         self._skipped = backend.skipped.labels(*values)
         self._last_success = backend.last_success.labels(*values)
         self._success = backend.duration.labels(*values, names.STATUS_SUCCESS)
@@ -135,6 +137,8 @@ class _Counts:
         with self._backend.lock:
             self._starts.append(started_at)
             if started_at <= min(self._starts):
+                if self._in_progress_since is None:
+                    self._in_progress_since = self._backend.in_progress_since.labels(*self.values)
                 self._in_progress_since.set(started_at)
 
     def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None:
