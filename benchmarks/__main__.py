@@ -36,13 +36,14 @@ from opentelemetry.sdk.metrics.export import (
     MetricsData,
     PeriodicExportingMetricReader,
 )
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry
 from starlette import background
 
 import traced_tasks
-from benchmarks.variants import hand_written, span_only, span_with_code_attributes
+from benchmarks.engines import engines
+from benchmarks.variants import NullExporter, hand_written, span_only, span_with_code_attributes
 from traced_tasks._web.metrics import render
 
 TasksClass = type[background.BackgroundTasks]
@@ -57,11 +58,6 @@ E2E_VARIANTS = {
     "asgi-otel-traced": "asgi-otel",
 }
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class NullExporter(SpanExporter):
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
 
 
 class NullMetricExporter(MetricExporter):
@@ -296,11 +292,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scrape-names", type=int, default=1000)
     parser.add_argument("--e2e-rounds", type=int, default=5)
     parser.add_argument("--e2e-seconds", type=int, default=10)
+    parser.add_argument("--engine-rounds", type=int, default=9)
+    parser.add_argument("--engine-iterations", type=int, default=300, help="tasks per engine variant per round")
     parser.add_argument("--quick", action="store_true", help="tiny counts: check that everything runs")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.iterations, args.memory_tasks, args.scrape_names = 2, 20, 200, 20
         args.e2e_rounds, args.e2e_seconds = 1, 1
+        args.engine_rounds, args.engine_iterations = 1, 5
 
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
     print(f"rounds={args.rounds} iterations={args.iterations}")
@@ -312,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     memory(args.memory_tasks)
     scrape(args.scrape_names, repeats=5 if args.quick else 21)
     end_to_end(args.e2e_rounds, args.e2e_seconds)
+    engines(args.engine_rounds, args.engine_iterations)
     traced_tasks.configure(registry=CollectorRegistry())
     sys.stdout.flush()
 
