@@ -19,11 +19,12 @@ for requirement in declared:
     if match is None:
         sys.exit(f"{requirement!r}: every dependency needs a lower bound, written name>=version")
     pinned.setdefault(match.group(1), f"{match.group(1)}=={match.group(2)}")
-# The test tools: exact pins kept, lower bounds left to the resolver, which fits them to the pins above; the linters
-# and type checker run once, on the default Python.
+# The test tools: exact pins kept, lower bounds left to the resolver, which fits them to the pins above; the linters,
+# the type checker and the documentation site are checked once, on the default Python.
 tools = [
     requirement if "==" in requirement else re.split(r"[<>=]", requirement)[0]
     for requirement in extras["dev"]
-    if re.split(r"[<>=\[]", requirement)[0] not in pinned and not requirement.startswith(("mypy", "ruff", "types-"))
+    if re.split(r"[<>=\[]", requirement)[0] not in pinned
+    and not requirement.startswith(("mypy", "ruff", "types-", "mkdocs"))
 ]
 print("\n".join([*pinned.values(), *tools]))
