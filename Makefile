@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-versions lint bench screenshot
+.PHONY: demo test test-versions lint docs bench screenshot
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mkdocs build --strict --quiet --site-dir .venv/site
+
+# The documentation site, served while you edit it.
+docs: $(STAMP)
+	$(BIN)/mkdocs serve
 
 test: lint
 	$(BIN)/python -m pytest --cov --cov-report=term

@@ -30,7 +30,6 @@ from tests.dashboards import (
 from tests.support import require_tool
 from traced_tasks import _conventions as names
 
-README = (ROOT / "README.md").read_text()
 PREFIX = names.PREFIX
 DEPLOY = ROOT / "deploy"
 
@@ -186,10 +185,9 @@ def test_rule_unit_tests() -> None:
     promtool = require_tool("promtool")
     tests = yaml.safe_load((DASHBOARDS / "rules.test.yml").read_text())
     alerts = {rule["alert"] for rule in rules() if "alert" in rule}
-    firing = {case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"] if case["exp_alerts"]}
-    silent = {
-        case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"] if not case["exp_alerts"]
-    }
+    cases = [case for test in tests["tests"] for case in test.get("alert_rule_test", [])]
+    firing = {case["alertname"] for case in cases if case["exp_alerts"]}
+    silent = {case["alertname"] for case in cases if not case["exp_alerts"]}
     assert firing == alerts
     assert silent == alerts
     assert all("interval" in test for test in tests["tests"])  # Prometheus 2.42 requires it
@@ -211,13 +209,10 @@ def test_recording_rule_names_follow_level_metric_operations() -> None:
     assert all(":" not in name for name in exposed_names())
 
 
-def github_anchor(heading: str) -> str:
-    return re.sub(r"[^a-z0-9 _-]", "", heading.lower()).replace(" ", "-")
-
-
 def test_alerts_are_complete_and_have_runbooks() -> None:
-    """Each alert has a for, a severity, a summary, a templated description and a runbook_url to a README section."""
-    anchors = {github_anchor(line.lstrip("#").strip()) for line in README.splitlines() if line.startswith("#")}
+    """Each alert has a for, a severity, a summary, a templated description and a runbook_url to its page of the
+    documentation site, whose source exists (tests/test_docs.py opens it in the built site)."""
+    site = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["site_url"]
     for rule in rules():
         if "alert" not in rule:
             continue
@@ -226,9 +221,9 @@ def test_alerts_are_complete_and_have_runbooks() -> None:
         annotations: dict[str, Any] = rule["annotations"]
         assert annotations["summary"]
         assert "{{ $labels." in annotations["description"]
-        url = annotations["runbook_url"]
-        assert url.startswith("https://github.com/traced-tasks/traced-tasks/blob/main/README.md#")
-        assert url.rsplit("#", 1)[1] in anchors, f"README has no section for {rule['alert']}"
+        page = rule["alert"].lower()
+        assert annotations["runbook_url"] == f"{site}runbooks/{page}/"
+        assert (ROOT / "docs" / "runbooks" / f"{page}.md").is_file()
 
 
 def test_stack_prometheus_config(tmp_path: Path) -> None:

@@ -20,9 +20,10 @@ T = TypeVar("T", str, tuple[str, ...])
 class CappedLabel(Generic[T]):
     """Values of one label, or sets of them, admitted up to a cap; past it, `overflow`, with one warning."""
 
-    def __init__(self, cap: int, what: str, overflow: T) -> None:
+    def __init__(self, cap: int, what: str, overflow: T, hint: str = "") -> None:
         self._cap = cap
         self._what = what
+        self._hint = hint
         self._overflow: T = overflow
         self._seen: set[T] = set()
         self._overflowed = False
@@ -44,9 +45,20 @@ class CappedLabel(Generic[T]):
             self._overflowed = True
         if first:
             logger.warning(
-                "traced_tasks: more than %d %s seen; further ones are counted as %r", self._cap, self._what, OVERFLOW
+                "traced_tasks: more than %d %s seen; further ones are counted as %r%s",
+                self._cap,
+                self._what,
+                OVERFLOW,
+                self._hint,
             )
         return self._overflow
+
+
+# Why a cap on sets of label values exists, where it does: the OpenTelemetry SDK's limit.
+_SDK = (
+    ": the MeterProvider's limit of attribute sets per instrument keeps no more apart. A View of the"
+    " background_task.* instruments with a larger aggregation_cardinality_limit raises it"
+)
 
 
 class Labels:
@@ -58,7 +70,9 @@ class Labels:
         self._routes = CappedLabel(MAX_ROUTES, "routes", OVERFLOW)
         self._exceptions = CappedLabel(MAX_EXCEPTION_TYPES, "exception classes", OVERFLOW)
         width = 2 if route_label else 1
-        self._series = None if max_series is None else CappedLabel(max_series, "task series", (OVERFLOW,) * width)
+        self._series = (
+            None if max_series is None else CappedLabel(max_series, "tasks (and routes)", (OVERFLOW,) * width, _SDK)
+        )
 
     def task(self, name: str) -> str:
         return self._tasks.admit(name)

@@ -58,7 +58,6 @@ class _Instruments:
         self.counts = InProcessBackend(options, None, self._running)
         self._pairs: set[tuple[tuple[str, ...], str]] = set()
         self._lock = threading.Lock()
-        self.warned = False
         meter = provider.get_meter(names.INSTRUMENTATION_NAME, __version__)
         prefix = f"{options.namespace}." if options.namespace else ""
 
@@ -226,7 +225,6 @@ class OpenTelemetryBackend:
         assert options.meter_provider is not None
         self.local = activity
         self._registry = options.registry
-        self._max_task_names = options.max_task_names
         self.instruments = _instruments_for(options.meter_provider, options)
 
     def counts(self, values: tuple[str, ...]) -> _Counts:
@@ -240,20 +238,7 @@ class OpenTelemetryBackend:
         return self.instruments.counts.collect()
 
     def open(self) -> None:
-        instruments = self.instruments
-        instruments.backends.add(self)
-        limit = self.series_limit()
-        if limit is not None and limit < self._max_task_names and not instruments.warned:
-            instruments.warned = True
-            logger.warning(
-                "traced_tasks: the MeterProvider's limit of %d attribute sets per instrument leaves room for %d tasks "
-                "(and routes), fewer than max_task_names=%d: further ones are counted as %r. A View of the "
-                "background_task.* instruments with a larger aggregation_cardinality_limit raises it",
-                instruments.limit,
-                limit,
-                self._max_task_names,
-                names.OVERFLOW,
-            )
+        self.instruments.backends.add(self)
 
     def close(self) -> None:
         """Nothing to take out: a run of this configuration still in progress is still observed."""

@@ -1,0 +1,7 @@
+"""A service with no OpenTelemetry setup yet: one call."""
+
+from __future__ import annotations
+
+import traced_tasks
+
+traced_tasks.setup_tracing("checkout")  # before the app serves requests
