@@ -19,9 +19,12 @@ pytestmark = pytest.mark.integration  # a real server in a process of its own
 def test_demo_says_where_to_look_and_prints_a_few_readable_lines() -> None:
     """The demo names its console and /metrics, then prints a short status line every few seconds: no span JSON and
     no traceback for its deliberate failures. Its console shows the shop's tasks live, failures by class with trace
-    IDs, skipped tasks and the ledger task that hangs; /metrics serves the same counts."""
-    port = free_port()
-    env = clean_environment(DEMO_PORT=str(port), DEMO_SECONDS="40", DEMO_EVERY="2", DEMO_HUNG_AFTER="3")
+    IDs, skipped tasks and the ledger task that hangs; /metrics serves the same counts. The invoices it hands to its
+    Celery worker show on the worker's own console, failures included, and in the status line."""
+    port, worker_port = free_port(), free_port()
+    env = clean_environment(
+        DEMO_PORT=str(port), DEMO_WORKER_PORT=str(worker_port), DEMO_SECONDS="40", DEMO_EVERY="2", DEMO_HUNG_AFTER="3"
+    )
     process = subprocess.Popen(
         [sys.executable, "examples/demo.py"],
         cwd=ROOT,
@@ -37,7 +40,11 @@ def test_demo_says_where_to_look_and_prints_a_few_readable_lines() -> None:
             seen["data"] = data = httpx.get(f"http://127.0.0.1:{port}/tasks/data.json").json()
         except httpx.TransportError:
             return False
-        return bool(data["failures"] and data["totals"]["skipped"] and data["totals"]["hung"])
+        try:
+            seen["worker"] = worker = httpx.get(f"http://127.0.0.1:{worker_port}/tasks/data.json").json()
+        except httpx.TransportError:
+            return False
+        return bool(data["failures"] and data["totals"]["skipped"] and data["totals"]["hung"] and worker["failures"])
 
     try:
         wait_until(console_shows_everything, timeout=40)
@@ -61,4 +68,8 @@ def test_demo_says_where_to_look_and_prints_a_few_readable_lines() -> None:
     assert [run["task"] for run in data["running"] if run["hung"]] == ["__main__.reconcile_ledger"]
     tasks = {task["task"] for task in data["tasks"]}
     assert {"__main__.send_receipt", "__main__.notify_warehouse", "__main__.refresh_recommendations"} <= tasks
+    worker = seen["worker"]
+    assert {task["task"] for task in worker["tasks"]} == {"demo_worker.render_invoice"}
+    assert worker["failures"][0]["exception"] == "PdfRendererDown"
+    assert any("| worker: runs" in line for line in status), output
     assert f'{names.EXCEPTIONS.total}{{exception="PaymentProviderDown",task="__main__.capture_payment"}}' in metrics
