@@ -21,7 +21,10 @@ from tests.support import ROOT, chromium, clean_environment, free_port, wait_for
 def main(target: Path) -> None:
     port = free_port()
     env = clean_environment(
-        DEMO_PORT=str(port), DEMO_HUNG_AFTER="20", DEMO_TRACE_URL="http://localhost:16686/trace/{trace_id}"
+        DEMO_PORT=str(port),
+        DEMO_WORKER_PORT=str(free_port()),
+        DEMO_HUNG_AFTER="20",
+        DEMO_TRACE_URL="http://localhost:16686/trace/{trace_id}",
     )
     demo = subprocess.Popen([sys.executable, "examples/demo.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     try:

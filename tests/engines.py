@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
@@ -108,3 +109,10 @@ def shape(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], task: str
         and not name.endswith("_created")
         and dict(labels).get(names.LABEL_TASK) == task
     }
+
+
+def row(console: dict[str, Any], task: str) -> dict[str, Any]:
+    """The task's row in a console's data.json."""
+    found: list[dict[str, Any]] = [entry for entry in console["tasks"] if entry["task"] == task]
+    assert len(found) == 1, console["tasks"]
+    return found[0]

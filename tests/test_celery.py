@@ -20,7 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.trace import SpanKind
 
 from tests.conftest import Telemetry
-from tests.engines import BIN, TRACE_ID, Engine, Shop, shape, spans_named, traceparent, value
+from tests.engines import BIN, TRACE_ID, Engine, Shop, row, shape, spans_named, traceparent, value
 from tests.support import (
     Collector,
     attributes,
@@ -63,7 +63,8 @@ def test_a_task_runs_on_the_worker_in_the_trace_that_scheduled_it(shop: Shop) ->
     span of the worker, named and attributed as in process, a child of the request's server span in its trace,
     with its route; its wait, measured across the broker, is over a second; the web process counts three scheduled
     and makes no span of that name; the worker counts three starts and three successes; and both expose the same
-    families, label keys and buckets."""
+    families, label keys and buckets. The web process's console marks the task as run by the engine, with no count of
+    runs not started; the worker's console counts its runs."""
     web = shop.start_web()
     for order in range(3):
         assert httpx.post(f"{web}/orders/{order}", headers={"traceparent": traceparent(order)}).status_code == 200
@@ -91,6 +92,10 @@ def test_a_task_runs_on_the_worker_in_the_trace_that_scheduled_it(shop: Shop) ->
     assert value(worker, names.WAIT.bucket, task=task, le="1.0") == 0  # every wait over a second
     assert value(worker, names.IN_PROGRESS.name, task=task) == 0
     assert shape(worker, task) == shape(web_side, task)
+    web_row = row(httpx.get(f"{web}/tasks/data.json").json(), task)
+    worker_row = row(httpx.get(shop.worker_url + "/tasks/data.json").json(), task)
+    assert (web_row["runs_on"], web_row["not_started"]) == ("celery", None)  # not "3 not started"
+    assert (worker_row["runs_on"], worker_row["finished"], worker_row["not_started"]) == (None, 3, 0)
 
 
 @pytest.mark.integration

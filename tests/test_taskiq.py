@@ -20,7 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.trace import SpanKind
 
 from tests.conftest import Telemetry
-from tests.engines import BIN, TRACE_ID, Engine, Shop, shape, spans_named, traceparent, value
+from tests.engines import BIN, TRACE_ID, Engine, Shop, row, shape, spans_named, traceparent, value
 from tests.support import Collector, attributes, redis_server, wait_until
 from traced_tasks import BackgroundTasks
 from traced_tasks import _conventions as names
@@ -56,7 +56,8 @@ def test_a_task_runs_on_the_worker_in_the_trace_that_scheduled_it(shop: Shop) ->
     of a worker process, named and attributed as in process (its module.qualname, not taskiq's names), a child of
     the request's server span in its trace, with its route; its wait, measured across the broker, is over a second;
     the web process counts three scheduled and makes no span of that name; the workers count three starts and three
-    successes; and both expose the same families, label keys and buckets."""
+    successes; and both expose the same families, label keys and buckets. The web process's console marks the task
+    as run by the engine, with no count of runs not started; the workers' console counts their runs."""
     web = shop.start_web()
     for order in range(3):
         assert httpx.post(f"{web}/orders/{order}", headers={"traceparent": traceparent(order)}).status_code == 200
@@ -83,6 +84,10 @@ def test_a_task_runs_on_the_worker_in_the_trace_that_scheduled_it(shop: Shop) ->
     assert value(worker, names.WAIT.bucket, task=task, le="1.0") == 0  # every wait over a second
     assert value(worker, names.IN_PROGRESS.name, task=task) == 0
     assert shape(worker, task) == shape(web_side, task)
+    web_row = row(httpx.get(f"{web}/tasks/data.json").json(), task)
+    worker_row = row(httpx.get(shop.worker_url + "/tasks/data.json").json(), task)
+    assert (web_row["runs_on"], web_row["not_started"]) == ("taskiq", None)  # not "3 not started"
+    assert (worker_row["runs_on"], worker_row["finished"], worker_row["not_started"]) == (None, 3, 0)
 
 
 @pytest.mark.integration

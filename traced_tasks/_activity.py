@@ -64,11 +64,13 @@ class Listed:
 @dataclass
 class View:
     """The runs in progress and the recent failures of one process or several, bounded: the oldest MAX_LISTED runs
-    one by one, all of them counted per task label, and the last MAX_FAILURES failures."""
+    one by one, all of them counted per task label, and the last MAX_FAILURES failures. And the task labels whose
+    runs are handed to an engine, with the engine's name: they start, and are counted, where the engine runs them."""
 
     listed: list[Listed] = field(default_factory=list)  # oldest first
     by_label: dict[str, tuple[int, float]] = field(default_factory=dict)  # runs in progress, oldest start
     failures: list[TaskRun] = field(default_factory=list)  # newest first
+    handed_off: dict[str, str] = field(default_factory=dict)  # task label: engine
 
     @property
     def running(self) -> int:
@@ -79,6 +81,7 @@ class View:
             "listed": [asdict(run) for run in self.listed],
             "by_label": {label: list(entry) for label, entry in self.by_label.items()},
             "failures": [asdict(run) for run in self.failures],
+            "handed_off": self.handed_off,
         }
 
     @classmethod
@@ -87,6 +90,7 @@ class View:
             [Listed(**run) for run in data["listed"]],
             {label: (int(count), float(oldest)) for label, (count, oldest) in data["by_label"].items()},
             [TaskRun(**run) for run in data["failures"]],
+            dict(data.get("handed_off", {})),
         )
 
     @classmethod
@@ -95,6 +99,7 @@ class View:
         for view in views:
             merged.listed.extend(view.listed)
             merged.failures.extend(view.failures)
+            merged.handed_off.update(view.handed_off)
             for label, (count, oldest) in view.by_label.items():
                 total, first = merged.by_label.get(label, (0, oldest))
                 merged.by_label[label] = (total + count, min(first, oldest))
@@ -113,6 +118,7 @@ class Activity:
     def __init__(self) -> None:
         self.running: dict[Running, bool] = {}
         self.failures: collections.deque[TaskRun] = collections.deque(maxlen=MAX_FAILURES)
+        self.handed_off: dict[str, str] = {}  # one entry per task label, so as bounded as the labels
 
     def view(self) -> View:
         pid = os.getpid()
@@ -122,7 +128,7 @@ class Activity:
             count, oldest = by_label.get(run.values[0], (0, run.started_at))
             by_label[run.values[0]] = (count + 1, oldest)
         listed = [Listed(run.task, run.values[0], run.route, run.started_at, pid) for run in runs[:MAX_LISTED]]
-        return View(listed, by_label, list(self.failures)[::-1])
+        return View(listed, by_label, list(self.failures)[::-1], self.handed_off.copy())
 
 
 # The lists of the capture_tasks() blocks open now, in any configuration.

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 
 class Engine(Protocol):
+    name: str  # as the console shows where a task runs: "celery", "taskiq"
+
     def owns(self, func: Callable[..., Any]) -> bool:
         """Whether `func` is a task of an application or broker this engine integration instruments."""
 

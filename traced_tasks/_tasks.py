@@ -42,9 +42,11 @@ def init(task: background.BackgroundTask, func: Callable[..., Any], args: Any, k
     if engine is not None:
         engine.check(func, args, kwargs)  # what cannot travel fails here, with the engine's own error
         task._engine = engine  # type: ignore[attr-defined]
-    traced = _run.schedule(_config.current(), func)
-    if traced is not None:
+    config = _config.current()
+    traced = _run.schedule(config, func)
+    if traced is not None and engine is not None:
         traced.engine = engine
+        config.activity.handed_off.setdefault(traced.values[0], engine.name)
     task._traced = traced  # type: ignore[attr-defined]
 
 

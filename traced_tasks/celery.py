@@ -74,6 +74,8 @@ def instrument(app: Celery) -> None:
 class _Celery:
     """The Celery engine: a task of an instrumented app, handed over with apply_async."""
 
+    name = "celery"
+
     def owns(self, func: Callable[..., Any]) -> bool:
         return isinstance(func, Task) and func.app in _apps
 

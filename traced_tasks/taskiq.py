@@ -157,6 +157,8 @@ def _delayed(delay: object) -> float | None:
 class _Taskiq:
     """The taskiq engine: a task of a broker with the Middleware, kicked with its own kicker."""
 
+    name = "taskiq"
+
     def owns(self, func: Callable[..., Any]) -> bool:
         if not isinstance(func, AsyncTaskiqDecoratedTask):
             return False

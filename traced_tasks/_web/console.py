@@ -188,6 +188,10 @@ def snapshot(trace_url: str | None = None, hung_after: float = HUNG_AFTER_SECOND
         _, oldest = activity.by_label.get(task["task"], (0, None))
         task["oldest_running_seconds"] = None if oldest is None else max(0.0, now - oldest)
         task["hung"] = oldest is not None and now - oldest > hung_after
+        # A task handed to an engine starts where the engine runs it: this process cannot tell which never did.
+        task["runs_on"] = activity.handed_off.get(task["task"])
+        if task["runs_on"] is not None:
+            task["not_started"] = None
     running = [
         {
             "task": run.task,
@@ -337,7 +341,7 @@ def _totals(tasks: list[dict[str, Any]]) -> dict[str, Any]:
         "error_ratio": failed / finished if finished else None,
         "skipped": sum(task["skipped"] for task in tasks),
         "running": sum(task["running"] for task in tasks),
-        "not_started": sum(task["not_started"] for task in tasks),
+        "not_started": sum(task["not_started"] or 0.0 for task in tasks),
         "oldest_running_seconds": max(oldest, default=None),
         "hung": sum(1 for task in tasks if task["hung"]),  # tasks with a run in progress past hung_after
     }
