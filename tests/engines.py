@@ -19,10 +19,45 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 @dataclass(frozen=True)
 class Engine:
+    name: str  # as the console marks a task handed to it
     web: str  # the web app, module:attribute
+    tasks: str  # the module of its tasks, with a trailing dot: their labels' prefix
     worker: list[str]  # the command that starts the worker
     broker_variable: str  # the environment variable that names the broker to the app modules
     grace: float  # how long its processes get to stop before they are killed
+    rejects: str  # the engine's error for arguments it cannot serialize
+    main_serves: bool  # whether the worker's main process, which runs no task, serves its port
+
+    def __str__(self) -> str:
+        return self.name
+
+
+CELERY = Engine(
+    name="celery",
+    web="tests.apps.celery_web:app",
+    tasks="tests.apps.celery_shop.",
+    worker=[
+        *(str(BIN / "celery"), "-A", "tests.apps.celery_shop", "worker", "-P", "prefork", "-c", "2"),
+        *("--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"),
+    ],
+    broker_variable="CELERY_BROKER",
+    grace=15,
+    rejects="EncodeError",
+    main_serves=True,
+)
+
+TASKIQ = Engine(
+    name="taskiq",
+    web="tests.apps.taskiq_web:app",
+    tasks="tests.apps.taskiq_shop.",
+    worker=[str(BIN / "taskiq"), "worker", "tests.apps.taskiq_shop:broker", "--workers", "2"],
+    broker_variable="TASKIQ_BROKER",
+    # taskiq's redis streams worker does not stop on SIGTERM under Python 3.11 while it waits for messages (a
+    # CPython bug it meets): the tests kill it, once they have read what they check.
+    grace=0.5,
+    rejects="SendTaskError",
+    main_serves=False,  # the first of its worker processes to bind the port
+)
 
 
 def traceparent(order: int) -> str:
@@ -86,6 +121,10 @@ class Shop:
 
     def worker_metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         return samples(self.worker_url + "/metrics")
+
+    def task_spans(self, task: str) -> list[Span]:
+        """The worker's spans of runs of `task`, by its name in the engine's test module."""
+        return spans_named(self.collector.spans_of("shop-worker"), self.engine.tasks + task)
 
     def logs(self) -> str:
         return "\n".join(f"--- {process.log.name}\n{process.output()[-3000:]}" for process in self.processes)

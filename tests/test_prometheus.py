@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 import traced_tasks
 from tests.conftest import Telemetry
 from tests.dashboards import RULES, concrete, queries, rules
-from tests.engines import Shop
+from tests.engines import CELERY, Shop
 from tests.support import (
     ROOT,
     Collector,
@@ -328,15 +328,12 @@ def test_panels_and_alerts_read_no_infinity_from_prometheus_clients_collector(
         service.wait(timeout=30)
 
 
-@pytest.mark.parametrize("engine", ["celery"])
 def test_dashboards_and_rules_across_a_web_and_a_worker_job(
-    prometheus_binary: str, tmp_path: Path, broker: str, collector: Collector, engine: str
+    prometheus_binary: str, tmp_path: Path, broker: str, collector: Collector
 ) -> None:
     """With tasks handed over to a real Celery worker, and Prometheus scraping the web process and the worker as two
     jobs: every dashboard query returns data that has moved, every recording rule returns data, every rule
     evaluates healthily, and 'Scheduled, never started' subtracts the worker's starts from the web's schedules."""
-    from tests.test_celery import CELERY
-
     shop = Shop(CELERY, tmp_path, broker, collector)
     stop = threading.Event()
     try:
