@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -15,11 +18,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import generate_latest as generate_text
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from tests.support import wait_until
 from traced_tasks import _conventions as names
-from traced_tasks._activity import Activity
+from traced_tasks._activity import Activity, View
 from traced_tasks._backends import Backend
 from traced_tasks._backends.in_process import InProcessBackend
-from traced_tasks._backends.multiprocess import MultiprocessBackend
+from traced_tasks._backends.multiprocess import MultiprocessBackend, _ActivityFiles
 from traced_tasks._options import Options
 
 EXEMPLAR = SpanContext(
@@ -176,3 +180,53 @@ def test_span_ids_that_are_not_numbers_drop_the_exemplar_only(kind: str, tmp_pat
         assert f'{names.DURATION.count}{{status="success",task="send"}} 1.0' in text
         assert f'{names.DURATION.count}{{status="error",task="send"}} 1.0' in text
         assert "trace_id" not in text
+
+
+@dataclass(frozen=True)
+class _Running:
+    task: str
+    values: tuple[str, ...]
+    route: str | None
+    started_at: float
+
+
+def test_the_activity_file_comes_back_after_a_write_failed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A process whose activity file cannot be written for a while (its folder emptied and gone, a full disk) logs
+    it once and writes it again once it can, rather than stop writing for the rest of its life."""
+    folder = tmp_path / "multiprocess"
+    folder.mkdir()
+    activity = Activity()
+    activity.running[_Running("send", ("send",), None, 1.0)] = True
+    files = _ActivityFiles(str(folder))
+    files.watch(activity)
+    files.publish()
+    mine = folder / f"traced_tasks_activity_{os.getpid()}.json"
+    try:
+        wait_until(mine.exists)
+        shutil.rmtree(folder)
+        activity.running[_Running("refund", ("refund",), None, 2.0)] = True  # a change, so a write
+        wait_until(lambda: "cannot write the runs of this process" in caplog.text)
+        folder.mkdir()
+        wait_until(mine.exists)
+        assert [run.task for run in View.from_json(json.loads(mine.read_text())).listed] == ["send", "refund"]
+        assert caplog.text.count("cannot write the runs of this process") == 1
+    finally:
+        files._remove()
+
+
+def test_a_start_that_fails_after_counting_leaves_nothing_in_progress(tmp_path: Path) -> None:
+    """When starting this process's activity writer fails at a run's start, the run still counts as in progress
+    until it ends, and then not: the gauge never goes below 0 and the end does not raise."""
+    backend, registry = multiprocess(tmp_path)
+
+    def fail() -> None:
+        raise RuntimeError("can't start new thread")
+
+    backend._files.publish = fail  # type: ignore[method-assign]
+    task = backend.counts(("send",))
+    task.schedule()
+    with pytest.raises(RuntimeError):
+        task.start(0.001, 1.0)
+    assert registry.get_sample_value(names.IN_PROGRESS.name, {"task": "send"}) == 1
+    task.succeed(0.2, 1.0, None)
+    assert registry.get_sample_value(names.IN_PROGRESS.name, {"task": "send"}) == 0

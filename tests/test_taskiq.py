@@ -122,7 +122,14 @@ def memory_broker() -> Iterator[Any]:
     async def send_receipt(order_id: int) -> str:
         return format(trace.get_current_span().get_span_context().trace_id, "032x")
 
+    @broker.task(task_name="unit:quiet")
+    async def quiet() -> None:
+        from taskiq.exceptions import NoResultError
+
+        raise NoResultError
+
     broker.send_receipt = send_receipt  # type: ignore[attr-defined]
+    broker.quiet = quiet  # type: ignore[attr-defined]
     asyncio.run(broker.startup())
     yield broker
     asyncio.run(broker.shutdown())
@@ -174,3 +181,20 @@ def test_a_handed_over_task_runs_in_the_worker_under_its_scheduling_span(
     assert run.kind is SpanKind.CONSUMER
     assert run.parent is not None
     assert run.parent.span_id == request.context.span_id
+
+
+def test_a_task_that_keeps_no_result_succeeds(telemetry: Telemetry, memory_broker: Any) -> None:
+    """A taskiq task that raises NoResultError, taskiq's way to keep no result, ran to its end: it counts as a
+    success, not an error."""
+    name = f"{__name__}.memory_broker.<locals>.quiet"
+
+    async def main() -> None:
+        await memory_broker.quiet.kiq()
+        for _ in range(1000):
+            if telemetry.value(names.DURATION.count, task=name, status="success"):
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert telemetry.value(names.DURATION.count, task=name, status="success") == 1
+    assert not telemetry.value(names.DURATION.count, task=name, status="error")

@@ -40,7 +40,10 @@ class Configuration:
         self.backend = _backends.choose(options, self.activity)
         self.labels = Labels(options.max_task_names, options.route_label, self.backend.series_limit())
         # Names other processes admitted (earlier workers, in multiprocess mode) are in what /metrics serves too.
-        self.labels.admit_tasks(self.backend.known_task_names())
+        try:
+            self.labels.admit_tasks(self.backend.known_task_names())
+        except Exception:  # the folder cannot be read now: its names count toward the cap as they come back
+            logger.exception("traced_tasks: cannot read the task names other processes counted")
         self.profiles = Profiles(self.labels, self.backend, options.max_task_names)
         self._reported: set[tuple[str, str]] = set()
         self._tracers: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
@@ -240,7 +243,7 @@ def _default() -> Configuration:
                     "they are served by traced_tasks.metrics_app only. Call traced_tasks.configure() "
                     "with another namespace or registry to choose"
                 )
-                configuration = Configuration(Options(registry=CollectorRegistry()))
+                configuration = Configuration(Options(**{**_with_choices({}), "registry": CollectorRegistry()}))
                 configuration.backend.open()
             _current = configuration
         return _current

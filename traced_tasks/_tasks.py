@@ -42,12 +42,26 @@ def init(task: background.BackgroundTask, func: Callable[..., Any], args: Any, k
     if engine is not None:
         engine.check(func, args, kwargs)  # what cannot travel fails here, with the engine's own error
         task._engine = engine  # type: ignore[attr-defined]
-    config = _config.current()
+    try:
+        config = _config.current()
+    except Exception:  # no configuration can be made: the task runs as Starlette's would, untraced
+        _unconfigured()
+        task._traced = None  # type: ignore[attr-defined]
+        return
     traced = _run.schedule(config, func)
     if traced is not None and engine is not None:
         traced.engine = engine
         config.activity.handed_off.setdefault(traced.values[0], engine.name)
     task._traced = traced  # type: ignore[attr-defined]
+
+
+_UNCONFIGURED: list[bool] = []  # logged once
+
+
+def _unconfigured() -> None:
+    if not _UNCONFIGURED:
+        _UNCONFIGURED.append(True)
+        logger.exception("traced_tasks: cannot make its configuration; background tasks run untraced and uncounted")
 
 
 def _is_async_callable(func: Callable[..., Any]) -> bool:

@@ -172,14 +172,16 @@ def _carried(request: Any) -> dict[str, Any]:
 
 
 def _task_failure(sender: Task[Any, Any] | None = None, exception: BaseException | None = None, **_: Any) -> None:
-    if sender is not None and exception is not None:
+    # Only on a run's own request: a worker's main process sends task_failure too (a hard time limit, a lost
+    # worker process), where task.request is the task's default one, shared and never cleared.
+    if sender is not None and exception is not None and getattr(sender.request, _RUN, None) is not None:
         setattr(sender.request, _ERROR, exception)
 
 
 def _task_retry(sender: Task[Any, Any] | None = None, request: Any = None, reason: Any = None, **_: Any) -> None:
     # `reason` is Celery's Retry, whose `exc` is the exception that made the task retry, when there is one.
     exception = getattr(reason, "exc", None) or reason
-    if request is not None and isinstance(exception, BaseException):
+    if request is not None and isinstance(exception, BaseException) and getattr(request, _RUN, None) is not None:
         setattr(request, _ERROR, exception)
 
 
@@ -203,6 +205,7 @@ def _task_postrun(task: Task[Any, Any] | None = None, state: str | None = None, 
         exception = found if isinstance(found, BaseException) else TaskFailed()
     run.__exit__(None if exception is None else type(exception), exception, None)
     setattr(request, _RUN, None)
+    setattr(request, _ERROR, None)
 
 
 def _declare(sender: Celery | None = None, **_: Any) -> None:

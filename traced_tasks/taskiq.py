@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from taskiq import AsyncTaskiqDecoratedTask, TaskiqMessage, TaskiqMiddleware, TaskiqResult
-from taskiq.exceptions import SendTaskError
+from taskiq.exceptions import NoResultError, SendTaskError
 
 from traced_tasks import _config, _engines, _run
 from traced_tasks import _conventions as names
@@ -136,7 +136,7 @@ class Middleware(TaskiqMiddleware):
             return
         _running.set(None)
         exception: BaseException | None = None
-        if result.is_err:
+        if result.is_err and not isinstance(result.error, NoResultError):  # a task that chose to keep no result
             exception = _error.get() or result.error or TaskFailed()
         run.__exit__(None if exception is None else type(exception), exception, None)
 

@@ -131,15 +131,15 @@ class _Counts:
         self._scheduled.inc()
 
     def start(self, wait: float, started_at: float) -> None:
-        self._backend.files.publish()
         self._wait.observe(wait)
-        self._in_progress.inc()
         with self._backend.lock:
+            self._in_progress.inc()
             self._starts.append(started_at)
             if started_at <= min(self._starts):
                 if self._in_progress_since is None:
                     self._in_progress_since = self._backend.in_progress_since.labels(*self.values)
                 self._in_progress_since.set(started_at)
+        self._backend.files.publish()  # last: what it raises leaves the counts above whole
 
     def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None:
         self._finish(started_at)
@@ -164,8 +164,10 @@ class _Counts:
         self._skipped.inc()
 
     def _finish(self, started_at: float) -> None:
-        self._in_progress.dec()
         with self._backend.lock:
+            if started_at not in self._starts:  # its start failed before it was counted
+                return
+            self._in_progress.dec()
             self._starts.remove(started_at)
             self._in_progress_since.set(min(self._starts) if self._starts else _NOTHING_RUNS)
 
@@ -275,11 +277,12 @@ def merge(folder: str, pattern: str, accumulate: bool) -> list[Metric]:
     """MultiProcessCollector.merge() of the folder's files that match `pattern`, without those that cannot be read:
     a worker killed while it made its file leaves it empty, and one such file would fail every read."""
     files = sorted(glob.glob(os.path.join(folder, pattern)))
-    try:
-        return list(MultiProcessCollector.merge(files, accumulate=accumulate))  # type: ignore[no-untyped-call]
-    except Exception:
-        readable = [path for path in files if _readable(path)]
-        return list(MultiProcessCollector.merge(readable, accumulate=accumulate))  # type: ignore[no-untyped-call]
+    for _ in range(3):  # a file removed between the listing and the read (a dead worker's) is listed no more
+        try:
+            return list(MultiProcessCollector.merge(files, accumulate=accumulate))  # type: ignore[no-untyped-call]
+        except Exception:
+            files = [path for path in files if _readable(path)]
+    return list(MultiProcessCollector.merge(files, accumulate=accumulate))  # type: ignore[no-untyped-call]
 
 
 _unreadable: set[str] = set()  # the files logged as unreadable, each once
@@ -353,7 +356,8 @@ class _ActivityFiles:
         os.register_at_fork(after_in_child=self._forked)
 
     def watch(self, activity: Activity) -> None:
-        self._activities.add(activity)
+        with self._lock:  # the writer thread copies it
+            self._activities.add(activity)
 
     def publish(self) -> None:
         """Start this process's writer, once: the first run of a process calls it, fork or not."""
@@ -391,18 +395,27 @@ class _ActivityFiles:
 
     def _write_while_running(self) -> None:
         written = b""
+        failed = False
         while not self._stop.wait(ACTIVITY_EVERY_SECONDS):
+            path = self._path(os.getpid())
             try:
-                body = json.dumps(View.merge(a.view() for a in list(self._activities)).to_json()).encode()
+                with self._lock:
+                    activities = list(self._activities)
+                body = json.dumps(View.merge(activity.view() for activity in activities).to_json()).encode()
                 if body != written:
-                    path = self._path(os.getpid())
                     with open(path + ".tmp", "wb") as file:
                         file.write(body)
                     os.replace(path + ".tmp", path)  # whole or not at all, for a reader in another process
                     written = body
             except Exception:
-                logger.exception("traced_tasks: cannot write the runs of this process for the console")
-                return
+                # A full disk, a folder emptied under it: no file rather than a stale one, whose runs would look
+                # in progress for as long as this process lives. It tries again each second, and says so once.
+                if not failed:
+                    logger.exception("traced_tasks: cannot write the runs of this process for the console")
+                    failed = True
+                written = b""
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
     def _remove(self) -> None:
         self._stop.set()

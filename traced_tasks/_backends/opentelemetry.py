@@ -57,7 +57,7 @@ class _Instruments:
         self.backends: weakref.WeakSet[OpenTelemetryBackend] = weakref.WeakSet()  # whose runs are in progress
         self.counts = InProcessBackend(options, None, self._running)
         self._pairs: set[tuple[tuple[str, ...], str]] = set()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         meter = provider.get_meter(names.INSTRUMENTATION_NAME, __version__)
         prefix = f"{options.namespace}." if options.namespace else ""
 
@@ -83,7 +83,7 @@ class _Instruments:
         pair = (values, exception)
         if self.limit is None or exception == names.OVERFLOW:
             return exception
-        with self._lock:
+        with self.lock:
             if pair in self._pairs:
                 return exception
             if len(self._pairs) < self.limit - (self.limit // _STATUSES):
@@ -92,7 +92,9 @@ class _Instruments:
         return names.OVERFLOW
 
     def _running(self) -> Iterator[Running]:
-        for backend in list(self.backends):
+        with self.lock:  # a configure() in another thread adds to it
+            backends = list(self.backends)
+        for backend in backends:
             yield from backend.local.running.copy()
 
     def _attributes(self, snapshot: Snapshot) -> dict[str, str]:
@@ -238,7 +240,8 @@ class OpenTelemetryBackend:
         return self.instruments.counts.collect()
 
     def open(self) -> None:
-        self.instruments.backends.add(self)
+        with self.instruments.lock:
+            self.instruments.backends.add(self)
 
     def close(self) -> None:
         """Nothing to take out: a run of this configuration still in progress is still observed."""
