@@ -136,8 +136,10 @@ class Middleware(TaskiqMiddleware):
             return
         _running.set(None)
         exception: BaseException | None = None
-        if result.is_err and not isinstance(result.error, NoResultError):  # a task that chose to keep no result
+        if result.is_err:
             exception = _error.get() or result.error or TaskFailed()
+        if isinstance(exception, NoResultError):  # the task chose to keep no result; a retry replaces its error
+            exception = None
         run.__exit__(None if exception is None else type(exception), exception, None)
 
 
