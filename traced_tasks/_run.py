@@ -1,8 +1,9 @@
 """A task's life as traced_tasks sees it: scheduled, then run, or skipped.
 
-A `Run` is made by add_task and owns the run from there: the context and clock add_task captured, then the span,
-the context token, the run clock and the counts. It only calls down, into the configuration the task was scheduled
-under and its metrics backend.
+A `Run` is made when a task is scheduled (add_task, an engine's publish) or received from an engine's broker, and
+owns the run from there: the context and clock of its scheduling, then the span, the context token, the run clock
+and the counts. It is given the configuration the task was scheduled under (`Config`), and calls down only, into
+its profiles and metrics backend.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import inspect
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -25,13 +26,30 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
-from traced_tasks import _activity, _config, _request
+from traced_tasks import _activity, _request
 from traced_tasks import _conventions as names
 from traced_tasks._activity import TaskRun
 from traced_tasks._callables import describe, utf8
-from traced_tasks._config import Configuration
-from traced_tasks._labels import error_type
-from traced_tasks._profiles import Profile
+from traced_tasks._labels import Labels, error_type
+from traced_tasks._options import Options
+from traced_tasks._profiles import Profile, Profiles
+
+
+class Config(Protocol):
+    """What a run needs of the configuration it was scheduled under: `_config.Configuration` is the one there is."""
+
+    options: Options
+    tracer: Tracer
+    profiles: Profiles
+    labels: Labels
+    activity: _activity.Activity
+
+    def tracer_for(self, provider: trace.TracerProvider) -> Tracer: ...
+
+    def report(self, part: str, task: str) -> None: ...
+
+    def warn(self, part: str, task: str, message: str) -> None: ...
+
 
 _ROOT = Context()
 _ENDING = threading.Lock()
@@ -39,7 +57,7 @@ _ENDING = threading.Lock()
 _ABANDONED = asyncio.CancelledError("the server stopped while the task ran")
 
 
-def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
+def schedule(config: Config, func: Callable[..., Any]) -> Run | None:
     """Capture what a task needs at its run and count it as scheduled; never raises. None: the setup failed."""
     scheduled = capture(config, func)
     if scheduled is not None:
@@ -47,7 +65,7 @@ def schedule(config: Configuration, func: Callable[..., Any]) -> Run | None:
     return scheduled
 
 
-def capture(config: Configuration, func: Callable[..., Any], route: object = None) -> Run | None:
+def capture(config: Config, func: Callable[..., Any], route: object = None) -> Run | None:
     """A Run of `func` in the context and route of now, counting nothing yet; never raises. None: the setup failed.
     `route`, when it is text, stands for the route where no request is served now (a retry in a worker)."""
     try:
@@ -64,14 +82,14 @@ def capture(config: Configuration, func: Callable[..., Any], route: object = Non
         return None
 
 
-def count_scheduled(config: Configuration, profile: Profile) -> None:
+def count_scheduled(config: Config, profile: Profile) -> None:
     try:
         profile.counts.schedule()
     except Exception:
         config.report("metrics", profile.name)
 
 
-def published(config: Configuration, func: Callable[..., Any], carried: Mapping[str, Any]) -> None:
+def published(config: Config, func: Callable[..., Any], carried: Mapping[str, Any]) -> None:
     """Count a message an engine published as scheduled, under the route it carries: for a publish traced_tasks did
     not make (task.delay(), a retry), once the engine published it."""
     try:
@@ -84,7 +102,7 @@ def published(config: Configuration, func: Callable[..., Any], carried: Mapping[
 
 
 def _under_fastapis_telemetry(
-    config: Configuration, context: Context, route: str | None
+    config: Config, context: Context, route: str | None
 ) -> tuple[Context, str | None, Tracer]:
     """Under FastAPI's native telemetry the current span is its endpoint or dependency span, which ends before the task
     runs: the task belongs under the request's server span, with the route that span reports, in the provider
@@ -127,7 +145,7 @@ class Run:
         "tracer",
     )
 
-    def __init__(self, config: Configuration, profile: Profile, context: Context, tracer: Tracer) -> None:
+    def __init__(self, config: Config, profile: Profile, context: Context, tracer: Tracer) -> None:
         self.config = config
         self.profile = profile
         self.context = context
@@ -354,12 +372,10 @@ class CoroutineNeverAwaited(Exception):  # the outcome's name, never raised
     """The outcome of a sync task that returned a coroutine, which Starlette drops unawaited."""
 
 
-def received(
-    config: Configuration, func: Callable[..., Any], carried: Mapping[str, Any], scheduled_at: float | None = None
-) -> Run:
+def received(config: Config, func: Callable[..., Any], carried: Mapping[str, Any]) -> Run:
     """The Run of a message an engine delivered, to start now in this process: under the context, route and time of
     scheduling carried with it (`carried()`). A message that carries no time of scheduling (published by a process
-    without traced_tasks) waited `scheduled_at` (a Unix time), or no time at all."""
+    without traced_tasks) waited no time at all."""
     context = propagate.extract(carried, context=Context())
     route = carried.get(names.CARRIED_ROUTE)
     run = Run(config, config.profiles.get(func, route if isinstance(route, str) else None), context, config.tracer)
@@ -367,15 +383,14 @@ def received(
     run._claimed = True
     with contextlib.suppress(KeyError, TypeError, ValueError):
         scheduled_at = float(carried[names.CARRIED_SCHEDULED_AT])
-    if scheduled_at is not None:
         # Unix times, from two hosts' clocks: the wait is as good as their synchronisation, and never negative.
         run.scheduled_ns -= int(max(0.0, time.time() - scheduled_at) * 1e9)
     return run
 
 
-def in_progress() -> list[Run]:
-    """Every run in progress in this process, whatever configuration it was scheduled under."""
-    return [run for config in _config.configurations() for run in config.activity.running.copy()]  # type: ignore[misc]
+def in_progress(configs: Iterable[Config]) -> list[Run]:
+    """Every run in progress under these configurations."""
+    return [run for config in configs for run in config.activity.running.copy()]  # type: ignore[misc]
 
 
 def _start_linked_span(

@@ -20,7 +20,7 @@ from typing import Any
 
 from opentelemetry.sdk.trace import TracerProvider
 
-from traced_tasks import _run
+from traced_tasks import _config, _run
 
 logger = logging.getLogger("traced_tasks")
 
@@ -79,9 +79,9 @@ async def end_runs(abort: Callable[[], bool] = lambda: False) -> None:
     that started has its span ended, to be exported, and its outcome counted. Never raises."""
     try:
         deadline = time.monotonic() + RUNS_GRACE_SECONDS
-        while _run.in_progress() and time.monotonic() < deadline and not abort():
+        while _run.in_progress(_config.configurations()) and time.monotonic() < deadline and not abort():
             await asyncio.sleep(0.01)
-        for run in _run.in_progress():
+        for run in _run.in_progress(_config.configurations()):
             run.abandon()
     except Exception:
         logger.exception("traced_tasks: ending the runs left at shutdown failed")
