@@ -99,7 +99,8 @@ class Shop:
         wait_for_http(url + "/metrics/")
         return url
 
-    def start_worker(self, **extra: str) -> str:
+    def start_worker(self, *args: str, **extra: str) -> str:
+        """Start the engine's worker, with `args` after its command and `extra` in its environment."""
         port = free_port()
         metrics = self.folder / "worker-metrics"
         metrics.mkdir(exist_ok=True)
@@ -110,7 +111,7 @@ class Shop:
             **extra,
         }
         log = self.folder / "worker.log"
-        self.worker = Process(self.engine.worker, log, **self.environment("shop-worker", **env))
+        self.worker = Process([*self.engine.worker, *args], log, **self.environment("shop-worker", **env))
         self.processes.append(self.worker)
         self.worker_url = f"http://127.0.0.1:{port}"
         wait_for_http(self.worker_url + "/metrics")

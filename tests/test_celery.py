@@ -23,6 +23,7 @@ from tests.conftest import Telemetry
 from tests.engines import BIN, CELERY, Shop, spans_named, value
 from tests.support import (
     Collector,
+    Process,
     attributes,
     free_port,
     wait_until,
@@ -112,6 +113,24 @@ def test_a_run_whose_worker_process_was_killed_is_delivered_again(shop: Shop) ->
     assert value(worker, names.WAIT.count, task=task) == 2
     assert value(worker, names.IN_PROGRESS.name, task=task) == 0
     assert value(shop.web_metrics(web), names.SCHEDULED.total, task=task) == 1
+
+
+@pytest.mark.integration
+def test_a_prefork_worker_without_a_multiprocess_folder_says_so_and_serves_nothing(shop: Shop) -> None:
+    """A prefork worker with one child (-c 1) and TRACED_TASKS_METRICS_PORT but no PROMETHEUS_MULTIPROC_DIR: its
+    main process, which runs no task, logs an error saying what to set once it is ready, and does not serve the
+    port, rather than serve zeros a dashboard would take for an idle worker."""
+    port = free_port()
+    command = [*CELERY.worker, "-c", "1"]
+    worker = Process(
+        command, shop.folder / "lonely.log", **shop.environment("shop-worker", TRACED_TASKS_METRICS_PORT=str(port))
+    )
+    shop.processes.append(worker)
+    wait_until(lambda: "ready." in worker.output())
+    wait_until(lambda: "traced_tasks" in worker.output())
+    assert "set PROMETHEUS_MULTIPROC_DIR to an empty folder before the worker starts" in worker.output()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/metrics")
 
 
 @pytest.mark.integration

@@ -132,6 +132,18 @@ def test_a_direct_publish_is_traced_the_same_way(shop: Shop) -> None:
     assert attributes(span)[names.ATTR_ROUTE] == "/direct/{order_id}"
 
 
+def test_the_spans_of_a_worker_process_that_ends_are_exported(shop: Shop) -> None:
+    """A worker process that ends after each task (--max-tasks-per-child=1) ends with os._exit, without the SDK's
+    export at exit: with a batch delay of a minute, only the export at the process's stop brings each run's span to
+    the collector, one span per run."""
+    web = shop.start_web()
+    shop.start_worker("--max-tasks-per-child=1", OTEL_BSP_SCHEDULE_DELAY="60000")
+    for order in range(3):
+        assert httpx.post(f"{web}/orders/{order}").status_code == 200
+    wait_until(lambda: len(shop.task_spans("send_receipt")) == 3)  # the port changes hands as processes end
+    assert len({span.span_id for span in shop.task_spans("send_receipt")}) == 3
+
+
 def test_a_hung_task_is_flagged_on_the_workers_console(shop: Shop) -> None:
     """A run that goes on in a worker process: the worker's port serves it in the console's running list, from the
     process that runs it, flagged hung past TRACED_TASKS_HUNG_AFTER, and in /metrics as in progress since its

@@ -57,12 +57,7 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 _config.instrumented(**changes)
             except Exception:
                 logger.exception("traced_tasks: cannot use the given %s; kept the configuration", " and ".join(changes))
-        try:
-            port = _server.port_from_environment()
-        except ValueError:
-            logger.exception("traced_tasks: not serving metrics on a port of their own")
-            port = None
-        metrics_server = self._metrics_server = _server.MetricsServer(port) if port is not None else None
+        metrics_server = self._metrics_server = _server.from_environment()
         original_app_call = applications.Starlette.__call__
 
         async def app_call(app: applications.Starlette, scope: Scope, receive: Receive, send: Send) -> None:

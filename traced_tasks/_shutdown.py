@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from traced_tasks import _config, _run
@@ -39,6 +40,22 @@ def flush_on_stop(provider: TracerProvider) -> None:
         if provider not in _providers:
             _providers.append(provider)
     _wrap_uvicorn_shutdown()
+
+
+def flush_process() -> bool:
+    """Export what this process's tracer providers hold (the global one, the one given to configure(), those of
+    setup_tracing()), before it ends without atexit: the processes of Celery's prefork pool and of taskiq's worker
+    end with os._exit. Never raises."""
+    try:
+        providers = [trace.get_tracer_provider(), *(c.options.tracer_provider for c in _config.configurations())]
+        for provider in providers:
+            if isinstance(provider, TracerProvider):
+                with _lock:
+                    if provider not in _providers:
+                        _providers.append(provider)
+    except Exception:
+        logger.exception("traced_tasks: exporting the spans left at shutdown failed")
+    return flush()
 
 
 def flush(abort: Callable[[], bool] = lambda: False) -> bool:

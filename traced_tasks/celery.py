@@ -37,9 +37,8 @@ from celery import Celery, Task, signals
 from kombu import serialization
 from opentelemetry import propagate
 
-from traced_tasks import _config, _engines, _run
+from traced_tasks import _config, _engines, _run, _shutdown
 from traced_tasks import _conventions as names
-from traced_tasks._backends import multiprocess
 from traced_tasks._web import server
 
 __all__ = ["instrument"]
@@ -218,30 +217,36 @@ def _declare(sender: Celery | None = None, **_: Any) -> None:
 _metrics_server: server.MetricsServer | None = None
 
 
-def _worker_init(sender: Any = None, **_: Any) -> None:
-    concurrency = getattr(sender, "concurrency", 1) or 1
-    pool = getattr(getattr(sender, "pool_cls", None), "__module__", "")
-    if concurrency > 1 and "prefork" in pool and multiprocess.directory() is None:
-        logger.warning(
-            "traced_tasks: this Celery worker runs tasks in %d processes, each counting on its own: set "
-            "PROMETHEUS_MULTIPROC_DIR to an empty folder before the worker starts, so that its /metrics and task "
-            "console show them all",
-            concurrency,
-        )
-
-
-def _worker_ready(**_: Any) -> None:
-    # In the worker's main process, once the pool's processes are started: they read the metrics of all of them
-    # from the multiprocess folder, and none of them holds the port.
+def _worker_ready(sender: Any = None, **_: Any) -> None:
+    # In the worker's main process, once its pool has started: the processes of a prefork pool count where this one
+    # can read them only in multiprocess mode, and one of them holds no port.
     global _metrics_server
-    try:
-        port = server.port_from_environment()
-    except ValueError:
-        logger.exception("traced_tasks: not serving metrics on a port of their own")
+    if _metrics_server is not None:
         return
-    if port is not None and _metrics_server is None:
-        _metrics_server = server.MetricsServer(port)
-        _metrics_server.ensure_started()
+    metrics_server = server.from_environment()
+    if metrics_server is None:
+        return
+    if _runs_in_child_processes(sender) and server.counts_this_process_only():
+        logger.error(
+            "traced_tasks: this Celery worker runs its tasks in prefork child processes, which count on their own: "
+            "set PROMETHEUS_MULTIPROC_DIR to an empty folder before the worker starts. Until then it does not serve "
+            "port %s, rather than serve no counts at all",
+            metrics_server.port,
+        )
+        return
+    _metrics_server = metrics_server
+    _metrics_server.ensure_started()
+
+
+def _runs_in_child_processes(consumer: Any) -> bool:
+    from celery.concurrency.prefork import TaskPool
+
+    return isinstance(getattr(consumer, "pool", None), TaskPool)
+
+
+def _worker_process_shutdown(**_: Any) -> None:
+    # In a prefork child, which ends with os._exit, so without the SDK's own export at exit.
+    _shutdown.flush_process()
 
 
 def _worker_shutdown(**_: Any) -> None:
@@ -258,7 +263,7 @@ _RECEIVERS: dict[Any, Callable[..., None]] = {
     signals.task_failure: _task_failure,
     signals.task_retry: _task_retry,
     signals.task_postrun: _task_postrun,
-    signals.worker_init: _worker_init,
     signals.worker_ready: _worker_ready,
     signals.worker_shutdown: _worker_shutdown,
+    signals.worker_process_shutdown: _worker_process_shutdown,
 }

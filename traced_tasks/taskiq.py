@@ -34,9 +34,8 @@ from typing import Any
 from taskiq import AsyncTaskiqDecoratedTask, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskiq.exceptions import NoResultError, SendTaskError
 
-from traced_tasks import _config, _engines, _run
+from traced_tasks import _config, _engines, _run, _shutdown
 from traced_tasks import _conventions as names
-from traced_tasks._backends import multiprocess
 from traced_tasks._web import server
 
 __all__ = ["Middleware"]
@@ -70,26 +69,24 @@ class Middleware(TaskiqMiddleware):
         _config.declare(*(task for _, task in sorted(self.broker.get_all_tasks().items())))
         if not self.broker.is_worker_process:
             return
-        try:
-            port = server.port_from_environment()
-        except ValueError:
-            logger.exception("traced_tasks: not serving metrics on a port of their own")
+        self._metrics_server = server.from_environment()
+        if self._metrics_server is None:
             return
-        if port is not None:
-            if multiprocess.directory() is None:
-                logger.warning(
-                    "traced_tasks: each taskiq worker process counts on its own, and one of them serves port %s: "
-                    "set PROMETHEUS_MULTIPROC_DIR to an empty folder before the worker starts, so that /metrics and "
-                    "the task console show them all",
-                    port,
-                )
-            self._metrics_server = server.MetricsServer(port)
-            self._metrics_server.ensure_started()
+        if server.counts_this_process_only():
+            logger.warning(
+                "traced_tasks: each taskiq worker process counts on its own, and one of them serves port %s: "
+                "set PROMETHEUS_MULTIPROC_DIR to an empty folder before the worker starts, so that /metrics and "
+                "the task console show them all",
+                self._metrics_server.port,
+            )
+        self._metrics_server.ensure_started()
 
     def shutdown(self) -> None:
         if self._metrics_server is not None:
             self._metrics_server.stop()
             self._metrics_server = None
+        if self.broker.is_worker_process:  # which ends with os._exit, so without the SDK's own export at exit
+            _shutdown.flush_process()
 
     def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         # A kick made elsewhere than add_task: task.kiq(), a retry. Its message gets the context current now (in a

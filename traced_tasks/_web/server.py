@@ -35,6 +35,21 @@ def port_from_environment() -> int | None:
     return int(port)
 
 
+def from_environment() -> MetricsServer | None:
+    """The server TRACED_TASKS_METRICS_PORT asks for, not started yet; None when it is unset, or not a port (logged)."""
+    try:
+        port = port_from_environment()
+    except ValueError:
+        logger.exception("traced_tasks: not serving metrics on a port of their own")
+        return None
+    return None if port is None else MetricsServer(port)
+
+
+def counts_this_process_only() -> bool:
+    """Whether what this process serves is its own counts and runs only: not multiprocess mode."""
+    return _config.current().backend.processes() is None
+
+
 class _Configured:
     """What traced_tasks' /metrics serves, looked up at each scrape, since configure() may come later."""
 
