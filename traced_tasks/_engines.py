@@ -26,6 +26,10 @@ class Engine(Protocol):
         """Publish the task to the engine's broker, with `carried` in its message's own metadata."""
 
 
+class TaskFailed(Exception):  # the outcome's name, never raised
+    """The outcome of a run its engine marked failed without an exception to say why."""
+
+
 _engines: list[Engine] = []
 
 

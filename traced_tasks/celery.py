@@ -93,10 +93,6 @@ class _Celery:
 _ENGINE = _Celery()
 
 
-class TaskFailed(Exception):  # the outcome's name, never raised
-    """The outcome of a run Celery marked failed without an exception to say why."""
-
-
 def _task(name: str) -> Task[Any, Any] | None:
     """The task of an instrumented app that a message of this name runs."""
     for app in list(_apps):
@@ -201,7 +197,7 @@ def _task_postrun(task: Task[Any, Any] | None = None, state: str | None = None, 
         exception = asyncio.CancelledError(state)
     elif state in _FAILED:
         found = getattr(request, _ERROR, None) or retval
-        exception = found if isinstance(found, BaseException) else TaskFailed()
+        exception = found if isinstance(found, BaseException) else _engines.TaskFailed()
     run.__exit__(None if exception is None else type(exception), exception, None)
     setattr(request, _RUN, None)
     setattr(request, _ERROR, None)

@@ -134,14 +134,10 @@ class Middleware(TaskiqMiddleware):
         _running.set(None)
         exception: BaseException | None = None
         if result.is_err:
-            exception = _error.get() or result.error or TaskFailed()
+            exception = _error.get() or result.error or _engines.TaskFailed()
         if isinstance(exception, NoResultError):  # the task chose to keep no result; a retry replaces its error
             exception = None
         run.__exit__(None if exception is None else type(exception), exception, None)
-
-
-class TaskFailed(Exception):  # the outcome's name, never raised
-    """The outcome of a run taskiq marked failed without an exception to say why."""
 
 
 def _delayed(delay: object) -> float | None:

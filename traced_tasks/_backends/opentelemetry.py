@@ -35,10 +35,6 @@ logger = logging.getLogger("traced_tasks")
 # would take the current context's span, which is the request's, not the task's.
 _NO_SPAN = trace.set_span_in_context(trace.INVALID_SPAN, Context())
 
-# The OpenTelemetry SDK's limit of attribute sets per instrument, from version 1.45: past it, measurements fold into
-# one series marked otel.metric.overflow=true, which no rule or dashboard reads.
-SDK_DEFAULT_LIMIT = 2000
-
 # Series of the run-time histogram per set of label values: success, error and cancelled.
 _STATUSES = 3
 

@@ -1,7 +1,8 @@
 """The task console: one page for people, and the JSON it reads, which scripts can read too.
 
-What it shows comes from two places: the counts, from the metrics backend (summed over every worker in multiprocess
-mode, as /metrics is); and the runs in progress and the last failures, from this process's activity record.
+What it shows comes from the metrics backend: the counts, summed over every process in multiprocess mode as /metrics
+is; and the runs in progress and the last failures, of this process and, in multiprocess mode, of every live
+process that shares the folder.
 """
 
 from __future__ import annotations

@@ -100,8 +100,9 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class MetricsServer:
-    """/metrics and /tasks/ on one port, started by the first ASGI call a process serves (its lifespan startup, or
-    its first request).
+    """/metrics and /tasks/ on one port. A web process starts it at the first ASGI call it serves (its lifespan
+    startup, or its first request); an engine's worker when it is ready (Celery's main process, each taskiq worker
+    process).
 
     Not at instrument(): supervisors (gunicorn's master, uvicorn's reloader) load the instrumentation too, and would
     hold the port while serving nothing. In multiprocess mode every worker tries the port, and the first one serves
