@@ -30,16 +30,16 @@ class TaskFailed(Exception):  # the outcome's name, never raised
     """The outcome of a run its engine marked failed without an exception to say why."""
 
 
-_engines: list[Engine] = []
+installed: list[Engine] = []
 
 
 def install(engine: Engine) -> None:
-    if engine not in _engines:
-        _engines.append(engine)
+    if engine not in installed:
+        installed.append(engine)
 
 
 def engine_for(func: Callable[..., Any]) -> Engine | None:
-    for engine in _engines:
+    for engine in installed:
         if engine.owns(func):
             return engine
     return None

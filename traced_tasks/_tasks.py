@@ -38,7 +38,7 @@ def init(task: background.BackgroundTask, func: Callable[..., Any], args: Any, k
     if isinstance(func, _CONTAINERS):
         task._traced = None  # type: ignore[attr-defined]
         return
-    engine = _engines.engine_for(func)
+    engine = _engines.engine_for(func) if _engines.installed else None
     if engine is not None:
         engine.check(func, args, kwargs)  # what cannot travel fails here, with the engine's own error
         task._engine = engine  # type: ignore[attr-defined]
