@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -230,3 +231,30 @@ def test_a_start_that_fails_after_counting_leaves_nothing_in_progress(tmp_path: 
     assert registry.get_sample_value(names.IN_PROGRESS.name, {"task": "send"}) == 1
     task.succeed(0.2, 1.0, None)
     assert registry.get_sample_value(names.IN_PROGRESS.name, {"task": "send"}) == 0
+
+
+def test_a_writer_that_could_not_start_is_started_at_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When this process's activity writer cannot start (no thread to be had), the next run starts it, rather than
+    none ever again: the process's runs reach the console once threads can be had."""
+    folder = tmp_path / "multiprocess"
+    folder.mkdir()
+    activity = Activity()
+    activity.running[_Running("send", ("send",), None, 1.0)] = True
+    files = _ActivityFiles(str(folder))
+    files.watch(activity)
+    start = threading.Thread.start
+
+    def fail(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", fail)
+    with pytest.raises(RuntimeError):
+        files.publish()
+    monkeypatch.setattr(threading.Thread, "start", start)
+    try:
+        files.publish()
+        wait_until((folder / f"traced_tasks_activity_{os.getpid()}.json").exists)
+    finally:
+        files._remove()

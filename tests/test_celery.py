@@ -128,7 +128,8 @@ def test_a_prefork_worker_without_a_multiprocess_folder_says_so_and_serves_nothi
     shop.processes.append(worker)
     wait_until(lambda: "ready." in worker.output())
     wait_until(lambda: "traced_tasks" in worker.output())
-    assert "set PROMETHEUS_MULTIPROC_DIR to an empty folder before the worker starts" in worker.output()
+    assert "with PROMETHEUS_MULTIPROC_DIR set to an empty folder before the worker starts" in worker.output()
+    assert f"it does not serve port {port}" in worker.output()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/metrics")
 

@@ -285,6 +285,34 @@ class RaisingExporter(SpanExporter):
         raise ConnectionRefusedError("collector down")
 
 
+def test_an_ending_worker_process_waits_for_a_hung_collector_a_few_seconds_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker process that ends (a Celery prefork child, a taskiq worker process) exports its spans first, but a
+    collector that hangs holds it up PROCESS_FLUSH_SECONDS at most, not the exporter's timeout (ten minutes here):
+    its pool replaces it only once it has ended. It says so once."""
+    from traced_tasks import _shutdown
+
+    exporter = HangingExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=60_000))
+    provider.get_tracer("test").start_span("queued").end()
+    monkeypatch.setattr(_shutdown, "_providers", [provider])
+    monkeypatch.setattr(_shutdown, "_stalled", threading.Event())
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "600")
+    outcome: list[bool] = []
+    flushing = threading.Thread(target=lambda: outcome.append(_shutdown.flush_process()), daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="traced_tasks"):
+            flushing.start()
+            wait_until(lambda: not flushing.is_alive())  # well past PROCESS_FLUSH_SECONDS, far from 600 s
+        assert outcome == [False]
+        assert exporter.calls == 1  # it did try
+        assert caplog.text.count("were not all exported in time") == 1
+    finally:
+        exporter.release.set()
+
+
 @pytest.mark.parametrize("exporter_class", [HangingExporter, RaisingExporter])
 def test_broken_exporter_never_holds_up_tasks(
     exporter_class: type[SpanExporter], caplog: pytest.LogCaptureFixture

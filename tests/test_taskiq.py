@@ -198,3 +198,38 @@ def test_a_task_that_keeps_no_result_succeeds(telemetry: Telemetry, memory_broke
     asyncio.run(main())
     assert telemetry.value(names.DURATION.count, task=name, status="success") == 1
     assert not telemetry.value(names.DURATION.count, task=name, status="error")
+
+
+def test_a_retried_run_is_an_error_and_its_retry_a_new_run(telemetry: Telemetry) -> None:
+    """With taskiq's SimpleRetryMiddleware, which replaces a failed result's error with NoResultError when it
+    retries: the run that failed counts as an error, with its own exception's class, and the retry as a new run, a
+    success."""
+    from taskiq import InMemoryBroker, SimpleRetryMiddleware
+
+    import traced_tasks.taskiq
+
+    broker = InMemoryBroker().with_middlewares(
+        SimpleRetryMiddleware(default_retry_count=2), traced_tasks.taskiq.Middleware()
+    )
+    failures = [ConnectionError("partner down")]
+
+    @broker.task(task_name="unit:flaky", retry_on_error=True)
+    async def flaky() -> None:
+        if failures:
+            raise failures.pop()
+
+    name = f"{__name__}.test_a_retried_run_is_an_error_and_its_retry_a_new_run.<locals>.flaky"
+
+    async def main() -> None:
+        await broker.startup()
+        await flaky.kiq()
+        for _ in range(1000):
+            if telemetry.value(names.DURATION.count, task=name, status="success"):
+                break
+            await asyncio.sleep(0.01)
+        await broker.shutdown()
+
+    asyncio.run(main())
+    assert telemetry.value(names.DURATION.count, task=name, status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=name, status="error") == 1
+    assert telemetry.value(names.EXCEPTIONS.total, task=name, exception="ConnectionError") == 1

@@ -33,6 +33,9 @@ _stalled = threading.Event()  # an export at shutdown did not end in time
 # them, and a cancelled task may still await in its `finally`. Those that do not end by then are ended as cancelled.
 RUNS_GRACE_SECONDS = 1.0
 
+# How long a worker process that ends (a Celery prefork child, a taskiq worker process) waits for its spans' export.
+PROCESS_FLUSH_SECONDS = 3.0
+
 
 def flush_on_stop(provider: TracerProvider) -> None:
     """Export what `provider` holds when the server stops. Idempotent."""
@@ -44,8 +47,9 @@ def flush_on_stop(provider: TracerProvider) -> None:
 
 def flush_process() -> bool:
     """Export what this process's tracer providers hold (the global one, the one given to configure(), those of
-    setup_tracing()), before it ends without atexit: the processes of Celery's prefork pool and of taskiq's worker
-    end with os._exit. Never raises."""
+    setup_tracing()), before it ends without atexit: the forked processes of Celery's prefork pool and of taskiq's
+    worker end with os._exit. It waits PROCESS_FLUSH_SECONDS at most, the exporter's timeout if shorter: its pool
+    replaces a process only once it has ended. Never raises."""
     try:
         providers = [trace.get_tracer_provider(), *(c.options.tracer_provider for c in _config.configurations())]
         for provider in providers:
@@ -55,18 +59,18 @@ def flush_process() -> bool:
                         _providers.append(provider)
     except Exception:
         logger.exception("traced_tasks: exporting the spans left at shutdown failed")
-    return flush()
+    return flush(timeout=min(PROCESS_FLUSH_SECONDS, _exporter_timeout()))
 
 
-def flush(abort: Callable[[], bool] = lambda: False) -> bool:
-    """Export what every watched provider holds, waiting no longer than the exporter's timeout; `abort()` ends the
-    wait early. Once an export did not end in time (a collector that hangs), later calls return at once, so a stop
-    waits for the exporter once. Never raises: it runs at shutdown and in a signal handler, where an exception would
-    change how the process ends."""
+def flush(abort: Callable[[], bool] = lambda: False, timeout: float | None = None) -> bool:
+    """Export what every watched provider holds, waiting no longer than `timeout`, the exporter's timeout by default;
+    `abort()` ends the wait early. Once an export did not end in time (a collector that hangs), later calls return at
+    once, so a stop waits for the exporter once. Never raises: it runs at shutdown and in a signal handler, where an
+    exception would change how the process ends."""
     if _stalled.is_set():
         return False
     try:
-        deadline = time.monotonic() + _exporter_timeout()
+        deadline = time.monotonic() + (_exporter_timeout() if timeout is None else timeout)
         done = threading.Event()
 
         def export() -> None:

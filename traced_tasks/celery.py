@@ -224,9 +224,10 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         return
     if _runs_in_child_processes(sender) and server.counts_this_process_only():
         logger.error(
-            "traced_tasks: this Celery worker runs its tasks in prefork child processes, which count on their own: "
-            "set PROMETHEUS_MULTIPROC_DIR to an empty folder before the worker starts. Until then it does not serve "
-            "port %s, rather than serve no counts at all",
+            "traced_tasks: this Celery worker runs its tasks in prefork child processes, which count on their own, "
+            "and its main process runs none: it does not serve port %s, rather than serve no counts at all. The port "
+            "shows the children's counts in multiprocess mode, with PROMETHEUS_MULTIPROC_DIR set to an empty folder "
+            "before the worker starts and metrics through prometheus_client",
             metrics_server.port,
         )
         return

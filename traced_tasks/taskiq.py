@@ -25,6 +25,7 @@ and the task console from its start.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -74,19 +75,21 @@ class Middleware(TaskiqMiddleware):
             return
         if server.counts_this_process_only():
             logger.warning(
-                "traced_tasks: each taskiq worker process counts on its own, and one of them serves port %s: "
-                "set PROMETHEUS_MULTIPROC_DIR to an empty folder before the worker starts, so that /metrics and "
-                "the task console show them all",
+                "traced_tasks: each taskiq worker process counts on its own, and the first of them serves port %s "
+                "with its own counts only: the port shows them all in multiprocess mode, with PROMETHEUS_MULTIPROC_DIR "
+                "set to an empty folder before the worker starts and metrics through prometheus_client",
                 self._metrics_server.port,
             )
         self._metrics_server.ensure_started()
 
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
         if self._metrics_server is not None:
             self._metrics_server.stop()
             self._metrics_server = None
-        if self.broker.is_worker_process:  # which ends with os._exit, so without the SDK's own export at exit
-            _shutdown.flush_process()
+        if self.broker.is_worker_process:
+            # A forked worker process ends with os._exit, without the SDK's own export at exit. In a thread, so that
+            # taskiq's --shutdown-timeout still bounds the wait.
+            await asyncio.to_thread(_shutdown.flush_process)
 
     def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
         # A kick made elsewhere than add_task: task.kiq(), a retry. Its message gets the context current now (in a

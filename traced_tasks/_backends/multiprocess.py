@@ -366,8 +366,9 @@ class _ActivityFiles:
         with self._lock:
             if self._pid is not None:
                 return
-            self._pid = os.getpid()
+            # Started, then recorded: a start that fails (no thread to be had) is tried again at the next run.
             threading.Thread(target=self._write_while_running, name="traced_tasks-activity", daemon=True).start()
+            self._pid = os.getpid()
             atexit.register(self._remove)
 
     def read(self, local: Activity) -> View:
@@ -414,8 +415,9 @@ class _ActivityFiles:
                     logger.exception("traced_tasks: cannot write the runs of this process for the console")
                     failed = True
                 written = b""
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+                for stale in (path, path + ".tmp"):
+                    with contextlib.suppress(OSError):
+                        os.remove(stale)
 
     def _remove(self) -> None:
         self._stop.set()
