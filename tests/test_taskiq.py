@@ -6,6 +6,7 @@ from both processes. Beside it, unit tests with taskiq's InMemoryBroker, which r
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -233,3 +234,34 @@ def test_a_retried_run_is_an_error_and_its_retry_a_new_run(telemetry: Telemetry)
     assert telemetry.value(names.DURATION.count, task=name, status="success") == 1
     assert telemetry.value(names.DURATION.count, task=name, status="error") == 1
     assert telemetry.value(names.EXCEPTIONS.total, task=name, exception="ConnectionError") == 1
+
+
+def test_a_failure_at_the_brokers_startup_is_contained(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When traced_tasks cannot set itself up as the broker starts (here, declaring the tasks fails), the broker
+    still starts, and its tasks still run; the failure is logged."""
+    from taskiq import InMemoryBroker
+
+    import traced_tasks.taskiq
+    from traced_tasks import _config
+
+    def fail(*tasks: Any) -> None:
+        raise RuntimeError("cannot declare")
+
+    monkeypatch.setattr(_config, "declare", fail)
+    broker = InMemoryBroker().with_middlewares(traced_tasks.taskiq.Middleware())
+
+    @broker.task(task_name="unit:contained")
+    async def contained() -> int:
+        return 7
+
+    async def main() -> int:
+        await broker.startup()
+        result = await (await contained.kiq()).wait_result(timeout=10)
+        await broker.shutdown()
+        return int(result.return_value)
+
+    with caplog.at_level(logging.ERROR, logger="traced_tasks"):
+        assert asyncio.run(main()) == 7
+    assert "cannot declare this broker's tasks" in caplog.text

@@ -67,6 +67,12 @@ class Middleware(TaskiqMiddleware):
     def startup(self) -> None:
         """Every task of the broker has its series at 0 from the start; a worker process serves /metrics and the
         console on TRACED_TASKS_METRICS_PORT (the first of them to bind it, in multiprocess mode)."""
+        try:
+            self._start()
+        except Exception:  # the broker starts all the same
+            logger.exception("traced_tasks: cannot declare this broker's tasks or serve their metrics")
+
+    def _start(self) -> None:
         _config.declare(*(task for _, task in sorted(self.broker.get_all_tasks().items())))
         if not self.broker.is_worker_process:
             return
