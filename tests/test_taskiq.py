@@ -250,7 +250,8 @@ def test_a_failure_at_the_brokers_startup_is_contained(
         raise RuntimeError("cannot declare")
 
     monkeypatch.setattr(_config, "declare", fail)
-    broker = InMemoryBroker().with_middlewares(traced_tasks.taskiq.Middleware())
+    middleware = traced_tasks.taskiq.Middleware()
+    broker = InMemoryBroker().with_middlewares(middleware)
 
     @broker.task(task_name="unit:contained")
     async def contained() -> int:
@@ -258,6 +259,7 @@ def test_a_failure_at_the_brokers_startup_is_contained(
 
     async def main() -> int:
         await broker.startup()
+        middleware.startup()  # as a broker's startup calls it; InMemoryBroker at taskiq's lower bound does not
         result = await (await contained.kiq()).wait_result(timeout=10)
         await broker.shutdown()
         return int(result.return_value)
