@@ -191,15 +191,21 @@ class _Running:
     started_at: float
 
 
-def test_the_activity_file_comes_back_after_a_write_failed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A process whose activity file cannot be written for a while (its folder emptied and gone, a full disk) logs
-    it once and writes it again once it can, rather than stop writing for the rest of its life."""
-    folder = tmp_path / "multiprocess"
+def watched(folder: Path) -> tuple[Activity, _ActivityFiles]:
+    """An activity with one run in progress, and the activity files of `folder`, made empty, watching it."""
     folder.mkdir()
     activity = Activity()
     activity.running[_Running("send", ("send",), None, 1.0)] = True
     files = _ActivityFiles(str(folder))
     files.watch(activity)
+    return activity, files
+
+
+def test_the_activity_file_comes_back_after_a_write_failed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A process whose activity file cannot be written for a while (its folder emptied and gone, a full disk) logs
+    it once and writes it again once it can, rather than stop writing for the rest of its life."""
+    folder = tmp_path / "multiprocess"
+    activity, files = watched(folder)
     files.publish()
     mine = folder / f"traced_tasks_activity_{os.getpid()}.json"
     try:
@@ -239,11 +245,7 @@ def test_a_writer_that_could_not_start_is_started_at_the_next_run(
     """When this process's activity writer cannot start (no thread to be had), the next run starts it, rather than
     none ever again: the process's runs reach the console once threads can be had."""
     folder = tmp_path / "multiprocess"
-    folder.mkdir()
-    activity = Activity()
-    activity.running[_Running("send", ("send",), None, 1.0)] = True
-    files = _ActivityFiles(str(folder))
-    files.watch(activity)
+    _, files = watched(folder)
     start = threading.Thread.start
 
     def fail(thread: threading.Thread) -> None:

@@ -55,12 +55,13 @@ def init(task: background.BackgroundTask, func: Callable[..., Any], args: Any, k
     task._traced = traced  # type: ignore[attr-defined]
 
 
-_UNCONFIGURED: list[bool] = []  # logged once
+_unconfigured_logged = False
 
 
 def _unconfigured() -> None:
-    if not _UNCONFIGURED:
-        _UNCONFIGURED.append(True)
+    global _unconfigured_logged
+    if not _unconfigured_logged:
+        _unconfigured_logged = True
         logger.exception("traced_tasks: cannot make its configuration; background tasks run untraced and uncounted")
 
 
