@@ -29,7 +29,8 @@ def metrics() -> str:
     rows = ["| name | type | labels | meaning |", "|---|---|---|---|"]
     for family in names.FAMILIES:
         shown = family.total if family.kind == "counter" else family.name
-        labels = ", ".join(f"`{label}`" for label in (names.LABEL_TASK, family.by) if label)
+        own = family.labels if family.labels is not None else (names.LABEL_TASK, family.by)
+        labels = ", ".join(f"`{label}`" for label in own if label)
         rows.append(f"| `{shown}` | {family.kind} | {labels} | {family.help} |")
     return "\n".join(rows)
 

@@ -79,6 +79,7 @@ class Shop:
         self.processes: list[Process] = []
         self.worker: Process | None = None
         self.worker_url = ""
+        self.web = ""  # the web process's URL, once a test keeps one
 
     def environment(self, service: str, **env: str) -> dict[str, str]:
         return {

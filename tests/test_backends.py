@@ -52,6 +52,12 @@ class Running:
     values: tuple[str, ...]
     started_at: float
 
+    def trace_id(self) -> str | None:
+        return None
+
+    def where(self) -> list[str] | None:
+        return None
+
 
 def apply(backend: Backend, activity: Activity, events: list[tuple[Any, ...]], route_label: bool) -> None:
     """Play events through a backend's TaskCounts, as runs do, with the runs in progress in the activity record: a
@@ -70,21 +76,20 @@ def apply(backend: Backend, activity: Activity, events: list[tuple[Any, ...]], r
         if event == "schedule":
             counts.schedule()
         elif event == "start":
-            counts.start(seconds, clock)
             running.append(Running(task, route, values, clock))
-            activity.running[running[-1]] = True
+            counts.start(seconds, clock, activity.started(running[-1]))
         elif event == "skip":
             counts.skip()
         elif running:
             run = running.pop(0)
-            activity.running.pop(run)
+            oldest = activity.ended(run)
             started_at = run.started_at
             if event == "succeed":
-                counts.succeed(seconds, started_at, exemplar)
+                counts.succeed(seconds, started_at, exemplar, oldest)
             elif event == "error":
-                counts.fail(names.STATUS_ERROR, seconds, started_at, exemplar, exception)
+                counts.fail(names.STATUS_ERROR, seconds, started_at, exemplar, exception, oldest)
             else:
-                counts.fail(names.STATUS_CANCELLED, seconds, started_at, exemplar, None)
+                counts.fail(names.STATUS_CANCELLED, seconds, started_at, exemplar, None, oldest)
 
 
 def samples(registry: CollectorRegistry) -> set[tuple[Any, ...]]:
@@ -107,7 +112,7 @@ def in_process(
 ) -> tuple[InProcessBackend, CollectorRegistry]:
     registry = CollectorRegistry()
     options = Options(registry=registry, route_label=route_label, namespace=namespace)
-    backend = InProcessBackend(options, registry, (activity or Activity()).running.copy)
+    backend = InProcessBackend(options, registry, [activity or Activity()])
     backend.open()
     return backend, registry
 
@@ -155,8 +160,8 @@ def test_local_backend_openmetrics_has_exemplars() -> None:
     backend, registry = in_process(namespace="shop")
     task = backend.counts(("send",))
     task.schedule()
-    task.start(0.001, 1.0)
-    task.succeed(0.2, 1.0, EXEMPLAR)
+    task.start(0.001, 1.0, 1.0)
+    task.succeed(0.2, 1.0, EXEMPLAR, None)
     text = generate_openmetrics(registry).decode()
     (line,) = [line for line in text.splitlines() if "# {" in line]
     assert line.startswith(
@@ -173,29 +178,21 @@ def test_span_ids_that_are_not_numbers_drop_the_exemplar_only(kind: str, tmp_pat
     odd = SpanContext(Decimal(5), 7, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))  # type: ignore[arg-type]
     task = backend.counts(("send",))
     task.schedule()
-    task.start(0.001, 1.0)
-    task.succeed(0.2, 1.0, odd)
-    task.start(0.001, 2.0)
-    task.fail(names.STATUS_ERROR, 0.2, 2.0, odd, "KeyError")
+    task.start(0.001, 1.0, 1.0)
+    task.succeed(0.2, 1.0, odd, None)
+    task.start(0.001, 2.0, 2.0)
+    task.fail(names.STATUS_ERROR, 0.2, 2.0, odd, "KeyError", None)
     for text in (generate_text(registry).decode(), generate_openmetrics(registry).decode()):
         assert f'{names.DURATION.count}{{status="success",task="send"}} 1.0' in text
         assert f'{names.DURATION.count}{{status="error",task="send"}} 1.0' in text
         assert "trace_id" not in text
 
 
-@dataclass(frozen=True)
-class _Running:
-    task: str
-    values: tuple[str, ...]
-    route: str | None
-    started_at: float
-
-
 def watched(folder: Path) -> tuple[Activity, _ActivityFiles]:
     """An activity with one run in progress, and the activity files of `folder`, made empty, watching it."""
     folder.mkdir()
     activity = Activity()
-    activity.running[_Running("send", ("send",), None, 1.0)] = True
+    activity.started(Running("send", None, ("send",), 1.0))
     files = _ActivityFiles(str(folder))
     files.watch(activity)
     return activity, files
@@ -211,14 +208,14 @@ def test_the_activity_file_comes_back_after_a_write_failed(tmp_path: Path, caplo
     try:
         wait_until(mine.exists)
         shutil.rmtree(folder)
-        activity.running[_Running("refund", ("refund",), None, 2.0)] = True  # a change, so a write
+        activity.started(Running("refund", None, ("refund",), 2.0))  # a change, so a write
         wait_until(lambda: "cannot write the runs of this process" in caplog.text)
         folder.mkdir()
         wait_until(mine.exists)
         assert [run.task for run in View.from_json(json.loads(mine.read_text())).listed] == ["send", "refund"]
         assert caplog.text.count("cannot write the runs of this process") == 1
     finally:
-        files._remove()
+        files.stop()
 
 
 def test_a_start_that_fails_after_counting_leaves_nothing_in_progress(tmp_path: Path) -> None:
@@ -233,9 +230,9 @@ def test_a_start_that_fails_after_counting_leaves_nothing_in_progress(tmp_path: 
     task = backend.counts(("send",))
     task.schedule()
     with pytest.raises(RuntimeError):
-        task.start(0.001, 1.0)
+        task.start(0.001, 1.0, 1.0)
     assert registry.get_sample_value(names.IN_PROGRESS.name, {"task": "send"}) == 1
-    task.succeed(0.2, 1.0, None)
+    task.succeed(0.2, 1.0, None, None)
     assert registry.get_sample_value(names.IN_PROGRESS.name, {"task": "send"}) == 0
 
 
@@ -259,4 +256,4 @@ def test_a_writer_that_could_not_start_is_started_at_the_next_run(
         files.publish()
         wait_until((folder / f"traced_tasks_activity_{os.getpid()}.json").exists)
     finally:
-        files._remove()
+        files.stop()

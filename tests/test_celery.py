@@ -1,14 +1,12 @@
-"""Tasks handed over to Celery, where Celery's ways differ from taskiq's (what both keep is in test_engines.py): a
-broker that is down, retries, redelivery, zero-code instrumentation. The proof: a real redis-server, a real uvicorn
-web process, a real `celery worker -P prefork -c 2`, spans over OTLP/HTTP to a receiver, and metrics scraped from
-both processes. Beside it, unit tests with Celery's in-memory transport and a worker in a thread, which run at the
-declared lower bounds."""
+"""Tasks handed over to Celery, where Celery's ways differ from taskiq's (what both keep is in test_contract.py): a
+broker that is down, a prefork worker without a multiprocess folder, zero-code instrumentation. The proof: a real
+redis-server, a real uvicorn web process, a real `celery worker -P prefork -c 2`, spans over OTLP/HTTP to a receiver,
+and metrics scraped from both processes. Beside it, unit tests with Celery's in-memory transport and a worker in a
+thread, which run at the declared lower bounds."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,51 +66,6 @@ def test_a_publish_to_a_broker_that_is_down_fails_in_the_web_process(shop: Shop)
     assert task_spans(shop.collector.spans_of("shop-web"), "send_receipt") == []
     failures = httpx.get(f"{web}/tasks/data.json").json()["failures"]
     assert [(run["task"], run["exception"]) for run in failures] == [(task, "OperationalError")]
-
-
-@pytest.mark.integration
-def test_a_retry_is_a_new_run_scheduled_by_the_worker(shop: Shop) -> None:
-    """A task that fails once and retries (autoretry_for, countdown 1 s): the first run is an error by the
-    exception that made it retry, the worker counts the retry as scheduled and its run as a success, so that
-    scheduled in both processes (1 + 1) adds up to the runs (an error and a success). The retry's wait starts at its
-    countdown's end, and its span is a child of the run that retried."""
-    web = shop.start_web()
-    shop.start_worker()
-    httpx.post(f"{web}/partners/5")
-    task = TASKS + "notify_partner"
-    wait_until(lambda: value(shop.worker_metrics(), names.DURATION.count, task=task, status="success") == 1)
-    worker = shop.worker_metrics()
-    assert value(worker, names.DURATION.count, task=task, status="error") == 1
-    assert value(worker, names.EXCEPTIONS.total, task=task, exception="ConnectionError") == 1
-    assert value(worker, names.SCHEDULED.total, task=task) == 1
-    assert value(shop.web_metrics(web), names.SCHEDULED.total, task=task) == 1
-    assert value(worker, names.WAIT.bucket, task=task, le="1.0") == 2  # the retry's countdown is no wait
-    wait_until(lambda: len(task_spans(shop.collector.spans_of("shop-worker"), "notify_partner")) == 2)
-    first, second = sorted(
-        task_spans(shop.collector.spans_of("shop-worker"), "notify_partner"), key=lambda span: span.start_time_unix_nano
-    )
-    assert second.parent_span_id == first.span_id
-    assert second.trace_id == first.trace_id
-
-
-@pytest.mark.integration
-def test_a_run_whose_worker_process_was_killed_is_delivered_again(shop: Shop) -> None:
-    """acks_late with reject_on_worker_lost: the worker process running the task is SIGKILLed; Celery delivers the
-    message again and it runs to success. The web process scheduled it once; the worker started it twice and counts
-    one success, and nothing is left in progress."""
-    web = shop.start_web()
-    shop.start_worker()
-    marker = shop.folder / "reconcile-starts"
-    httpx.post(f"{web}/reconcile", params={"marker": str(marker)})
-    wait_until(lambda: marker.is_file() and marker.read_text().strip())
-    os.kill(int(marker.read_text().split()[0]), signal.SIGKILL)
-    task = TASKS + "reconcile"
-    wait_until(lambda: value(shop.worker_metrics(), names.DURATION.count, task=task, status="success") == 1, 60)
-    assert len(marker.read_text().split()) == 2, shop.logs()
-    worker = shop.worker_metrics()
-    assert value(worker, names.WAIT.count, task=task) == 2
-    assert value(worker, names.IN_PROGRESS.name, task=task) == 0
-    assert value(shop.web_metrics(web), names.SCHEDULED.total, task=task) == 1
 
 
 @pytest.mark.integration

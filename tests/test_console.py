@@ -113,9 +113,8 @@ def test_data_counts_running_and_failures(telemetry: Telemetry, release: threadi
     (failure,) = data["failures"]
     (span,) = [span for span in telemetry.task_spans() if span.name.endswith(".charge")]
     trace_id = format(span.context.trace_id, "032x")
-    assert failure["exception"] == "PaymentDeclined"
-    assert failure["trace_id"] == trace_id
-    assert failure["trace_url"] == TRACE_URL.replace("{trace_id}", trace_id)
+    assert (failure["exception"], failure["count"]) == ("PaymentDeclined", 1)
+    assert failure["traces"] == [{"trace_id": trace_id, "trace_url": TRACE_URL.replace("{trace_id}", trace_id)}]
     (running,) = data["running"]
     assert running["task"].endswith("shop.<locals>.reconcile")
     assert running["seconds"] >= 0
@@ -283,7 +282,8 @@ def test_every_worker_shows_the_runs_and_failures_of_all(tmp_path: Path) -> None
             with httpx.Client() as client:
                 data = client.get(url + "/tasks/data.json").json()
             by_task = {task["task"]: task for task in data["tasks"]}
-            if len(data["failures"]) == len(charged) and by_task["tests.apps.workers.long_job"]["hung"]:
+            failed = sum(group["count"] for group in data["failures"])
+            if failed == len(charged) and by_task["tests.apps.workers.long_job"]["hung"]:
                 answered[data["pid"]] = data
             return len(answered) == 2
 
@@ -292,7 +292,7 @@ def test_every_worker_shows_the_runs_and_failures_of_all(tmp_path: Path) -> None
         finally:
             os.kill(hung, signal.SIGKILL)  # the graceful shutdown would wait for its run
         for data in answered.values():
-            assert data["workers"] == 2
+            assert data["processes"] == 2
             assert [(run["task"], run["pid"], run["hung"]) for run in data["running"]] == [
                 ("tests.apps.workers.long_job", hung, True)
             ]
@@ -312,12 +312,12 @@ def test_a_scrape_never_waits_behind_the_console(
     """Through real uvicorn, while five requests for data.json wait on a console render that does not end (tabs
     left open through an incident), /metrics answers at once from threads of its own; and the five requests cost
     two renders, not five."""
-    from traced_tasks._web import console
+    from traced_tasks._web import console, report
 
     entered = threading.Event()
     finish = threading.Event()
     renders: list[float] = []
-    render = console.snapshot
+    render = report.report
 
     def slow(*args: Any) -> dict[str, Any]:
         renders.append(time.monotonic())
@@ -325,7 +325,7 @@ def test_a_scrape_never_waits_behind_the_console(
         finish.wait(60)
         return render(*args)
 
-    monkeypatch.setattr(console, "snapshot", slow)
+    monkeypatch.setattr(console, "report", slow)
     app = Starlette(
         routes=[
             Mount("/metrics", traced_tasks.make_metrics_app(telemetry.registry)),

@@ -64,7 +64,7 @@ def test_demo_says_where_to_look_and_prints_a_few_readable_lines() -> None:
     data = seen["data"]
     failure = data["failures"][0]
     assert (failure["task"], failure["exception"]) == ("__main__.capture_payment", "PaymentProviderDown")
-    assert len(failure["trace_id"]) == 32
+    assert len(failure["traces"][0]["trace_id"]) == 32
     assert [run["task"] for run in data["running"] if run["hung"]] == ["__main__.reconcile_ledger"]
     tasks = {task["task"] for task in data["tasks"]}
     assert {"__main__.send_receipt", "__main__.notify_warehouse", "__main__.refresh_recommendations"} <= tasks

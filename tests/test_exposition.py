@@ -256,3 +256,45 @@ asyncio.run(main())
         if sample.name == names.SCHEDULED.total
     }
     assert served == {"known", "new_0_a", "new_0_b", traced_tasks.OVERFLOW}
+
+
+def test_the_route_cap_holds_across_worker_restarts(tmp_path: Path) -> None:
+    """In multiprocess mode with the route label, a worker that replaces another counts the routes already in the
+    folder toward the cap of 100: after two workers with 60 new routes each, /metrics holds 100 routes and the
+    overflow, not 120."""
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    for worker in range(2):
+        code = f"""
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+import traced_tasks
+from traced_tasks import BackgroundTasks
+traced_tasks.configure(route_label=True)
+
+def send() -> None:
+    pass
+
+app = FastAPI()
+app.add_middleware(traced_tasks.TraceContextMiddleware)  # which makes the route known
+for number in range(60):
+    @app.post(f"/w{worker}/r{{number}}/{{{{item}}}}")
+    def route(item: int, tasks: BackgroundTasks) -> None:
+        tasks.add_task(send)
+
+client = TestClient(app)
+for number in range(60):
+    assert client.post(f"/w{worker}/r{{number}}/1").status_code == 200
+"""
+        result = run_python(code, PROMETHEUS_MULTIPROC_DIR=str(folder))
+        assert result.returncode == 0, result.stderr
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(folder))
+    served = {
+        sample.labels["route"]
+        for metric in registry.collect()
+        for sample in metric.samples
+        if sample.name == names.SCHEDULED.total
+    }
+    assert len(served - {traced_tasks.OVERFLOW}) == 100
+    assert traced_tasks.OVERFLOW in served

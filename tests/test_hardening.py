@@ -395,21 +395,22 @@ def test_graceful_shutdown_finishes_or_cancels(telemetry: Telemetry, serve: type
 @pytest.mark.integration
 def test_dead_worker_stops_counting_as_running(tmp_path: Path) -> None:
     """Under uvicorn --workers 2, a worker killed mid-task stops counting in the in-progress gauge at the next
-    scrape, while its counters stay. Without the cleanup, the dead worker's 1 would stay forever."""
+    scrape, and its run counts as an error, WorkerLostError, while its counters stay. Without the cleanup, the dead
+    worker's 1 would stay forever, and the run would have no outcome."""
 
     with start_workers(tmp_path) as url:
         long = "tests.apps.workers.long_job"
 
-        def metric(name: str) -> str | None:
+        def metric(name: str, labels: str = "") -> str | None:
             text = httpx.get(url + "/metrics/", headers={"accept": OPENMETRICS}).text
-            lines = [line for line in text.splitlines() if line.startswith(f'{name}{{task="{long}"}}')]
+            lines = [line for line in text.splitlines() if line.startswith(f'{name}{{{labels}task="{long}"}}')]
             return lines[0].rsplit(" ", 1)[1] if lines else None
 
         pid = httpx.post(url + "/long").json()["pid"]
         wait_until(lambda: metric(names.IN_PROGRESS.name) == "1.0")
         os.kill(pid, 9)
-        # No live worker ever ran the task, so its in-progress series goes away rather than reading 0.
-        wait_until(lambda: metric(names.IN_PROGRESS.name) is None)
+        wait_until(lambda: metric(names.IN_PROGRESS.name) in (None, "0.0"))
+        assert metric(names.EXCEPTIONS.total, f'exception="{names.LOST}",') == "1.0"
         assert metric(names.SCHEDULED.total) == "1.0"
 
 
@@ -479,7 +480,11 @@ def test_in_progress_since_is_the_oldest_start_and_absent_when_nothing_runs(tele
 
 def test_worker_folder_is_cleaned_for_dead_pids_only(tmp_path: Path) -> None:
     """Only live-gauge files of processes that are gone are removed; this process's and counters' files stay."""
-    from traced_tasks._backends.multiprocess import forget_dead_workers
+    from prometheus_client import CollectorRegistry
+
+    from traced_tasks._activity import Activity
+    from traced_tasks._backends.multiprocess import MultiprocessBackend
+    from traced_tasks._options import Options
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
@@ -491,7 +496,7 @@ def test_worker_folder_is_cleaned_for_dead_pids_only(tmp_path: Path) -> None:
     ]
     for name in names:
         (tmp_path / name).write_bytes(b"")
-    forget_dead_workers(str(tmp_path))
+    MultiprocessBackend(Options(registry=CollectorRegistry()), str(tmp_path), Activity()).reap()
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(names[1:])
 
 

@@ -141,11 +141,7 @@ def test_bad_metrics_port_never_stops_instrumentation(
         instance.uninstrument()
     assert len(telemetry.task_spans()) == 1
     assert Starlette.__call__ is original
-    assert any(
-        "TRACED_TASKS_METRICS_PORT must be a TCP port number" in record.getMessage()
-        or "TRACED_TASKS_METRICS_PORT must be a TCP port number" in str(record.exc_info)
-        for record in caplog.records
-    )
+    assert "TRACED_TASKS_METRICS_PORT='99999': it takes a TCP port number" in caplog.text
 
 
 @pytest.mark.parametrize("order", ["ours-first", "theirs-first"])

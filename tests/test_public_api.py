@@ -79,16 +79,23 @@ def test_typed_package() -> None:
 # traced_tasks' modules from the top layer down: a module imports only from its own layer's modules or lower ones.
 LAYERS = [
     ["traced_tasks.testing"],
+    ["traced_tasks._worker"],
     ["traced_tasks._instrumentor"],
     ["traced_tasks._web", "traced_tasks._fastapi", "traced_tasks._middleware", "traced_tasks._setup"],
     ["traced_tasks._shutdown"],
     ["traced_tasks._tasks"],
-    ["traced_tasks._engines"],
+    ["traced_tasks._queues", "traced_tasks._schedules"],
     ["traced_tasks._config"],
     ["traced_tasks._run", "traced_tasks._profiles"],
-    ["traced_tasks._labels", "traced_tasks._callables", "traced_tasks._request"],
+    [
+        "traced_tasks._labels",
+        "traced_tasks._callables",
+        "traced_tasks._request",
+        "traced_tasks._wire",
+        "traced_tasks._stacks",
+    ],
     ["traced_tasks._backends"],
-    ["traced_tasks._activity"],
+    ["traced_tasks._activity", "traced_tasks._sampled", "traced_tasks._engines"],
     ["traced_tasks._options"],
     ["traced_tasks._conventions", "traced_tasks._version", "traced_tasks.package"],
 ]

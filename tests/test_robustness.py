@@ -116,11 +116,11 @@ def test_metrics_failure_never_changes_a_task(tmp_path: Path) -> None:
     gone = tmp_path / "gone"
     gone.mkdir()
     script = f"""
-import asyncio, logging, os
+import asyncio, logging, os, shutil
 logging.basicConfig(level=logging.ERROR, format="%(name)s|%(message)s")
 import traced_tasks
 from tests.apps.tasks import run_batches
-os.rmdir({str(gone)!r})
+shutil.rmtree({str(gone)!r})
 calls = []
 outcomes = run_batches(3, calls)
 print(calls)

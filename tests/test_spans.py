@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 
 import traced_tasks
 from tests.conftest import Telemetry
-from traced_tasks import BackgroundTask, BackgroundTasks, _config, _run
+from traced_tasks import BackgroundTask, BackgroundTasks, _shutdown
 from traced_tasks import _conventions as names
 
 PREFIX = "tests.test_spans."
@@ -375,11 +375,11 @@ def test_a_run_abandoned_at_a_stop_ends_once(telemetry: Telemetry) -> None:
 
     async def main() -> None:
         running = asyncio.create_task(traced_tasks.BackgroundTask(blocks)())
-        while not _run.in_progress(_config.configurations()):
+        while not _shutdown.in_progress():
             await asyncio.sleep(0.001)
-        (run,) = _run.in_progress(_config.configurations())
+        (run,) = _shutdown.in_progress()
         run.abandon()
-        assert _run.in_progress(_config.configurations()) == []
+        assert _shutdown.in_progress() == []
         release.set()
         await running
 

@@ -1,16 +1,15 @@
-"""Tasks handed over to taskiq, where taskiq's ways differ from Celery's (what both keep is in test_engines.py): a
-broker that is down, retries, redelivery. The proof: a real redis-server (redis streams), a real uvicorn web
-process, a real `taskiq worker` with two worker processes, spans over OTLP/HTTP to a receiver, and metrics scraped
-from both processes. Beside it, unit tests with taskiq's InMemoryBroker, which run at the declared lower bounds."""
+"""Tasks handed over to taskiq, where taskiq's ways differ from Celery's (what both keep is in test_contract.py): a
+broker that is down, a hook taskiq skips, a sync task's thread. The proof: a real redis-server, a real uvicorn web
+process, a real `taskiq worker` with two worker processes, spans over OTLP/HTTP to a receiver, and metrics
+scraped from both processes. Beside it, unit tests with taskiq's InMemoryBroker, which run at the declared lower
+bounds."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -61,51 +60,6 @@ def test_a_kick_to_a_broker_that_is_down_fails_in_the_web_process(shop: Shop) ->
     assert attributes(span)[names.ATTR_ERROR_TYPE] == "SendTaskError"
     failures = httpx.get(f"{web}/tasks/data.json").json()["failures"]
     assert [(run["task"], run["exception"]) for run in failures] == [(task, "SendTaskError")]
-
-
-@pytest.mark.integration
-def test_a_retry_is_a_new_run_scheduled_by_the_worker(shop: Shop) -> None:
-    """A task that fails once and is retried by taskiq's SimpleRetryMiddleware: the first run is an error, the
-    worker counts the retry as scheduled and its run as a success, so that scheduled in both processes (1 + 1) adds
-    up to the runs; the retry's span is a child of the run that retried, with the route of the first."""
-    web = shop.start_web()
-    shop.start_worker()
-    httpx.post(f"{web}/partners/5")
-    task = TASKS + "notify_partner"
-    wait_until(lambda: value(shop.worker_metrics(), names.DURATION.count, task=task, status="success") == 1)
-    worker = shop.worker_metrics()
-    assert value(worker, names.DURATION.count, task=task, status="error") == 1
-    assert value(worker, names.EXCEPTIONS.total, task=task, exception="ConnectionError") == 1
-    assert value(worker, names.SCHEDULED.total, task=task) == 1
-    assert value(shop.web_metrics(web), names.SCHEDULED.total, task=task) == 1
-    wait_until(lambda: len(task_spans(shop.collector.spans_of("shop-worker"), "notify_partner")) == 2)
-    first, second = sorted(
-        task_spans(shop.collector.spans_of("shop-worker"), "notify_partner"), key=lambda span: span.start_time_unix_nano
-    )
-    assert second.parent_span_id == first.span_id
-    assert attributes(second)[names.ATTR_ROUTE] == "/partners/{order_id}"
-
-
-@pytest.mark.integration
-def test_a_run_whose_worker_process_was_killed_is_delivered_again(shop: Shop) -> None:
-    """With redis streams, the worker process running the task is SIGKILLed; once the message has been idle past
-    idle_timeout, another worker process claims it and runs it to success. The web process scheduled it once; the
-    workers started it twice and count one success, and nothing is left in progress."""
-    web = shop.start_web()
-    shop.start_worker(TASKIQ_IDLE_TIMEOUT="3000")
-    marker = shop.folder / "reconcile-starts"
-    httpx.post(f"{web}/reconcile", params={"marker": str(marker)})
-    wait_until(lambda: marker.is_file() and marker.read_text().strip())
-    os.kill(int(marker.read_text().split()[0]), signal.SIGKILL)
-    time.sleep(3.5)
-    httpx.post(f"{web}/orders/1")  # redis streams claim idle messages when the next one arrives
-    task = TASKS + "reconcile"
-    wait_until(lambda: value(shop.worker_metrics(), names.DURATION.count, task=task, status="success") == 1, 60)
-    assert len(marker.read_text().split()) == 2, shop.logs()
-    worker = shop.worker_metrics()
-    assert value(worker, names.WAIT.count, task=task) == 2
-    assert value(worker, names.IN_PROGRESS.name, task=task) == 0
-    assert value(shop.web_metrics(web), names.SCHEDULED.total, task=task) == 1
 
 
 # Unit tests: taskiq's InMemoryBroker, which runs its own receiver in this process.
@@ -266,4 +220,81 @@ def test_a_failure_at_the_brokers_startup_is_contained(
 
     with caplog.at_level(logging.ERROR, logger="traced_tasks"):
         assert asyncio.run(main()) == 7
-    assert "cannot declare this broker's tasks" in caplog.text
+    assert "cannot declare the tasks of an engine" in caplog.text
+
+
+def test_a_run_whose_post_execute_never_comes_still_ends(telemetry: Telemetry) -> None:
+    """taskiq skips post_execute when a dependency's teardown raises after the task returned, or when a task's
+    ack_type label is not one: the run still ends, with the message's own end, an error by what it raised, and
+    nothing is left in progress or hung."""
+    from taskiq import InMemoryBroker, TaskiqDepends
+
+    import traced_tasks.taskiq
+
+    broker = InMemoryBroker().with_middlewares(traced_tasks.taskiq.Middleware())
+
+    async def connection() -> AsyncIterator[int]:
+        yield 1
+        raise TeardownFailed()
+
+    @broker.task(task_name="unit:torn")
+    async def torn(order: int, db: Any = TaskiqDepends(connection)) -> None:  # noqa: B008  # taskiq's way
+        pass
+
+    @broker.task(task_name="unit:unacked", ack_type="never")
+    async def unacked() -> None:
+        pass
+
+    async def main() -> None:
+        await broker.startup()
+        await torn.kiq(1)
+        await unacked.kiq()
+        # Their messages' tasks raise: taskiq leaves what they raised to whoever awaits them.
+        await asyncio.gather(*asyncio.all_tasks() - {asyncio.current_task()}, return_exceptions=True)
+        await broker.shutdown()
+
+    asyncio.run(main())
+    prefix = f"{__name__}.test_a_run_whose_post_execute_never_comes_still_ends.<locals>."
+
+    assert telemetry.value(names.EXCEPTIONS.total, task=prefix + "torn", exception="TeardownFailed") == 1
+    assert telemetry.value(names.IN_PROGRESS.name, task=prefix + "torn") == 0
+    if ACK_TYPES:  # taskiq reads the ack_type label from 0.12.5 on
+        assert telemetry.value(names.EXCEPTIONS.total, task=prefix + "unacked", exception="ValueError") == 1
+        assert telemetry.value(names.IN_PROGRESS.name, task=prefix + "unacked") == 0
+    assert [span.name.rsplit(".", 1)[-1] for span in telemetry.task_spans() if span.status.status_code.name == "ERROR"]
+
+
+class TeardownFailed(Exception):
+    pass
+
+
+ACK_TYPES = tuple(int(part) for part in version("taskiq").split(".")[:3] if part.isdigit()) >= (0, 12, 5)
+
+
+@pytest.mark.integration
+def test_a_sync_tasks_wait_for_a_thread_is_wait_not_run_time(shop: Shop) -> None:
+    """Three sync tasks of a second each on one thread (--max-threadpool-threads 1): each run starts when the thread
+    starts it, so their run times add up to about three seconds and their waits to about three (0, 1 and 2), not six
+    seconds of run time and none of wait."""
+    from taskiq.kicker import AsyncKicker
+    from taskiq_redis import ListQueueBroker
+
+    shop.broker = shop.broker.rsplit("/", 1)[0] + "/4"  # a list, where other tests made a stream
+    shop.start_worker("--workers", "1", "--max-threadpool-threads", "1", TASKIQ_BROKER_KIND="list")
+
+    async def kick() -> None:
+        broker = ListQueueBroker(shop.broker, socket_timeout=None)
+        await broker.startup()
+        for _ in range(3):
+            kicker: Any = AsyncKicker("tests.apps.taskiq_shop:pause", broker, {})
+            await kicker.kiq(1.0)
+        await broker.shutdown()
+
+    asyncio.run(kick())
+    task = TASKS + "pause"
+    wait_until(lambda: value(shop.worker_metrics(), names.DURATION.count, task=task, status="success") == 3)
+    found = shop.worker_metrics()
+    run_time = value(found, names.DURATION.sum, task=task, status="success") or 0
+    waited = value(found, names.WAIT.sum, task=task) or 0
+    assert run_time < 4.5, (run_time, waited)
+    assert waited > 2.5, (run_time, waited)

@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 _multiprocess.check_directory()
+_multiprocess.announce()
 
 metrics_app = make_metrics_app()
 """The /metrics ASGI app for the configuration in force: `app.mount("/metrics", traced_tasks.metrics_app)`.

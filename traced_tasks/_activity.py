@@ -3,13 +3,16 @@ or several (View). And the runs a test captures."""
 
 from __future__ import annotations
 
-import collections
 import os
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
-MAX_FAILURES = 50
+# Groups of failures kept, by task and exception class; the least recent goes first.
+MAX_FAILURE_GROUPS = 50
+# Trace IDs kept per group of failures, the latest.
+MAX_TRACES = 3
 # Runs in progress listed one by one, the oldest first; the others are counted per task.
 MAX_LISTED = 100
 
@@ -49,28 +52,95 @@ class Running(Protocol):
     @property
     def started_at(self) -> float: ...
 
+    def trace_id(self) -> str | None: ...
+
+    def where(self) -> list[str] | None:
+        """Where it waits now, innermost last, as `file:line in function`; None when it cannot be told."""
+
 
 @dataclass(frozen=True)
 class Listed:
-    """A run in progress as the console lists it: its task's name and label, route, start and process."""
+    """A run in progress as the console lists it: its task's name and label, route, start, process and trace, and
+    where it waits, when that was asked for."""
 
     task: str
     label: str  # the task label value: the name, or __overflow__ past the cap
     route: str | None
     started_at: float
     pid: int
+    trace_id: str | None = None
+    where: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class Failures:
+    """The failures of one task with one exception class (or its cancelled runs): how many, the first and the last,
+    the last one's route and run time, and the traces of the last few."""
+
+    task: str
+    status: str  # error or cancelled
+    exception: str | None
+    count: int
+    first_at: float
+    last_at: float
+    route: str | None
+    seconds: float
+    traces: tuple[str, ...]
+
+    @property
+    def key(self) -> tuple[str, str, str | None]:
+        return (self.task, self.status, self.exception)
+
+    def add(self, run: TaskRun) -> Failures:
+        traces = self.traces if run.trace_id is None else (*self.traces, run.trace_id)[-MAX_TRACES:]
+        return replace(
+            self,
+            count=self.count + 1,
+            first_at=min(self.first_at, run.finished_at),
+            last_at=max(self.last_at, run.finished_at),
+            route=run.route if run.finished_at >= self.last_at else self.route,
+            seconds=run.duration if run.finished_at >= self.last_at else self.seconds,
+            traces=traces,
+        )
+
+    def merge(self, other: Failures) -> Failures:
+        newer, older = (other, self) if other.last_at >= self.last_at else (self, other)
+        return replace(
+            newer,
+            count=self.count + other.count,
+            first_at=min(self.first_at, other.first_at),
+            traces=(*older.traces, *newer.traces)[-MAX_TRACES:],
+        )
+
+    @classmethod
+    def of(cls, run: TaskRun) -> Failures:
+        traces = () if run.trace_id is None else (run.trace_id,)
+        return cls(
+            run.task, run.status, run.exception, 1, run.finished_at, run.finished_at, run.route, run.duration, traces
+        )
+
+
+def group(failures: Iterable[Failures]) -> list[Failures]:
+    """Groups of the same key merged, the latest first, at most MAX_FAILURE_GROUPS."""
+    merged: dict[tuple[str, str, str | None], Failures] = {}
+    for found in failures:
+        known = merged.get(found.key)
+        merged[found.key] = found if known is None else known.merge(found)
+    return sorted(merged.values(), key=lambda found: found.last_at, reverse=True)[:MAX_FAILURE_GROUPS]
 
 
 @dataclass
 class View:
     """The runs in progress and the recent failures of one process or several, bounded: the oldest MAX_LISTED runs
-    one by one, all of them counted per task label, and the last MAX_FAILURES failures. And the task labels whose
-    runs are handed to an engine, with the engine's name: they start, and are counted, where the engine runs them."""
+    one by one, all of them counted per task label, and the last MAX_FAILURE_GROUPS groups of failures. And the task
+    labels whose runs are handed to an engine, with the engine's name: they start, and are counted, where the engine
+    runs them."""
 
     listed: list[Listed] = field(default_factory=list)  # oldest first
     by_label: dict[str, tuple[int, float]] = field(default_factory=dict)  # runs in progress, oldest start
-    failures: list[TaskRun] = field(default_factory=list)  # newest first
+    failures: list[Failures] = field(default_factory=list)  # latest first
     handed_off: dict[str, str] = field(default_factory=dict)  # task label: engine
+    pids: list[int] = field(default_factory=list)  # the processes it is of
 
     @property
     def running(self) -> int:
@@ -80,8 +150,9 @@ class View:
         return {
             "listed": [asdict(run) for run in self.listed],
             "by_label": {label: list(entry) for label, entry in self.by_label.items()},
-            "failures": [asdict(run) for run in self.failures],
+            "failures": [{**asdict(found), "traces": list(found.traces)} for found in self.failures],
             "handed_off": self.handed_off,
+            "pids": self.pids,
         }
 
     @classmethod
@@ -89,46 +160,113 @@ class View:
         return cls(
             [Listed(**run) for run in data["listed"]],
             {label: (int(count), float(oldest)) for label, (count, oldest) in data["by_label"].items()},
-            [TaskRun(**run) for run in data["failures"]],
+            [Failures(**{**found, "traces": tuple(found["traces"])}) for found in data["failures"]],
             dict(data.get("handed_off", {})),
+            [int(pid) for pid in data.get("pids", [])],
         )
 
     @classmethod
     def merge(cls, views: Iterable[View]) -> View:
         merged = cls()
+        failures: list[Failures] = []
         for view in views:
             merged.listed.extend(view.listed)
-            merged.failures.extend(view.failures)
+            failures.extend(view.failures)
             merged.handed_off.update(view.handed_off)
+            merged.pids.extend(view.pids)
             for label, (count, oldest) in view.by_label.items():
                 total, first = merged.by_label.get(label, (0, oldest))
                 merged.by_label[label] = (total + count, min(first, oldest))
         merged.listed = sorted(merged.listed, key=lambda run: run.started_at)[:MAX_LISTED]
-        merged.failures = sorted(merged.failures, key=lambda run: run.finished_at, reverse=True)[:MAX_FAILURES]
+        merged.failures = group(failures)
+        merged.pids = sorted(set(merged.pids))
         return merged
 
 
 class Activity:
-    """The runs in progress and the last failures of one configuration, in this process.
-
-    Updated from the event loop and from threadpool threads without a lock: in CPython, setting a dict's key,
-    dict.pop, dict.copy, deque.append and list(deque) are each atomic.
-    """
+    """The runs in progress and the groups of recent failures of one configuration, in this process. Updated from the
+    event loop and from threadpool threads."""
 
     def __init__(self) -> None:
-        self.running: dict[Running, bool] = {}
-        self.failures: collections.deque[TaskRun] = collections.deque(maxlen=MAX_FAILURES)
+        # Per set of label values, its runs in progress in the order they started: the first is the oldest.
+        self._running: dict[tuple[str, ...], dict[Running, None]] = {}
+        self._failures: dict[tuple[str, str, str | None], Failures] = {}
         self.handed_off: dict[str, str] = {}  # one entry per task label, so as bounded as the labels
+        self._lock = threading.Lock()
+        # Called after each failure: a process's file of failures is written at once, not at its next turn.
+        self.on_failure: Callable[[], None] | None = None
 
-    def view(self) -> View:
+    def started(self, run: Running) -> float | None:
+        """Record a run that started; the oldest start of its label values' runs now."""
+        with self._lock:
+            runs = self._running.get(run.values)
+            if runs is None:
+                runs = self._running[run.values] = {}
+            runs[run] = None
+            return next(iter(runs)).started_at
+
+    def ended(self, run: Running) -> float | None:
+        """Forget a run that ended; the oldest start of its label values' runs still in progress, None if none."""
+        with self._lock:
+            runs = self._running.get(run.values)
+            if runs is not None and run in runs:
+                del runs[run]
+                if not runs:
+                    del self._running[run.values]
+            return next(iter(runs)).started_at if runs else None
+
+    def oldest(self, values: tuple[str, ...]) -> float | None:
+        with self._lock:
+            runs = self._running.get(values)
+            return next(iter(runs)).started_at if runs else None
+
+    def runs(self) -> list[Running]:
+        with self._lock:
+            return [run for runs in self._running.values() for run in runs]
+
+    def failed(self, run: TaskRun) -> None:
+        key = (run.task, run.status, run.exception)
+        with self._lock:
+            known = self._failures.pop(key, None)  # popped and put back: the dict stays in order of last failure
+            self._failures[key] = Failures.of(run) if known is None else known.add(run)
+            while len(self._failures) > MAX_FAILURE_GROUPS:
+                del self._failures[next(iter(self._failures))]
+        notify = self.on_failure
+        if notify is not None:
+            notify()
+
+    def absorb(self, failures: Iterable[Failures]) -> None:
+        """Keep the failures of a process that ended, as this process's own."""
+        with self._lock:
+            for found in failures:
+                known = self._failures.pop(found.key, None)
+                self._failures[found.key] = found if known is None else known.merge(found)
+            ordered = sorted(self._failures.values(), key=lambda found: found.last_at)[-MAX_FAILURE_GROUPS:]
+            self._failures = {found.key: found for found in ordered}
+
+    def view(self, stacks_after: float | None = None, now: float = 0.0) -> View:
+        """This process's runs and failures; with `stacks_after`, where each run older than that many seconds waits."""
         pid = os.getpid()
-        runs = sorted(self.running.copy(), key=lambda run: run.started_at)
+        runs = sorted(self.runs(), key=lambda run: run.started_at)
         by_label: dict[str, tuple[int, float]] = {}
         for run in runs:
             count, oldest = by_label.get(run.values[0], (0, run.started_at))
             by_label[run.values[0]] = (count + 1, oldest)
-        listed = [Listed(run.task, run.values[0], run.route, run.started_at, pid) for run in runs[:MAX_LISTED]]
-        return View(listed, by_label, list(self.failures)[::-1], self.handed_off.copy())
+        listed = [
+            Listed(
+                run.task,
+                run.values[0],
+                run.route,
+                run.started_at,
+                pid,
+                run.trace_id(),
+                run.where() if stacks_after is not None and now - run.started_at > stacks_after else None,
+            )
+            for run in runs[:MAX_LISTED]
+        ]
+        with self._lock:
+            failures = group(self._failures.values())
+        return View(listed, by_label, failures, self.handed_off.copy(), [pid])
 
 
 # The lists of the capture_tasks() blocks open now, in any configuration.

@@ -17,7 +17,7 @@ from traced_tasks import _backends
 from traced_tasks._activity import Activity
 from traced_tasks._conventions import INSTRUMENTATION_NAME
 from traced_tasks._labels import Labels
-from traced_tasks._options import METRICS, Options, option_names
+from traced_tasks._options import Options, counts_through_opentelemetry, option_names
 from traced_tasks._profiles import Profiles
 from traced_tasks._version import __version__
 
@@ -39,9 +39,12 @@ class Configuration:
         self.activity = Activity()
         self.backend = _backends.choose(options, self.activity)
         self.labels = Labels(options.max_task_names, options.route_label, self.backend.series_limit())
-        # Names other processes admitted (earlier workers, in multiprocess mode) are in what /metrics serves too.
+        # Names and routes other processes admitted (earlier workers, in multiprocess mode) are in what /metrics
+        # serves too: they count toward the caps, which then hold across a worker's processes.
         try:
             self.labels.admit_tasks(self.backend.known_task_names())
+            if options.route_label:
+                self.labels.admit_routes(self.backend.known_routes())
         except Exception:  # the folder cannot be read now: its names count toward the cap as they come back
             logger.exception("traced_tasks: cannot read the task names other processes counted")
         self.profiles = Profiles(self.labels, self.backend, options.max_task_names)
@@ -155,6 +158,8 @@ def configure(**options: Any) -> None:
         use_span_links: True: each task starts a trace of its own, linked to the span that scheduled it.
         isolate_tasks: True: a failing task does not stop the rest of its batch.
         route_label: True: every metric family also gets a `route` label, the scheduling request's route template.
+        queue_every: Seconds between two reads of the broker queues this process watches, at most. None:
+            TRACED_TASKS_QUEUE_EVERY, or 15.
     """
     unknown = sorted(set(options) - set(option_names()))
     if unknown:
@@ -165,9 +170,13 @@ def configure(**options: Any) -> None:
 
 
 def instrumented(**providers: Any) -> None:
-    """Use the providers the instrumentor was given, in the configuration in force and in later ones."""
-    _install(dataclasses.replace(current().options, **providers))
-    _instrumented.update(providers)
+    """Use the providers the instrumentor was given (and, unless it names a meter provider, the one the environment
+    chooses), in the configuration in force and in later ones."""
+    given = {**_environment_choice(), **{name: given for name, given in providers.items() if given is not None}}
+    if not given:
+        return
+    _install(dataclasses.replace(current().options, **given))
+    _instrumented.update(given)
 
 
 def uninstrumented() -> None:
@@ -180,25 +189,16 @@ _instrumented: dict[str, Any] = {}
 
 def _with_choices(given: dict[str, Any]) -> dict[str, Any]:
     """`given`, with what the environment and the instrumentor chose for what it does not name."""
-    chosen = dict(_instrumented)
-    if "meter_provider" not in chosen and counts_through_opentelemetry():
-        chosen["meter_provider"] = metrics.get_meter_provider()
+    chosen = {**_environment_choice(), **_instrumented}
     if "registry" in given or "meter_provider" in given:  # it names how to count
         chosen.pop("meter_provider", None)
     return {**chosen, **given}
 
 
-def counts_through_opentelemetry() -> bool:
+def _environment_choice() -> dict[str, Any]:
     """TRACED_TASKS_METRICS=opentelemetry: count through the global MeterProvider, as opentelemetry-instrument sets
-    it up from OTEL_METRICS_EXPORTER; prometheus (the default) keeps prometheus_client."""
-    value = str(METRICS.value()).lower()
-    if value not in ("prometheus", "opentelemetry"):
-        logger.error(
-            "traced_tasks: %s must be prometheus or opentelemetry, got %r; counting with prometheus_client",
-            METRICS.name,
-            value,
-        )
-    return value == "opentelemetry"
+    it up from OTEL_METRICS_EXPORTER."""
+    return {"meter_provider": metrics.get_meter_provider()} if counts_through_opentelemetry() else {}
 
 
 def _install(options: Options) -> None:

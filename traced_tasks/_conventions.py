@@ -26,6 +26,8 @@ class Family:
     by: str | None = None
     # How prometheus_client's multiprocess mode combines the processes' values of a gauge.
     multiprocess_mode: str = ""
+    # A family sampled from outside the runs (a broker's queue, a scheduler) has labels of its own, not the task's.
+    labels: tuple[str, ...] | None = None
 
     @property
     def total(self) -> str:
@@ -48,6 +50,8 @@ LABEL_TASK = "task"
 LABEL_STATUS = "status"
 LABEL_EXCEPTION = "exception"
 LABEL_ROUTE = "route"
+LABEL_QUEUE = "queue"
+LABEL_ENGINE = "engine"
 
 
 SCHEDULED = Family(
@@ -112,15 +116,92 @@ LAST_SUCCESS = Family(
     multiprocess_mode="max",  # a dead worker's last success still happened
 )
 
+# The work that waits in a broker's queue, as a process that serves metrics reads it (see _queues.py); the engine
+# is a label too, so that two engines' queues of the same name stay apart.
+_QUEUE = (LABEL_ENGINE, LABEL_QUEUE)
+QUEUE_DEPTH = Family(
+    "background_task_queue_depth",
+    "gauge",
+    "Messages waiting in a broker's queue, not yet delivered to a worker.",
+    "background_task.queue.depth",
+    "{message}",
+    labels=_QUEUE,
+)
+QUEUE_OLDEST = Family(
+    "background_task_queue_oldest_scheduled_timestamp_seconds",
+    "gauge",
+    "Unix time at which the oldest message waiting in a queue was scheduled; absent while the queue is empty, or "
+    "where the broker cannot tell.",
+    "background_task.queue.oldest_scheduled.timestamp",
+    "s",
+    labels=_QUEUE,
+)
+QUEUE_CONSUMERS = Family(
+    "background_task_queue_consumers",
+    "gauge",
+    "Consumers attached to a queue, where the broker reports them.",
+    "background_task.queue.consumers",
+    "{consumer}",
+    labels=_QUEUE,
+)
+QUEUE_SAMPLED = Family(
+    "background_task_queue_sampled_timestamp_seconds",
+    "gauge",
+    "Unix time at which a queue was last read successfully.",
+    "background_task.queue.sampled.timestamp",
+    "s",
+    labels=_QUEUE,
+)
+
+# The schedules a scheduler process (Celery beat, taskiq's scheduler) holds, as it serves them (see _schedules.py).
+SCHEDULE_PERIOD = Family(
+    "background_task_schedule_period_seconds",
+    "gauge",
+    "Expected time between two runs of a periodic task: its interval, or the gap between its next two due times.",
+    "background_task.schedule.period",
+    "s",
+    labels=(LABEL_TASK,),
+)
+SCHEDULE_NEXT = Family(
+    "background_task_schedule_next_timestamp_seconds",
+    "gauge",
+    "Unix time at which the scheduler will next send a periodic task.",
+    "background_task.schedule.next.timestamp",
+    "s",
+    labels=(LABEL_TASK,),
+)
+SCHEDULER_HEARTBEAT = Family(
+    "background_task_scheduler_heartbeat_timestamp_seconds",
+    "gauge",
+    "Unix time of the scheduler's last tick.",
+    "background_task.scheduler.heartbeat.timestamp",
+    "s",
+    labels=(LABEL_ENGINE,),
+)
+
 # What every family's name starts with, before a namespace.
 PREFIX = "background_task_"
 
-FAMILIES = (SCHEDULED, WAIT, DURATION, IN_PROGRESS, IN_PROGRESS_SINCE, EXCEPTIONS, SKIPPED, LAST_SUCCESS)
+# The families of each task's runs, and those sampled from queues and schedulers.
+TASK_FAMILIES = (SCHEDULED, WAIT, DURATION, IN_PROGRESS, IN_PROGRESS_SINCE, EXCEPTIONS, SKIPPED, LAST_SUCCESS)
+SAMPLED_FAMILIES = (
+    QUEUE_DEPTH,
+    QUEUE_OLDEST,
+    QUEUE_CONSUMERS,
+    QUEUE_SAMPLED,
+    SCHEDULE_PERIOD,
+    SCHEDULE_NEXT,
+    SCHEDULER_HEARTBEAT,
+)
+FAMILIES = TASK_FAMILIES + SAMPLED_FAMILIES
 
 STATUS_SUCCESS = "success"
 STATUS_ERROR = "error"
 STATUS_CANCELLED = "cancelled"
 STATUS_SKIPPED = "skipped"  # not a metric label value: skipped runs have a family of their own
+
+# The exception label of a run whose process died while it ran: nothing will end it (Celery's name for it).
+LOST = "WorkerLostError"
 
 # The label value that stands for every task name, route or exception past its cap.
 OVERFLOW = "__overflow__"
@@ -131,10 +212,6 @@ EXEMPLAR_SPAN_ID = "span_id"
 SPAN_NAME_PREFIX = "BackgroundTask "
 # The span of a hand-off to Celery or taskiq that failed (the broker is down), in the process that scheduled it.
 PUBLISH_SPAN_PREFIX = "publish "
-
-# What travels with a task handed to Celery (message headers) or taskiq (labels), beside the trace context.
-CARRIED_SCHEDULED_AT = "traced_tasks_scheduled_at"  # Unix time: when scheduled, or the start it was given
-CARRIED_ROUTE = "traced_tasks_route"  # the route template of the request that scheduled it
 
 ATTR_FUNCTION = "code.function.name"
 ATTR_FILE = "code.file.path"

@@ -1,7 +1,10 @@
-"""The engines a task can be handed to, Celery and taskiq: what the batch asks of one, and the ones in use.
+"""The engines a task can be handed to, Celery and taskiq: what the batch asks of one, the ones in use, and the ticket
+of the task the batch is publishing now.
 
 traced_tasks never queues work itself: a task of an engine's that reaches add_task is published to the engine's
-broker, through the engine's own API, when its batch runs it."""
+broker, through the engine's own API, when its batch runs it. The engine's publish hook then writes what travels
+with the message from the ticket the batch scheduled (`publishing()`), as it does for any publish.
+"""
 
 from __future__ import annotations
 
@@ -20,14 +23,8 @@ class Engine(Protocol):
     def check(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Raise the engine's own error now, at add_task, when these arguments cannot travel to a worker."""
 
-    async def hand_off(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], carried: dict[str, str]
-    ) -> None:
-        """Publish the task to the engine's broker, with `carried` in its message's own metadata."""
-
-
-class TaskFailed(Exception):  # the outcome's name, never raised
-    """The outcome of a run its engine marked failed without an exception to say why."""
+    async def hand_off(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Publish the task to the engine's broker, with the engine's own API, off the event loop."""
 
 
 installed: list[Engine] = []
@@ -45,18 +42,24 @@ def engine_for(func: Callable[..., Any]) -> Engine | None:
     return None
 
 
-_handing_off: contextvars.ContextVar[bool] = contextvars.ContextVar("traced_tasks_handing_off", default=False)
+# The ticket of the task the batch is publishing now, until the engine's publish hook, or a run the engine starts in
+# place (Celery's eager mode), takes it: once, so that it never reaches what that run publishes in turn.
+_publishing: contextvars.ContextVar[Any] = contextvars.ContextVar("traced_tasks_publishing", default=None)
 
 
 @contextlib.contextmanager
-def handing_off() -> Iterator[None]:
-    """Around a publish traced_tasks makes: its message carries the run's metadata already, and was counted."""
-    token = _handing_off.set(True)
+def publishing(ticket: Any) -> Iterator[None]:
+    token = _publishing.set(ticket)
     try:
         yield
     finally:
-        _handing_off.reset(token)
+        _publishing.reset(token)
 
 
-def is_handing_off() -> bool:
-    return _handing_off.get()
+def take_publishing(accept: Callable[[Any], bool]) -> Any:
+    """The ticket of the task being published from a batch now, once, when `accept(ticket)`; else None."""
+    ticket = _publishing.get()
+    if ticket is None or not accept(ticket):
+        return None
+    _publishing.set(None)
+    return ticket

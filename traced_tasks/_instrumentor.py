@@ -6,7 +6,6 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
-from opentelemetry import metrics
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from starlette import applications, background
 from starlette.types import Receive, Scope, Send
@@ -49,14 +48,11 @@ class BackgroundTasksInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         # Never raise: opentelemetry-instrument would skip every instrumentation after this one.
-        changes = {name: kwargs[name] for name in ("tracer_provider", "meter_provider") if kwargs.get(name) is not None}
-        if "meter_provider" not in changes and _config.counts_through_opentelemetry():
-            changes["meter_provider"] = metrics.get_meter_provider()
-        if changes:
-            try:
-                _config.instrumented(**changes)
-            except Exception:
-                logger.exception("traced_tasks: cannot use the given %s; kept the configuration", " and ".join(changes))
+        changes = {name: kwargs.get(name) for name in ("tracer_provider", "meter_provider")}
+        try:
+            _config.instrumented(**changes)
+        except Exception:
+            logger.exception("traced_tasks: cannot use the given providers; kept the configuration")
         metrics_server = self._metrics_server = _server.from_environment()
         original_app_call = applications.Starlette.__call__
 

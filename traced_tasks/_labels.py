@@ -86,8 +86,13 @@ class Labels:
         values = (task, "" if route is None else self._routes.admit(route)) if self.route_label else (task,)
         return values if self._series is None else self._series.admit(values)
 
-    def exception(self, kind: type[BaseException]) -> str:
-        return self._exceptions.admit(error_type(kind))
+    def admit_routes(self, routes: set[str]) -> None:
+        """Routes that already have series, as earlier worker processes left them in multiprocess mode."""
+        self._routes.admit_all(routes)
+
+    def exception_name(self, name: str) -> str:
+        """The exception label value of an exception class's name: `error_type()`'s, or an engine's."""
+        return self._exceptions.admit(utf8(name))
 
 
 def error_type(kind: type[BaseException]) -> str:

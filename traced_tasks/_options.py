@@ -3,13 +3,14 @@ environment variables, each read through `Switch.read()`."""
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -43,6 +44,7 @@ class Options:
     use_span_links: bool = False
     isolate_tasks: bool = False
     route_label: bool = False
+    queue_every: float | None = None
 
     @property
     def prefix(self) -> str:
@@ -67,6 +69,11 @@ class Options:
         object.__setattr__(self, "buckets", _buckets(self.buckets))
         if type(self.max_task_names) is not int or self.max_task_names < 1:
             raise ValueError(f"max_task_names must be an int of at least 1, got {self.max_task_names!r}")
+        every = self.queue_every
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, numbers.Real) or not 0 < every < math.inf
+        ):
+            raise ValueError(f"queue_every must be a positive, finite number of seconds (or None), got {every!r}")
         for name in ("use_span_links", "isolate_tasks", "route_label"):
             value = getattr(self, name)
             if type(value) is not bool:
@@ -99,42 +106,113 @@ def _buckets(value: Any) -> tuple[float, ...]:
     return tuple(bounds)
 
 
+# The thresholds the console flags at, as the alerts of dashboards/rules.yml fire at (a test ties each to its rule):
+# a run in progress for longer than this is hung (BackgroundTaskHung);
+HUNG_AFTER_SECONDS = 900.0
+# a queue whose oldest message waits longer than this is behind (BackgroundTaskBacklogOld);
+BACKLOG_AGE_SECONDS = 300.0
+# a queue not read for longer than this cannot be read (BackgroundTaskQueueUnread);
+QUEUE_STALE_SECONDS = 120.0
+# a periodic task with no success within its period and this much more is overdue (BackgroundTaskScheduleOverdue).
+SCHEDULE_GRACE_SECONDS = 300.0
+# How often a process reads the queues it watches, at most.
+QUEUE_EVERY_SECONDS = 15.0
+
+logger = logging.getLogger("traced_tasks")
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
-class Switch:
-    """An environment variable traced_tasks reads, with what it does; read when needed, never cached, so a value
-    set after the imports (load_dotenv()) applies."""
+class Switch(Generic[T]):
+    """An environment variable traced_tasks reads, with what it does and what it takes. Read when needed, never
+    cached, so a value set after the imports (load_dotenv()) applies. A value that does not parse is logged once,
+    naming the variable and what it takes, and the default applies."""
 
     name: str
     meaning: str
+    parse: Callable[[str], T]  # raises ValueError saying what it takes
     default: str | None = None
 
     def read(self) -> str | None:
         """The value as set, None when unset."""
         return os.environ.get(self.name)
 
-    def value(self) -> str | None:
-        """The value without surrounding white space, or the default when the variable is unset or blank."""
-        return (self.read() or "").strip() or self.default
+    def value(self) -> T | None:
+        """The parsed value, or the default's when the variable is unset, blank or does not parse; None when there
+        is no default."""
+        raw = (self.read() or "").strip()
+        if raw:
+            try:
+                return self.parse(raw)
+            except ValueError as exc:
+                if (self.name, raw) not in _refused:
+                    _refused.add((self.name, raw))
+                    default = "unset" if self.default is None else self.default
+                    logger.error("traced_tasks: %s=%r: %s; it is taken as %s", self.name, raw, exc, default)
+        return None if self.default is None else self.parse(self.default)
+
+
+_refused: set[tuple[str, str]] = set()
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ValueError("it takes a TCP port number, 1 to 65535")
+    return int(value)
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ValueError("it takes a positive, finite number of seconds")
+    return seconds
+
+
+def _metrics(value: str) -> str:
+    if value.lower() not in ("prometheus", "opentelemetry"):
+        raise ValueError("it takes prometheus or opentelemetry")
+    return value.lower()
+
+
+def _urls(value: str) -> dict[str, str]:
+    found = {}
+    for item in value.split(","):
+        engine, equals, url = item.strip().partition("=")
+        if not equals or not engine.strip() or not url.strip().startswith(("http://", "https://", "/")):
+            raise ValueError("it takes engine=URL pairs separated by commas, such as celery=http://worker:9100/tasks/")
+        found[engine.strip()] = url.strip()
+    return found
 
 
 METRICS = Switch(
     "TRACED_TASKS_METRICS",
     "`opentelemetry` counts through the global MeterProvider instead of prometheus_client, unless configure() "
     "names a registry or a meter provider.",
+    _metrics,
     "prometheus",
 )
 TOKEN = Switch(
     "TRACED_TASKS_METRICS_TOKEN",
     "The bearer token `/metrics` and the task console require, read at each request. Unset: no token.",
+    _text,
 )
 PORT = Switch(
     "TRACED_TASKS_METRICS_PORT",
     "Serve `/metrics` and the task console (`/tasks/`) on this port, from the first request or lifespan of the "
-    "instrumented app, or from the start of a Celery or taskiq worker.",
+    "instrumented app, or from the start of a Celery or taskiq worker or scheduler.",
+    _port,
 )
 ADDR = Switch(
     "TRACED_TASKS_METRICS_ADDR",
     "The address the metrics port listens on: `0.0.0.0` (or `::`) in a container that Prometheus scrapes from outside.",
+    _text,
     "127.0.0.1",
 )
 HUNG_AFTER = Switch(
@@ -142,11 +220,41 @@ HUNG_AFTER = Switch(
     "Seconds after which the task console marks a run in progress hung, where make_console_app() is not given "
     "hung_after: the console on the metrics port, for one. Read at each request. Unset: 900, as the "
     "BackgroundTaskHung alert.",
+    _seconds,
+    repr(HUNG_AFTER_SECONDS),
+)
+QUEUE_EVERY = Switch(
+    "TRACED_TASKS_QUEUE_EVERY",
+    "Seconds between two reads of the queues a process watches, at most, where configure() is not given queue_every.",
+    _seconds,
+    repr(QUEUE_EVERY_SECONDS),
+)
+CONSOLE_URLS = Switch(
+    "TRACED_TASKS_CONSOLE_URLS",
+    "Where the consoles of the engines' workers are, as `celery=http://worker:9100/tasks/,taskiq=...`: a web "
+    "process's console links the tasks it hands over to them, where make_console_app() is not given engine_consoles.",
+    _urls,
 )
 MULTIPROCESS_DIR = Switch(
     "PROMETHEUS_MULTIPROC_DIR",
     "prometheus_client's multiprocess mode: every process counts in files in this folder, and `/metrics` sums them. "
     "Set it, to an empty folder, before the server or worker starts.",
+    _text,
 )
 
-SWITCHES = (METRICS, TOKEN, PORT, ADDR, HUNG_AFTER, MULTIPROCESS_DIR)
+SWITCHES: tuple[Switch[Any], ...] = (
+    METRICS,
+    TOKEN,
+    PORT,
+    ADDR,
+    HUNG_AFTER,
+    QUEUE_EVERY,
+    CONSOLE_URLS,
+    MULTIPROCESS_DIR,
+)
+
+
+def counts_through_opentelemetry() -> bool:
+    """TRACED_TASKS_METRICS=opentelemetry: count through the global MeterProvider, as opentelemetry-instrument sets
+    it up from OTEL_METRICS_EXPORTER; prometheus (the default) keeps prometheus_client."""
+    return METRICS.value() == "opentelemetry"

@@ -1,32 +1,31 @@
-"""A task's life as traced_tasks sees it: scheduled, then run, or skipped.
+"""A task's life as traced_tasks sees it: a `Ticket` when it is scheduled, then a `Run` of it, or a skip.
 
-A `Run` is made when a task is scheduled (add_task, an engine's publish) or received from an engine's broker, and
-owns the run from there: the context and clock of its scheduling, then the span, the context token, the run clock
-and the counts. It is given the configuration the task was scheduled under (`Config`), and calls down only, into
-its profiles and metrics backend.
+A Ticket is made when a task is scheduled (add_task, an engine's publish) or received from an engine's broker: the
+configuration it was scheduled under, the profile of its callable and route, the trace context and clock of its
+scheduling, and the engine it is handed to. Each run of it is a Run, claimed from the ticket: its span, the context
+it makes current, its run clock, its counts and its record. Both call down only, into the profiles, the metrics
+backend and the activity record of the configuration (`Config`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-import inspect
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
 import anyio
-import anyio.to_thread
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
-from traced_tasks import _activity, _request
+from traced_tasks import _activity, _request, _stacks, _wire
 from traced_tasks import _conventions as names
 from traced_tasks._activity import TaskRun
 from traced_tasks._callables import describe, utf8
@@ -53,21 +52,116 @@ class Config(Protocol):
 
 _ROOT = Context()
 _ENDING = threading.Lock()
-# What a run abandoned at a stop ends with.
-_ABANDONED = asyncio.CancelledError("the server stopped while the task ran")
 
 
-def schedule(config: Config, func: Callable[..., Any]) -> Run | None:
-    """Capture what a task needs at its run and count it as scheduled; never raises. None: the setup failed."""
-    scheduled = capture(config, func)
-    if scheduled is not None:
-        count_scheduled(config, scheduled.profile)
-    return scheduled
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: `status` success, error or cancelled; for an error, its exception's class name, and the
+    exception itself where there is one (an engine can report a failure by name only)."""
+
+    status: str
+    error_type: str | None = None
+    exception: BaseException | None = None
+
+    @classmethod
+    def of(cls, exc: BaseException | None) -> Outcome:
+        """The outcome of a run that returned (None) or raised `exc`."""
+        if exc is None:
+            return SUCCEEDED
+        if is_cancellation(exc):
+            return CANCELLED
+        return cls(names.STATUS_ERROR, error_type(type(exc)), exc)
+
+    @classmethod
+    def failed(cls, error_type: str) -> Outcome:
+        """An error known by its exception class's name only."""
+        return cls(names.STATUS_ERROR, error_type)
 
 
-def capture(config: Config, func: Callable[..., Any], route: object = None) -> Run | None:
-    """A Run of `func` in the context and route of now, counting nothing yet; never raises. None: the setup failed.
-    `route`, when it is text, stands for the route where no request is served now (a retry in a worker)."""
+SUCCEEDED = Outcome(names.STATUS_SUCCESS)
+CANCELLED = Outcome(names.STATUS_CANCELLED)
+
+
+class Ticket:
+    """A task scheduled to run: the configuration and profile it was scheduled under, the context and clock of its
+    scheduling, and the engine it is handed to, if any. Each run of it is claimed from it.
+
+        ticket = schedule(config, send_receipt)  # at add_task
+        with ticket.claim():  # when the task runs
+            await send_receipt(order_id)
+    """
+
+    __slots__ = ("claimed", "config", "context", "engine", "profile", "scheduled_ns", "tracer")
+
+    def __init__(
+        self,
+        config: Config,
+        profile: Profile,
+        context: Context,
+        tracer: Tracer,
+        scheduled_at: float | None = None,
+        engine: Any = None,
+    ) -> None:
+        self.config = config
+        self.profile = profile
+        self.context = context
+        self.tracer = tracer
+        self.engine = engine  # the engine its runs are handed to; None: they run here
+        self.claimed = False  # whether a run of it began, or it was counted as skipped
+        now = time.perf_counter_ns()
+        # A time of scheduling from another host's clock: the wait is as good as the two clocks' synchronisation.
+        self.scheduled_ns = now if scheduled_at is None else now - int(max(0.0, time.time() - scheduled_at) * 1e9)
+
+    @property
+    def scheduled_at(self) -> float:
+        """The Unix time it was scheduled."""
+        return time.time() - (time.perf_counter_ns() - self.scheduled_ns) / 1e9
+
+    def claim(self, span_kind: SpanKind = SpanKind.INTERNAL, span_name: str | None = None) -> Run:
+        """A new run of the task, not started yet."""
+        self.claimed = True
+        return Run(self, span_kind, span_name or self.profile.span_name)
+
+    def skip(self) -> None:
+        """Count a run that never started because an earlier task stopped its batch."""
+        self.claimed = True
+        try:
+            self.profile.counts.skip()
+        except Exception:
+            self.config.report("metrics", self.profile.name)
+        if _activity.captures:
+            _record(self.profile, names.STATUS_SKIPPED, None, None, 0.0, time.time())
+
+    def carried(self, starts_at: float | None = None) -> dict[str, str]:
+        """What travels with the message when an engine runs this task: the trace context it was scheduled in, the
+        Unix time it was scheduled, or `starts_at` when later (an ETA: a delay on purpose is no wait), and its
+        route. Empty when it cannot be written (logged once)."""
+        try:
+            return _wire.write(self.context, max(self.scheduled_at, starts_at or 0.0), self.profile.route)
+        except Exception:
+            self.config.report("tracing", self.profile.name)
+            return {}
+
+    def count_scheduled(self) -> None:
+        try:
+            self.profile.counts.schedule()
+        except Exception:
+            self.config.report("metrics", self.profile.name)
+
+
+def schedule(config: Config, func: Callable[..., Any], engine: Any = None) -> Ticket | None:
+    """A Ticket of `func` in the context and route of now, counted as scheduled; never raises. None: the setup
+    failed (logged once)."""
+    ticket = capture(config, func, engine=engine)
+    if ticket is not None:
+        ticket.count_scheduled()
+    return ticket
+
+
+def capture(config: Config, func: Callable[..., Any], route: object = None, engine: Any = None) -> Ticket | None:
+    """A Ticket of `func` in the context and route of now, counting nothing yet; never raises. None: the setup
+    failed (logged once). `route`, when it is text, stands for the route where no request is served now (a retry in
+    a worker)."""
     try:
         context = otel_context.get_current()
         scope = _request.serving_scope()
@@ -76,29 +170,23 @@ def capture(config: Config, func: Callable[..., Any], route: object = None) -> R
         tracer = config.tracer
         if _request.NATIVE_KEY in context:
             context, route, tracer = _under_fastapis_telemetry(config, context, route)
-        return Run(config, config.profiles.get(func, route), context, tracer)
+        return Ticket(config, config.profiles.get(func, route), context, tracer, engine=engine)
     except Exception:
         config.report("task setup", _name(func))
         return None
 
 
-def count_scheduled(config: Config, profile: Profile) -> None:
+def received(config: Config, func: Callable[..., Any], carried: _wire.Carrier) -> Ticket | None:
+    """The Ticket of a message an engine delivered: under the context, route and time of scheduling it carries, as
+    far as they can be believed (`_wire.read`); what cannot, is as if it were not there: a message that carries no
+    time of scheduling waited no time at all. Never raises; None: the setup failed (logged once)."""
     try:
-        profile.counts.schedule()
-    except Exception:
-        config.report("metrics", profile.name)
-
-
-def published(config: Config, func: Callable[..., Any], carried: Mapping[str, Any]) -> None:
-    """Count a message an engine published as scheduled, under the route it carries: for a publish traced_tasks did
-    not make (task.delay(), a retry), once the engine published it."""
-    try:
-        route = carried.get(names.CARRIED_ROUTE)
-        profile = config.profiles.get(func, route if isinstance(route, str) else None)
+        found = _wire.read(carried)
+        profile = config.profiles.get(func, found.route)
+        return Ticket(config, profile, found.context, config.tracer, found.scheduled_at)
     except Exception:
         config.report("task setup", _name(func))
-        return
-    count_scheduled(config, profile)
+        return None
 
 
 def _under_fastapis_telemetry(
@@ -118,57 +206,40 @@ def _under_fastapis_telemetry(
 
 
 class Run:
-    """One run of a task, from add_task to its outcome: the configuration and profile it was scheduled under, the
-    context and clock add_task captured, then its span, the context it makes current, its run clock and counts.
+    """One run of a task: its span, current inside it in the context its ticket captured, its clock, counts and
+    record. `start()`, then `end()` with the exception it raised, if any; the first end counts, later ones do nothing.
 
-        scheduled = Run(config, profile, otel_context.get_current(), config.tracer)  # at add_task
-        with scheduled:  # when the task runs
+        run = ticket.claim()
+        with run:  # start(), and end(exc) on the way out: the exception leaves the block untouched
             await func(*args, **kwargs)
-
-    The span is current inside the block, in the context captured when the Run was made. An exception leaves the
-    block untouched.
     """
 
     __slots__ = (
-        "_claimed",
         "_ended",
         "_span",
         "_started_ns",
         "_token",
+        "_where",
         "config",
-        "context",
-        "engine",
-        "kind",
         "profile",
-        "scheduled_ns",
+        "span_kind",
+        "span_name",
         "started_at",
-        "tracer",
+        "ticket",
     )
 
-    def __init__(self, config: Config, profile: Profile, context: Context, tracer: Tracer) -> None:
-        self.config = config
-        self.profile = profile
-        self.context = context
-        self.tracer = tracer
-        self.scheduled_ns = time.perf_counter_ns()
-        self.kind = SpanKind.INTERNAL  # CONSUMER for a run an engine delivered
-        self.engine: Any = None  # the engine a run is handed to, for a task of an engine's
-        self._claimed = False
+    def __init__(self, ticket: Ticket, span_kind: SpanKind, span_name: str) -> None:
+        self.ticket = ticket
+        self.config = ticket.config
+        self.profile = ticket.profile
+        self.span_kind = span_kind
+        self.span_name = span_name
+        self.started_at = 0.0  # the Unix time it started; 0 until then
+        self._started_ns = 0
+        self._span: Span | None = None
+        self._token: object = None
         self._ended = False
-        self._started_ns = 0  # 0 until the run starts
-
-    @property
-    def claimed(self) -> bool:
-        """Whether a run of this task began, or it was counted as skipped."""
-        return self._claimed
-
-    def again(self) -> Run:
-        """A Run with this one's scheduling, for a task object that runs more than once: attached to several
-        responses, say."""
-        again = copy.copy(self)
-        again._started_ns = 0
-        again._ended = False
-        return again
+        self._where: asyncio.Task[Any] | int | None = None  # the asyncio task or the thread it runs in
 
     @property
     def task(self) -> str:
@@ -187,179 +258,110 @@ class Run:
         return self._started_ns != 0
 
     def __enter__(self) -> None:
-        self._start(time.perf_counter_ns(), self.profile.span_name, self.kind)
-
-    def _start(self, started_ns: int, span_name: str, kind: SpanKind, start_time: int | None = None) -> None:
-        config = self.config
-        profile = self.profile
-        self._started_ns = started_ns
-        self.started_at = time.time() - (time.perf_counter_ns() - started_ns) / 1e9 if start_time else time.time()
-        parent = self.context
-        span: Span | None = None
-        token: object = None
-        try:
-            if config.options.use_span_links:
-                span = _start_linked_span(self.tracer, span_name, kind, profile.attributes, parent, start_time)
-            else:
-                span = self.tracer.start_span(
-                    span_name, context=parent, kind=kind, attributes=profile.attributes, start_time=start_time
-                )
-                if not span.is_recording() and (
-                    span is trace.get_current_span(parent) or not span.get_span_context().is_valid
-                ):
-                    # The API's no-op tracer hands back the parent's own span (an invalid one, in older APIs):
-                    # nothing of ours to end or annotate, and the parent context stays as it is.
-                    span = None
-            # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
-            token = otel_context.attach(parent if span is None else trace.set_span_in_context(span, parent))
-        except Exception:
-            config.report("tracing", profile.name)
-            if token is None:
-                with contextlib.suppress(Exception):
-                    token = otel_context.attach(parent)
-        self._span = span
-        self._token = token
-        try:
-            profile.counts.start((started_ns - self.scheduled_ns) / 1e9, self.started_at)
-        except Exception:
-            config.report("metrics", profile.name)
-        config.activity.running[self] = True
+        self.start()
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.end(exc)
+
+    def start(self, started_ns: int | None = None, scoped: bool = False) -> None:
+        """Start the run now, or at `started_ns` (time.perf_counter_ns()) in the past: start its span, make it current
+        in this context, and count the start and its wait since the ticket was scheduled. `scoped`: this context ends
+        with the run's code (a thread's copy of it), and its end restores nothing."""
+        now_ns = time.perf_counter_ns()
+        started_ns = now_ns if started_ns is None else started_ns
+        self._started_ns = started_ns
+        self.started_at = time.time() - (now_ns - started_ns) / 1e9
+        config, profile = self.config, self.profile
+        parent = self.ticket.context
+        start_time = None if started_ns == now_ns else time.time_ns() - (now_ns - started_ns)
+        try:
+            if config.options.use_span_links:
+                self._span = _start_linked_span(
+                    self.ticket.tracer, self.span_name, self.span_kind, profile.attributes, parent, start_time
+                )
+            else:
+                span = self.ticket.tracer.start_span(
+                    self.span_name, parent, self.span_kind, profile.attributes, start_time=start_time
+                )
+                # The API's no-op tracer hands back the parent's own span (an invalid one, in older APIs): nothing
+                # of ours to end or annotate, and the parent context stays as it is.
+                noop = not span.is_recording() and (
+                    span is trace.get_current_span(parent) or not span.get_span_context().is_valid
+                )
+                self._span = None if noop else span
+            # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
+            current = parent if self._span is None else trace.set_span_in_context(self._span, parent)
+            self._token = otel_context.attach(current)
+        except Exception:
+            config.report("tracing", profile.name)
+            if self._token is None:
+                with contextlib.suppress(Exception):
+                    self._token = otel_context.attach(parent)
+        if scoped:
+            self._token = None
+        self._where = _here()
+        oldest = config.activity.started(self)
+        try:
+            profile.counts.start((started_ns - self.ticket.scheduled_ns) / 1e9, self.started_at, oldest)
+        except Exception:
+            config.report("metrics", profile.name)
+
+    def end(self, exc: BaseException | None = None, outcome: Outcome | None = None) -> None:
+        """End the run, in the context it started in: it returned, or raised `exc`, or ended with `outcome`."""
         if self._token is not None:
-            otel_context.detach(self._token)  # type: ignore[arg-type]  # logs, never raises
-        self._finish(exc)
+            token, self._token = self._token, None
+            otel_context.detach(token)  # type: ignore[arg-type]  # logs, never raises
+        self.finish(Outcome.of(exc) if outcome is None else outcome)
 
     def abandon(self) -> None:
-        """End a run that is still in progress as cancelled, now: at a server's stop, when nothing waits for it any
-        more (a sync task's thread, a task that ignored its cancellation). Its own end then counts nothing."""
-        self._finish(_ABANDONED)
+        """End a run that is still in progress as cancelled, now, from anywhere: at a stop, when nothing waits for it
+        any more (a sync task's thread, a task that ignored its cancellation). Its own end then counts nothing."""
+        self.finish(CANCELLED)
 
-    def _finish(self, exc: BaseException | None) -> None:
-        seconds = (time.perf_counter_ns() - self._started_ns) / 1e9
-        config = self.config
-        profile = self.profile
-        with _ENDING:  # its own exit, or abandon() at a stop: the first ends it
+    def finish(self, outcome: Outcome) -> None:
+        """End the run with `outcome`, from anywhere, without touching the context it made current."""
+        with _ENDING:  # its own end, or abandon() at a stop: the first ends it
             if self._ended:
                 return
             self._ended = True
-        span = self._span
-        cancelled = exc is not None and is_cancellation(exc)
+        seconds = max(0.0, (time.perf_counter_ns() - self._started_ns) / 1e9)
+        config, profile, span = self.config, self.profile, self._span
         exemplar = None
         if span is not None:
             try:
                 span_context = span.get_span_context()
                 if span_context.trace_flags.sampled and span.is_recording():
                     exemplar = span_context
-                if cancelled:
+                if outcome.status == names.STATUS_CANCELLED:
                     span.set_attribute(names.ATTR_STATUS, names.STATUS_CANCELLED)
-                elif exc is not None:
-                    span.add_event(names.EVENT_EXCEPTION, _exception_attributes(exc))
-                    span.set_attribute(names.ATTR_ERROR_TYPE, error_type(type(exc)))
+                elif outcome.status == names.STATUS_ERROR:
+                    if outcome.exception is not None:
+                        span.add_event(names.EVENT_EXCEPTION, _exception_attributes(outcome.exception))
+                    span.set_attribute(names.ATTR_ERROR_TYPE, outcome.error_type or "")
                     span.set_status(Status(StatusCode.ERROR))
                 span.end()
             except Exception:
                 config.report("tracing", profile.name)
-        if exc is None:
-            status, exception = names.STATUS_SUCCESS, None
-        elif cancelled:
-            status, exception = names.STATUS_CANCELLED, None
-        else:
-            status, exception = names.STATUS_ERROR, config.labels.exception(type(exc))
+        exception = None
+        if outcome.status == names.STATUS_ERROR:
+            exception = config.labels.exception_name(outcome.error_type or "")
+        oldest = config.activity.ended(self)
         try:
-            if exc is None:
-                profile.counts.succeed(seconds, self.started_at, exemplar)
+            if outcome.status == names.STATUS_SUCCESS:
+                profile.counts.succeed(seconds, self.started_at, exemplar, oldest)
             else:
-                profile.counts.fail(status, seconds, self.started_at, exemplar, exception)
+                profile.counts.fail(outcome.status, seconds, self.started_at, exemplar, exception, oldest)
         except Exception:
             config.report("metrics", profile.name)
-        # Running until counted as finished: a scrape between the two would see it in neither.
-        config.activity.running.pop(self, None)
-        if exc is not None or _activity.captures:
-            ended = self.started_at + seconds
-            record = TaskRun(profile.task, status, exception, self._trace_id(), seconds, profile.route, ended)
-            if exc is not None:
-                config.activity.failures.append(record)
-            for captured in _activity.captures:
-                captured.append(record)
+        if outcome.status != names.STATUS_SUCCESS or _activity.captures:
+            record = _record(profile, outcome.status, exception, self.trace_id(), seconds, self.started_at + seconds)
+            if outcome.status != names.STATUS_SUCCESS:
+                config.activity.failed(record)
 
-    def skip(self) -> None:
-        """Count a run that never started because an earlier task stopped its batch."""
-        self._claimed = True
-        config, profile = self.config, self.profile
-        try:
-            profile.counts.skip()
-        except Exception:
-            config.report("metrics", profile.name)
-        if _activity.captures:
-            record = TaskRun(profile.task, names.STATUS_SKIPPED, None, None, 0.0, profile.route, time.time())
-            for captured in _activity.captures:
-                captured.append(record)
-
-    def claim(self) -> Run:
-        """The Run for a run of the task beginning now: this one, or another with its scheduling when this one ran
-        already (a task object attached to several responses)."""
-        run = self.again() if self._claimed else self
-        run._claimed = True
-        return run
-
-    def carried(self, starts_at: float | None = None) -> dict[str, str]:
-        """What travels with the message when an engine runs this task: the trace context it was scheduled in,
-        through the configured propagator (traceparent, tracestate, baggage), the Unix time it was scheduled, or
-        `starts_at`, the start it was given (an ETA: a delay on purpose is no wait), and its route."""
-        carrier: dict[str, str] = {}
-        try:
-            propagate.inject(carrier, context=self.context)
-            scheduled_at = time.time() - (time.perf_counter_ns() - self.scheduled_ns) / 1e9
-            carrier[names.CARRIED_SCHEDULED_AT] = repr(max(scheduled_at, starts_at or 0.0))
-            if self.profile.route is not None:
-                carrier[names.CARRIED_ROUTE] = self.profile.route
-        except Exception:
-            self.config.report("tracing", self.profile.name)
-        return carrier
-
-    def hand_off_failed(self, exc: BaseException, began_ns: int) -> None:
-        """Count a hand-off to an engine that failed (its broker is down, say) as this run, begun at `began_ns`,
-        failing with the engine's exception: no run of it will start anywhere. Its span is a PRODUCER span of the
-        publish, not one of the task."""
-        start_time = time.time_ns() - (time.perf_counter_ns() - began_ns)
-        self._start(began_ns, names.PUBLISH_SPAN_PREFIX + self.profile.name, SpanKind.PRODUCER, start_time)
-        self.__exit__(type(exc), exc, exc.__traceback__)
-
-    def call(self, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        """Run a sync task in this run, in a threadpool thread: its run starts when the thread starts it.
-
-        A sync callable that returns a coroutine (a lambda around an async function, a decorator that lost the
-        function's asyncness) did nothing: Starlette drops the coroutine unawaited. The run counts as an error,
-        CoroutineNeverAwaited, the coroutine is closed, and a warning says so once per task; nothing is raised.
-        """
-        self.__enter__()
-        try:
-            result = func(*args, **kwargs)
-        except BaseException as exc:
-            self.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        if inspect.iscoroutine(result):
-            result.close()
-            self.config.warn(
-                "coroutine",
-                self.profile.name,
-                "returned a coroutine that nothing awaits, so it never ran: make the task itself `async def`",
-            )
-            self.__exit__(CoroutineNeverAwaited, CoroutineNeverAwaited(), None)
-        else:
-            self.__exit__(None, None, None)
-        return result
-
-    def cancelled_before_start(self, exc: BaseException) -> None:
-        """Count a run that was cancelled while it waited for a thread, with no run time to speak of."""
-        self.__enter__()
-        self.__exit__(type(exc), exc, exc.__traceback__)
-
-    def _trace_id(self) -> str | None:
+    def trace_id(self) -> str | None:
         """The trace ID of the span current in the task, when it is sampled: where its trace can be found."""
         try:
-            span = self._span if self._span is not None else trace.get_current_span(self.context)
+            span = self._span if self._span is not None else trace.get_current_span(self.ticket.context)
             span_context = span.get_span_context()
             if not span_context.is_valid or not span_context.trace_flags.sampled:
                 return None
@@ -367,30 +369,37 @@ class Run:
         except Exception:  # a tracer other than the SDK's; the run's outcome matters more than its trace ID
             return None
 
-
-class CoroutineNeverAwaited(Exception):  # the outcome's name, never raised
-    """The outcome of a sync task that returned a coroutine, which Starlette drops unawaited."""
-
-
-def received(config: Config, func: Callable[..., Any], carried: Mapping[str, Any]) -> Run:
-    """The Run of a message an engine delivered, to start now in this process: under the context, route and time of
-    scheduling carried with it (`carried()`). A message that carries no time of scheduling (published by a process
-    without traced_tasks) waited no time at all."""
-    context = propagate.extract(carried, context=Context())
-    route = carried.get(names.CARRIED_ROUTE)
-    run = Run(config, config.profiles.get(func, route if isinstance(route, str) else None), context, config.tracer)
-    run.kind = SpanKind.CONSUMER
-    run._claimed = True
-    with contextlib.suppress(KeyError, TypeError, ValueError):
-        scheduled_at = float(carried[names.CARRIED_SCHEDULED_AT])
-        # Unix times, from two hosts' clocks: the wait is as good as their synchronisation, and never negative.
-        run.scheduled_ns -= int(max(0.0, time.time() - scheduled_at) * 1e9)
-    return run
+    def where(self) -> list[str] | None:
+        where = self._where
+        try:
+            return (
+                _stacks.of_thread(where)
+                if isinstance(where, int)
+                else None
+                if where is None
+                else _stacks.of_task(where)
+            )
+        except Exception:
+            return None
 
 
-def in_progress(configs: Iterable[Config]) -> list[Run]:
-    """Every run in progress under these configurations."""
-    return [run for config in configs for run in config.activity.running.copy()]  # type: ignore[misc]
+def _here() -> asyncio.Task[Any] | int:
+    """What runs the code that starts a run: the asyncio task of this thread's loop, else this thread."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running loop in this thread
+        task = None
+    return threading.get_ident() if task is None else task
+
+
+def _record(
+    profile: Profile, status: str, exception: str | None, trace_id: str | None, seconds: float, ended: float
+) -> TaskRun:
+    """The record of a run that ended, or was skipped, for the capture_tasks() blocks open now."""
+    record = TaskRun(profile.task, status, exception, trace_id, seconds, profile.route, ended)
+    for captured in _activity.captures:
+        captured.append(record)
+    return record
 
 
 def _start_linked_span(

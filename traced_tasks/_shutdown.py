@@ -1,10 +1,11 @@
-"""Spans still queued when the server stops, exported before the process ends.
+"""Spans and counts still held when the server stops, exported before the process ends.
 
 uvicorn, on its own, with --workers, and as gunicorn's worker, stops on SIGTERM with a graceful shutdown, then raises
 the signal again with its default action: the process ends without running atexit, where the SDK would export what
 its batch processor still holds. So the end of uvicorn's graceful shutdown exports them, after the runs it cancelled
 have ended. A signal handler of ours could do it for other servers, but would keep a process whose main thread is
-stuck in C code from dying on SIGTERM.
+stuck in C code from dying on SIGTERM. The meter providers are flushed beside the tracer providers: a pushing reader
+exports every minute or so, and a process that ends without atexit would lose its last counts.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
-from traced_tasks import _config, _run
+from traced_tasks import _config
 
 logger = logging.getLogger("traced_tasks")
 
-_providers: list[TracerProvider] = []
+_providers: list[TracerProvider | MeterProvider] = []
 _lock = threading.Lock()
 _stalled = threading.Event()  # an export at shutdown did not end in time
 
@@ -39,26 +41,35 @@ PROCESS_FLUSH_SECONDS = 3.0
 
 def flush_on_stop(provider: TracerProvider) -> None:
     """Export what `provider` holds when the server stops. Idempotent."""
-    with _lock:
-        if provider not in _providers:
-            _providers.append(provider)
+    _watch(provider)
     _wrap_uvicorn_shutdown()
 
 
-def flush_process() -> bool:
-    """Export what this process's tracer providers hold (the global one, the one given to configure(), those of
-    setup_tracing()), before it ends without atexit: the forked processes of Celery's prefork pool and of taskiq's
-    worker end with os._exit. It waits PROCESS_FLUSH_SECONDS at most, the exporter's timeout if shorter: its pool
-    replaces a process only once it has ended. Never raises."""
+def _watch(provider: object) -> None:
+    if isinstance(provider, (TracerProvider, MeterProvider)):
+        with _lock:
+            if provider not in _providers:
+                _providers.append(provider)
+
+
+def _watch_in_use() -> None:
+    """Watch the providers in use now: the global ones, and those the configurations were given."""
     try:
-        providers = [trace.get_tracer_provider(), *(c.options.tracer_provider for c in _config.configurations())]
-        for provider in providers:
-            if isinstance(provider, TracerProvider):
-                with _lock:
-                    if provider not in _providers:
-                        _providers.append(provider)
+        _watch(trace.get_tracer_provider())
+        _watch(metrics.get_meter_provider())
+        for configuration in _config.configurations():
+            _watch(configuration.options.tracer_provider)
+            _watch(configuration.options.meter_provider)
     except Exception:
-        logger.exception("traced_tasks: exporting the spans left at shutdown failed")
+        logger.exception("traced_tasks: exporting the spans and counts left at shutdown failed")
+
+
+def flush_process() -> bool:
+    """Export what this process's tracer and meter providers hold (the global ones, those given to configure(),
+    those of setup_tracing()), before it ends without atexit: the forked processes of Celery's prefork pool and of
+    taskiq's worker end with os._exit. It waits PROCESS_FLUSH_SECONDS at most, the exporter's timeout if shorter: its
+    pool replaces a process only once it has ended. Never raises."""
+    _watch_in_use()
     return flush(timeout=min(PROCESS_FLUSH_SECONDS, _exporter_timeout()))
 
 
@@ -78,7 +89,7 @@ def flush(abort: Callable[[], bool] = lambda: False, timeout: float | None = Non
                 for provider in list(_providers):
                     provider.force_flush()
             except Exception:
-                logger.exception("traced_tasks: exporting the spans left at shutdown failed")
+                logger.exception("traced_tasks: exporting the spans and counts left at shutdown failed")
             finally:
                 done.set()
 
@@ -87,11 +98,11 @@ def flush(abort: Callable[[], bool] = lambda: False, timeout: float | None = Non
         while not done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline or abort():
                 _stalled.set()
-                logger.warning("traced_tasks: the spans left at shutdown were not all exported in time")
+                logger.warning("traced_tasks: the spans and counts left at shutdown were not all exported in time")
                 return False
         return True
     except Exception:
-        logger.exception("traced_tasks: exporting the spans left at shutdown failed")
+        logger.exception("traced_tasks: exporting the spans and counts left at shutdown failed")
         return False
 
 
@@ -100,12 +111,17 @@ async def end_runs(abort: Callable[[], bool] = lambda: False) -> None:
     that started has its span ended, to be exported, and its outcome counted. Never raises."""
     try:
         deadline = time.monotonic() + RUNS_GRACE_SECONDS
-        while _run.in_progress(_config.configurations()) and time.monotonic() < deadline and not abort():
+        while in_progress() and time.monotonic() < deadline and not abort():
             await asyncio.sleep(0.01)
-        for run in _run.in_progress(_config.configurations()):
+        for run in in_progress():
             run.abandon()
     except Exception:
         logger.exception("traced_tasks: ending the runs left at shutdown failed")
+
+
+def in_progress() -> list[Any]:
+    """Every run in progress in this process, under any configuration."""
+    return [run for configuration in _config.configurations() for run in configuration.activity.runs()]
 
 
 def _exporter_timeout() -> float:
@@ -141,6 +157,7 @@ def _wrap_uvicorn_shutdown() -> None:
             await shutdown(self, *args, **kwargs)
         finally:
             await end_runs(forced)
+            _watch_in_use()
             flush(abort=forced)
 
     flushing_shutdown._traced_tasks_flush = True  # type: ignore[attr-defined]

@@ -15,12 +15,14 @@ from typing import Any, ParamSpec
 
 import anyio.to_thread
 from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind
 from starlette import background
 from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 
 from traced_tasks import _config, _engines, _run
-from traced_tasks._run import Run
+from traced_tasks import _conventions as names
+from traced_tasks._run import Outcome, Run, Ticket
 
 P = ParamSpec("P")
 logger = logging.getLogger("traced_tasks")
@@ -48,11 +50,10 @@ def init(task: background.BackgroundTask, func: Callable[..., Any], args: Any, k
         _unconfigured()
         task._traced = None  # type: ignore[attr-defined]
         return
-    traced = _run.schedule(config, func)
-    if traced is not None and engine is not None:
-        traced.engine = engine
-        config.activity.handed_off.setdefault(traced.values[0], engine.name)
-    task._traced = traced  # type: ignore[attr-defined]
+    ticket = _run.schedule(config, func, engine)
+    if ticket is not None and engine is not None:
+        config.activity.handed_off.setdefault(ticket.profile.task, engine.name)
+    task._traced = ticket  # type: ignore[attr-defined]
 
 
 _unconfigured_logged = False
@@ -100,36 +101,69 @@ async def run_batch(batch: background.BackgroundTasks) -> None:
 
 async def run(task: background.BackgroundTask) -> None:
     """Run one task inside its span, counting its outcome. Starlette's BackgroundTask.__call__, traced."""
-    scheduled: Run | None = getattr(task, "_traced", None)  # None: made before instrumentation
-    if scheduled is None:
+    ticket: Ticket | None = getattr(task, "_traced", None)  # None: made before instrumentation
+    if ticket is None:
         await call(task)
-        return
-    current = scheduled.claim()
-    if current.engine is not None:
-        await hand_off(current, current.engine, task)
+    elif ticket.engine is not None:
+        await hand_off(ticket, ticket.engine, task)
     elif task.is_async:
-        with current:
+        with ticket.claim():
             await task.func(*task.args, **task.kwargs)
     else:
+        current = ticket.claim()
         try:
             # Starlette's run_in_threadpool, without the partial it would make.
-            await anyio.to_thread.run_sync(current.call, task.func, task.args, task.kwargs)
+            await anyio.to_thread.run_sync(call_in_thread, current, task.func, task.args, task.kwargs)
         except BaseException as exc:
-            if not current.started:
-                current.cancelled_before_start(exc)
+            if not current.started:  # cancelled while it waited for a thread: no run time to speak of
+                current.start()
+                current.end(exc)
             raise
 
 
-async def hand_off(run: Run, engine: _engines.Engine, task: background.BackgroundTask) -> None:
-    """Publish a task of an engine's to its broker, in the context it was scheduled in. A publish that fails is this
-    run, failed; one that succeeds is counted where the task runs."""
-    began = time.perf_counter_ns()
-    token = otel_context.attach(run.context)
+def call_in_thread(run: Run, func: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    """Run a sync task in a threadpool thread, which starts its run.
+
+    A sync callable that returns a coroutine (a lambda around an async function, a decorator that lost the function's
+    asyncness) did nothing: Starlette drops the coroutine unawaited. The run counts as an error,
+    CoroutineNeverAwaited, the coroutine is closed, and a warning says so once per task; nothing is raised.
+    """
+    run.start()
     try:
-        with _engines.handing_off():
-            await engine.hand_off(task.func, task.args, task.kwargs, run.carried())
+        result = func(*args, **kwargs)
     except BaseException as exc:
-        run.hand_off_failed(exc, began)
+        run.end(exc)
+        raise
+    if inspect.iscoroutine(result):
+        result.close()
+        run.config.warn(
+            "coroutine",
+            run.profile.name,
+            "returned a coroutine that nothing awaits, so it never ran: make the task itself `async def`",
+        )
+        run.end(outcome=NEVER_AWAITED)
+    else:
+        run.end()
+    return result
+
+
+# The outcome of a sync task that returned a coroutine, which Starlette drops unawaited.
+NEVER_AWAITED = Outcome.failed("CoroutineNeverAwaited")
+
+
+async def hand_off(ticket: Ticket, engine: _engines.Engine, task: background.BackgroundTask) -> None:
+    """Publish a task of an engine's to its broker, in the context it was scheduled in: the engine's publish hook
+    writes what travels with it from `ticket`. A publish that fails is a run of this process that failed, a PRODUCER
+    span of the publish; one that succeeds is counted where the task runs."""
+    publish = ticket.claim(SpanKind.PRODUCER, names.PUBLISH_SPAN_PREFIX + ticket.profile.name)
+    began = time.perf_counter_ns()
+    token = otel_context.attach(ticket.context)
+    try:
+        with _engines.publishing(ticket):
+            await engine.hand_off(task.func, task.args, task.kwargs)
+    except BaseException as exc:
+        publish.start(began)
+        publish.end(exc)
         raise
     finally:
         otel_context.detach(token)
@@ -138,9 +172,8 @@ async def hand_off(run: Run, engine: _engines.Engine, task: background.Backgroun
 async def call(task: background.BackgroundTask) -> None:
     # Not Starlette's __call__: instrumentations patch it, and each task gets one span, ours.
     engine: _engines.Engine | None = task.__dict__.get("_engine")
-    if engine is not None:  # its setup failed: handed off, uncounted
-        with _engines.handing_off():
-            await engine.hand_off(task.func, task.args, task.kwargs, {})
+    if engine is not None:  # its setup failed: handed off, counted as a direct publish is
+        await engine.hand_off(task.func, task.args, task.kwargs)
         return
     if task.is_async:
         await task.func(*task.args, **task.kwargs)
@@ -152,9 +185,9 @@ def skip(task: object) -> None:
     """Count a task that never ran because an earlier one stopped its batch. A nested batch, or a task that runs
     one, counts every task it holds."""
     for inner in _tasks_in(task):
-        scheduled: Run | None = getattr(inner, "_traced", None)
-        if scheduled is not None and not scheduled.claimed:  # else it ran, or a batch around it counted it already
-            scheduled.skip()
+        ticket: Ticket | None = getattr(inner, "_traced", None)
+        if ticket is not None and not ticket.claimed:  # else it ran, or a batch around it counted it already
+            ticket.skip()
 
 
 def skip_unstarted(tasks: list[Any]) -> None:
@@ -170,9 +203,9 @@ def isolates(task: object) -> bool:
     """Whether the configuration `task` was scheduled under lets its batch go on after it fails. For a nested
     batch, its first task decides."""
     for inner in _tasks_in(task):
-        scheduled: Run | None = getattr(inner, "_traced", None)
-        if scheduled is not None:
-            return scheduled.config.options.isolate_tasks
+        ticket: Ticket | None = getattr(inner, "_traced", None)
+        if ticket is not None:
+            return ticket.config.options.isolate_tasks
     return False
 
 

@@ -1,6 +1,7 @@
 """taskiq: tasks that run on a taskiq worker keep the spans, series, dashboards and console of in-process ones.
 
-One middleware, on the broker, in the module that makes it, so that the web process and the workers both have it:
+One middleware, on the broker, in the module that makes it, so that the web process, the workers and the scheduler
+all have it:
 
     from taskiq_redis import ListQueueBroker
     import traced_tasks.taskiq
@@ -11,151 +12,168 @@ One middleware, on the broker, in the module that makes it, so that the web proc
     async def send_receipt(order_id: int) -> None: ...
 
 Then `tasks.add_task(send_receipt, order_id)` kicks `send_receipt` when the response's background tasks run, in
-batch order, as Starlette runs tasks: not if the endpoint raised, and not if an earlier task of the batch failed
-(it is counted as skipped). Arguments that taskiq cannot serialize fail at add_task with taskiq's own error. A
-direct `send_receipt.kiq(...)` is traced the same way. The web process must start the broker (`await
-broker.startup()`, in its lifespan), as taskiq asks.
-
-The web process counts the task as scheduled, or skipped, and a kick that fails (the broker is down) as a run that
-failed there. The worker counts the run: its wait since it was scheduled, its run time, outcome and exception class,
-under the task's `module.qualname` (not taskiq's `module:function` name, nor the `__taskiq_original` one), in a span
-that is a child of the span that scheduled it. With TRACED_TASKS_METRICS_PORT set, a worker process serves /metrics
-and the task console from its start.
+batch order, as Starlette runs tasks. A direct `send_receipt.kiq(...)` is traced the same way. The web process must
+start the broker (`await broker.startup()`, in its lifespan), as taskiq asks. The worker counts each run under the
+task's `module.qualname`, in a span that is a child of the one that scheduled it; with TRACED_TASKS_METRICS_PORT set,
+a worker process serves /metrics and the task console. Every process that serves traced_tasks' metrics reads the
+broker's queue; `taskiq scheduler` serves its schedules.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
+import functools
+import sys
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from typing import Any
 
 from taskiq import AsyncTaskiqDecoratedTask, TaskiqMessage, TaskiqMiddleware, TaskiqResult
 from taskiq.exceptions import NoResultError, SendTaskError
 
-from traced_tasks import _config, _engines, _run, _shutdown
-from traced_tasks import _conventions as names
-from traced_tasks._web import server
+from traced_tasks import _engines
+from traced_tasks import _worker as contract
 
 __all__ = ["Middleware"]
 
-logger = logging.getLogger("traced_tasks")
-
-# The run of the message the current asyncio task executes, and the exception it raised: taskiq awaits pre_execute,
-# the task, on_error and post_execute in one asyncio task per message.
-_running: contextvars.ContextVar[_run.Run | None] = contextvars.ContextVar("traced_tasks_taskiq_run", default=None)
-_error: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar("traced_tasks_taskiq_error", default=None)
+# taskiq runs a sync task in a copy of the context from 0.11.19 on: before, its run starts when the message arrives.
+_COPIES_CONTEXT = tuple(int(part) for part in version("taskiq").split(".")[:3] if part.isdigit()) >= (0, 11, 19)
+# The message a copy of the context runs: a sync task's thread starts its run with it.
+_message: contextvars.ContextVar[str | None] = contextvars.ContextVar("traced_tasks_taskiq_message", default=None)
 
 
 class Middleware(TaskiqMiddleware):
-    """Trace and count the tasks of the broker it is added to, in the process that kicks them and in the workers
-    that run them:
+    """Trace and count the tasks of the broker it is added to, where they are kicked, where they run, and where the
+    scheduler sends them:
 
         broker = ListQueueBroker(url).with_middlewares(traced_tasks.taskiq.Middleware())
+
+    `queues`: the queues whose backlog is read, by default the broker's own; a collection of names replaces it, a
+    function of the found names edits them, and `()` reads none.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, queues: contract.Queues = None) -> None:
         super().__init__()
-        self._metrics_server: server.MetricsServer | None = None
+        contract.check_queues(queues)
+        self._queues = queues
+        self._schedule: contract.LabelSchedule | None = None
 
     def set_broker(self, broker: Any) -> None:
         super().set_broker(broker)
         _engines.install(_ENGINE)
+        contract.watch_queues(contract.taskiq_reader(broker, self._queues))
 
     def startup(self) -> None:
         """Every task of the broker has its series at 0 from the start; a worker process serves /metrics and the
-        console on TRACED_TASKS_METRICS_PORT (the first of them to bind it, in multiprocess mode)."""
-        try:
-            self._start()
-        except Exception:  # the broker starts all the same
-            logger.exception("traced_tasks: cannot declare this broker's tasks or serve their metrics")
-
-    def _start(self) -> None:
-        _config.declare(*(task for _, task in sorted(self.broker.get_all_tasks().items())))
-        if not self.broker.is_worker_process:
-            return
-        self._metrics_server = server.from_environment()
-        if self._metrics_server is None:
-            return
-        if server.counts_this_process_only():
-            logger.warning(
-                "traced_tasks: each taskiq worker process counts on its own, and the first of them serves port %s "
-                "with its own counts only: the port shows them all in multiprocess mode, with PROMETHEUS_MULTIPROC_DIR "
-                "set to an empty folder before the worker starts and metrics through prometheus_client",
-                self._metrics_server.port,
-            )
-        self._metrics_server.ensure_started()
+        console on TRACED_TASKS_METRICS_PORT (the first of them to bind it, in multiprocess mode), and so does the
+        scheduler, with its schedules."""
+        tasks = [task for _, task in sorted(self.broker.get_all_tasks().items())]
+        contract.declare(tasks)
+        if self.broker.is_worker_process:
+            for task in tasks:
+                _start_in_its_thread(task)
+            asyncio.get_running_loop().create_task(_awake())
+            contract.serve("taskiq")
+        if getattr(self.broker, "is_scheduler_process", False):
+            self._schedule = contract.LabelSchedule(self.broker, contract.label)
+            contract.watch_schedule(self._schedule)
+            asyncio.get_running_loop().create_task(_heartbeat())
+            contract.serve("taskiq scheduler")
 
     async def shutdown(self) -> None:
-        if self._metrics_server is not None:
-            self._metrics_server.stop()
-            self._metrics_server = None
+        contract.stop_serving()
         if self.broker.is_worker_process:
-            # A forked worker process ends with os._exit, without the SDK's own export at exit. In a thread, so that
-            # taskiq's --shutdown-timeout still bounds the wait.
-            await asyncio.to_thread(_shutdown.flush_process)
+            # A forked worker process ends with os._exit, without atexit. In a thread, so that taskiq's
+            # --shutdown-timeout still bounds the wait.
+            await asyncio.to_thread(contract.process_ending)
 
     def pre_send(self, message: TaskiqMessage) -> TaskiqMessage:
-        # A kick made elsewhere than add_task: task.kiq(), a retry. Its message gets the context current now (in a
-        # worker, the span of the run that retries), the time it is meant to start, and the route.
-        if _engines.is_handing_off():
-            return message
         task = self.broker.find_task(message.task_name)
-        if task is None:
-            return message
-        labels = message.labels
-        run = _run.capture(_config.current(), task, labels.get(names.CARRIED_ROUTE))
-        if run is not None:
-            labels.update(run.carried(starts_at=_delayed(labels.get("delay"))))
+        if task is not None:
+            contract.before_publish(task, message.task_id, message.labels, _delayed(message.labels.get("delay")))
         return message
 
     def post_send(self, message: TaskiqMessage) -> None:
-        if _engines.is_handing_off():
-            return
-        task = self.broker.find_task(message.task_name)
-        if task is not None:
-            _run.published(_config.current(), task, message.labels)
+        contract.after_publish(message.task_id)
+        if self._schedule is not None:
+            self._schedule.sent(message.task_name)
 
     def pre_execute(self, message: TaskiqMessage) -> TaskiqMessage:
         task = self.broker.find_task(message.task_name)
         if task is None:
             return message
-        config = _config.current()
-        try:
-            run = _run.received(config, task, message.labels)
-        except Exception:
-            config.report("task setup", message.task_name)
-            return message
-        _running.set(run)
-        _error.set(None)
-        run.__enter__()
+        in_thread = getattr(task.original_func, "_traced_tasks_starts", False)
+        contract.begin(task, message.task_id, message.labels, start=not in_thread)
+        _message.set(message.task_id)
+        # post_execute does not come when a dependency's teardown raises, or an ack_type label is not one: the
+        # asyncio task of the message then ends the run, with what it raised.
+        running = asyncio.current_task()
+        if running is not None:
+            running.add_done_callback(functools.partial(_ended, message.task_id))
         return message
 
     def on_error(self, message: TaskiqMessage, result: TaskiqResult[Any], exception: BaseException) -> None:
-        _error.set(exception)
+        if not isinstance(exception, NoResultError):  # the task chose to keep no result
+            contract.failed(message.task_id, exception)
 
     def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
-        run = _running.get()
-        if run is None:
-            return
-        _running.set(None)
-        exception: BaseException | None = None
-        if result.is_err:
-            exception = _error.get() or result.error or _engines.TaskFailed()
-        if isinstance(exception, NoResultError):  # the task chose to keep no result; a retry replaces its error
-            exception = None
-        run.__exit__(None if exception is None else type(exception), exception, None)
+        if result.is_err and not isinstance(result.error, NoResultError):
+            contract.end(message.task_id, contract.FAILURE, result.error)
+        else:
+            contract.end(message.task_id, contract.SUCCESS)
+
+
+def _ended(key: str, running: asyncio.Task[Any]) -> None:
+    if running.cancelled():
+        contract.end(key, contract.STOPPED, here=False)
+        return
+    raised = running.exception()
+    contract.end(key, contract.FAILURE if raised is not None else contract.LOST, raised, here=False)
+
+
+def _start_in_its_thread(task: Any) -> None:
+    """Have a sync task start its run in the thread that runs it, not when it was handed to the pool: the wait for a
+    thread is wait. taskiq runs `task.original_func`, and pickles it by its module's `<name>__taskiq_original`."""
+    func = task.original_func
+    if not _COPIES_CONTEXT or asyncio.iscoroutinefunction(func) or getattr(func, "_traced_tasks_starts", False):
+        return
+
+    @functools.wraps(func)
+    def starts_its_run(*args: Any, **kwargs: Any) -> Any:
+        contract.started(_message.get())
+        return func(*args, **kwargs)
+
+    starts_its_run._traced_tasks_starts = True  # type: ignore[attr-defined]
+    task.original_func = starts_its_run
+    module = sys.modules.get(getattr(func, "__module__", None) or "")
+    name = getattr(func, "__name__", "")
+    if module is not None and getattr(module, name, None) is func:
+        setattr(module, name, starts_its_run)
+
+
+async def _awake() -> None:
+    """taskiq's worker sets its shutdown event from a plain signal handler, which does not wake an idle event loop:
+    a loop waiting on a Redis list, or on a sync task's thread, would notice a stop only at its next message. A wake
+    every second lets it stop, and give its runs in progress their outcome, within a second."""
+    while True:
+        await asyncio.sleep(1.0)
+
+
+async def _heartbeat() -> None:
+    """The scheduler's loop wakes every second, in this event loop: so does its heartbeat, which stops with it."""
+    while True:
+        contract.ticked()
+        await asyncio.sleep(1.0)
 
 
 def _delayed(delay: object) -> float | None:
     """The start a `delay` label (seconds, as taskiq's SmartRetryMiddleware and some brokers read it) gives."""
     try:
-        seconds = float(delay)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        return time.time() + max(0.0, float(delay))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
         return None
-    return time.time() + max(0.0, seconds)
 
 
 class _Taskiq:
@@ -170,8 +188,7 @@ class _Taskiq:
 
     def check(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         task: Any = func
-        kicker = task.kicker()
-        prepare = getattr(kicker, "_prepare_message", None)
+        prepare = getattr(task.kicker(), "_prepare_message", None)
         if prepare is None:  # a taskiq that prepares messages otherwise: its kiq() will say
             return
         try:
@@ -179,11 +196,9 @@ class _Taskiq:
         except Exception as exc:
             raise SendTaskError() from exc  # as kiq() would
 
-    async def hand_off(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], carried: dict[str, str]
-    ) -> None:
+    async def hand_off(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         task: Any = func
-        await task.kicker().with_labels(**carried).kiq(*args, **kwargs)
+        await task.kiq(*args, **kwargs)
 
 
 _ENGINE = _Taskiq()

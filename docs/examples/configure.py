@@ -17,5 +17,6 @@ traced_tasks.configure(
     use_span_links=False,  # True: a new trace per task, linked to the request
     isolate_tasks=False,  # True: a failing task does not stop the rest of its batch
     route_label=False,  # True: every family also gets a `route` label
+    queue_every=15,  # seconds between two reads of the broker queues this process watches, at most
 )
 # --8<-- [end:configure]

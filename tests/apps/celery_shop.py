@@ -54,9 +54,50 @@ def notify_partner(self: Any, order_id: int) -> None:
         raise ConnectionError("the partner's endpoint is down")
 
 
-@app.task(acks_late=True, reject_on_worker_lost=True)
-def reconcile(marker: str) -> None:
+@app.task(bind=True, acks_late=True, reject_on_worker_lost=True)
+def reconcile(self: Any, marker: str) -> None:
     """Runs for a while, and notes each start in the file `marker`, so that a test can kill its worker mid-run."""
-    with open(marker, "a") as file:
-        file.write(f"{os.getpid()}\n")
+    note(marker, self.request.id)
     time.sleep(2)
+
+
+def note(marker: str, task_id: str | None) -> None:
+    """Note a run's start, its process and its task ID, in the file `marker`: a test then ends it its own way."""
+    with open(marker, "a") as file:
+        file.write(f"{os.getpid()} {task_id}\n")
+
+
+@app.task(bind=True, time_limit=1)
+def overrun(self: Any, marker: str) -> None:
+    note(marker, self.request.id)
+    time.sleep(30)
+
+
+@app.task(bind=True)
+def revoked(self: Any, marker: str) -> None:
+    note(marker, self.request.id)
+    time.sleep(60)
+
+
+@app.task(bind=True)
+def terminated(self: Any, marker: str) -> None:
+    note(marker, self.request.id)
+    time.sleep(60)
+
+
+@app.task(bind=True)
+def killed(self: Any, marker: str) -> None:
+    note(marker, self.request.id)
+    time.sleep(60)
+
+
+SCENARIOS = {task.__name__: task for task in (overrun, revoked, terminated, killed, reconcile)}
+
+
+# A queue of its own, which the test worker does not consume: work routed there waits.
+app.conf.task_routes = {"tests.apps.celery_shop.render_invoice": {"queue": "invoices"}}
+
+
+@app.task
+def render_invoice(order_id: int) -> None:
+    pass

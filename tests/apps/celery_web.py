@@ -5,7 +5,16 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 import traced_tasks
-from tests.apps.celery_shop import audit, charge, notify_partner, reconcile, render_report, send_receipt
+from tests.apps.celery_shop import (
+    SCENARIOS,
+    audit,
+    charge,
+    notify_partner,
+    reconcile,
+    render_invoice,
+    render_report,
+    send_receipt,
+)
 from traced_tasks import BackgroundTasks
 
 app = FastAPI()
@@ -74,3 +83,23 @@ def start_reconcile(marker: str, tasks: BackgroundTasks) -> dict[str, str]:
 def unserializable(tasks: BackgroundTasks) -> dict[str, str]:
     tasks.add_task(send_receipt, object())
     return {"scheduled": "no"}
+
+
+@app.post("/run/{name}")
+def run(name: str, marker: str, tasks: BackgroundTasks) -> dict[str, str]:
+    """Hand over one of the scenario tasks, which notes its start in `marker`."""
+    tasks.add_task(SCENARIOS[name], marker)
+    return {"task": name}
+
+
+@app.post("/urgent/{order_id}")
+def urgent(order_id: int) -> dict[str, int]:
+    """A direct publish at the highest priority: on Redis, to the queue's list of priority 9."""
+    send_receipt.apply_async((order_id,), priority=9)
+    return {"order_id": order_id}
+
+
+@app.post("/invoices/{order_id}")
+def invoice(order_id: int, tasks: BackgroundTasks) -> dict[str, int]:
+    tasks.add_task(render_invoice, order_id)  # routed to the invoices queue
+    return {"order_id": order_id}

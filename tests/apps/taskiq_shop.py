@@ -1,6 +1,6 @@
 """A taskiq broker for the taskiq tests: its workers run these tasks, and tests/apps/taskiq_web.py kicks them. The
-broker is TASKIQ_BROKER (redis streams, which acknowledge a message once its run ended); spans go where
-setup_tracing() sends them (OTEL_EXPORTER_OTLP_ENDPOINT)."""
+broker is at TASKIQ_BROKER: redis streams, which acknowledge a message once its run ended, or with
+TASKIQ_BROKER_KIND=list a Redis list; spans go where setup_tracing() sends them (OTEL_EXPORTER_OTLP_ENDPOINT)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ import os
 import time
 
 from taskiq import Context, SimpleRetryMiddleware, TaskiqDepends
-from taskiq_redis import RedisStreamBroker
+from taskiq_redis import ListQueueBroker, RedisStreamBroker
 
 import traced_tasks
 import traced_tasks.taskiq
 
 traced_tasks.setup_tracing("shop")
 
-broker = RedisStreamBroker(
-    os.environ.get("TASKIQ_BROKER", "redis://127.0.0.1:1/0"),
+URL = os.environ.get("TASKIQ_BROKER", "redis://127.0.0.1:1/0")
+if os.environ.get("TASKIQ_BROKER_KIND") == "list":
+    # Its BRPOP waits with no timeout: redis-py 8's default socket timeout of 5 s would end every idle worker process.
+    made: ListQueueBroker | RedisStreamBroker = ListQueueBroker(URL, socket_timeout=None)
+else:
     # A message whose run did not end (its worker process was killed) is claimed again after this long.
-    idle_timeout=int(os.environ.get("TASKIQ_IDLE_TIMEOUT", "600000")),
-).with_middlewares(SimpleRetryMiddleware(default_retry_count=2), traced_tasks.taskiq.Middleware())
+    made = RedisStreamBroker(URL, idle_timeout=int(os.environ.get("TASKIQ_IDLE_TIMEOUT", "600000")))
+broker = made.with_middlewares(SimpleRetryMiddleware(default_retry_count=2), traced_tasks.taskiq.Middleware())
 
 SECRET = "card 4111-1111-1111-1111 of jane@example.com"
 
@@ -51,8 +54,44 @@ async def notify_partner(order_id: int, context: Context = TaskiqDepends()) -> N
 
 
 @broker.task
-def reconcile(marker: str) -> None:
+def reconcile(marker: str, context: Context = TaskiqDepends()) -> None:  # noqa: B008  # taskiq's way
     """Runs for a while, and notes each start in the file `marker`, so that a test can kill its worker mid-run."""
-    with open(marker, "a") as file:
-        file.write(f"{os.getpid()}\n")
+    note(marker, context.message.task_id)
     time.sleep(2)
+
+
+@broker.task
+def pause(seconds: float) -> None:
+    """A sync task: taskiq runs it in its thread pool."""
+    time.sleep(seconds)
+
+
+def note(marker: str, task_id: str) -> None:
+    """Note a run's start, its process and its task ID, in the file `marker`: a test then ends it its own way."""
+    with open(marker, "a") as file:
+        file.write(f"{os.getpid()} {task_id}\n")
+
+
+@broker.task(timeout=1)
+async def overrun(marker: str, context: Context = TaskiqDepends()) -> None:  # noqa: B008  # taskiq's way
+    note(marker, context.message.task_id)
+    await asyncio.sleep(30)
+
+
+@broker.task
+async def terminated(marker: str, context: Context = TaskiqDepends()) -> None:  # noqa: B008
+    """Async: a worker process's graceful stop waits for every sync task's thread, whatever its timeout."""
+    note(marker, context.message.task_id)
+    await asyncio.sleep(60)
+
+
+@broker.task
+def killed(marker: str, context: Context = TaskiqDepends()) -> None:  # noqa: B008
+    note(marker, context.message.task_id)
+    time.sleep(60)
+
+
+SCENARIOS = {
+    task.original_func.__name__.removesuffix("__taskiq_original"): task for task in (overrun, terminated, killed)
+}
+SCENARIOS["reconcile"] = reconcile

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 import traced_tasks
-from tests.apps.taskiq_shop import broker, charge, notify_partner, reconcile, render_report, send_receipt
+from tests.apps.taskiq_shop import SCENARIOS, broker, charge, notify_partner, reconcile, render_report, send_receipt
 from traced_tasks import BackgroundTasks
 
 
@@ -79,3 +79,10 @@ def start_reconcile(marker: str, tasks: BackgroundTasks) -> dict[str, str]:
 def unserializable(tasks: BackgroundTasks) -> dict[str, str]:
     tasks.add_task(send_receipt, object())  # type: ignore[arg-type]
     return {"scheduled": "no"}
+
+
+@app.post("/run/{name}")
+def run(name: str, marker: str, tasks: BackgroundTasks) -> dict[str, str]:
+    """Kick one of the scenario tasks, which notes its start in `marker`."""
+    tasks.add_task(SCENARIOS[name], marker)
+    return {"task": name}

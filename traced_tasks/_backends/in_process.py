@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from opentelemetry.trace import SpanContext
@@ -20,8 +20,9 @@ from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
 from traced_tasks import _conventions as names
-from traced_tasks._activity import Activity, Running, View
-from traced_tasks._backends.families import label_names, metric_name
+from traced_tasks._activity import Activity
+from traced_tasks._backends.base import Backend, TaskTotals
+from traced_tasks._backends.families import label_names, metric_name, sampled
 from traced_tasks._options import Options
 
 _KINDS: dict[str, Any] = {
@@ -112,14 +113,14 @@ class InProcessCounts:
         with self._lock:
             self.scheduled += 1
 
-    def start(self, wait: float, started_at: float) -> None:
+    def start(self, wait: float, started_at: float, oldest: float | None) -> None:
         index = bisect.bisect_left(self._bounds, wait)
         with self._lock:
             histogram = self.wait
             histogram.counts[index] += 1
             histogram.sum += wait
 
-    def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None:
+    def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None, oldest: float | None) -> None:
         index = bisect.bisect_left(self._bounds, seconds)
         now = started_at + seconds  # the run's end, without another read of the clock
         with self._lock:
@@ -131,7 +132,13 @@ class InProcessCounts:
                 histogram.exemplars[index] = (exemplar, seconds, now)
 
     def fail(
-        self, status: str, seconds: float, started_at: float, exemplar: SpanContext | None, exception: str | None
+        self,
+        status: str,
+        seconds: float,
+        started_at: float,
+        exemplar: SpanContext | None,
+        exception: str | None,
+        oldest: float | None,
     ) -> None:
         index = bisect.bisect_left(self._bounds, seconds)
         now = started_at + seconds
@@ -163,18 +170,18 @@ class InProcessCounts:
         )
 
 
-class InProcessBackend:
-    """The families of one configuration, counted in this process and collected as one custom collector.
+class InProcessBackend(Backend):
+    """The families of one configuration, counted in this process and collected as one custom collector, with the
+    families sampled from queues and schedulers.
 
     With a registry it registers there, all families at once or none; without one it only counts, for the task
-    console and the observations of another backend. `running()` gives the runs in progress.
+    console and the observations of another backend. The oldest start of the runs in progress comes from the
+    `activities` that record them.
     """
 
-    def __init__(
-        self, options: Options, registry: CollectorRegistry | None, running: Callable[[], Iterable[Running]]
-    ) -> None:
+    def __init__(self, options: Options, registry: CollectorRegistry | None, activities: list[Activity]) -> None:
         self.bounds = tuple(options.buckets)
-        self._running = running
+        self.activities = activities
         self._lock = threading.Lock()
         self._options = options
         self._le = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
@@ -199,36 +206,40 @@ class InProcessBackend:
         if self._registry is not None:
             self._registry.unregister(self)
 
-    def known_task_names(self) -> set[str]:
-        return set()
-
-    def activity(self, local: Activity) -> View:
-        return local.view()
-
-    def series_limit(self) -> int | None:
-        return None
-
-    def processes(self) -> int | None:
-        return None
-
-    def oldest_starts(self) -> dict[tuple[str, ...], float]:
-        """For each set of label values with runs in progress, the Unix time the oldest of them started."""
-        found: dict[tuple[str, ...], float] = {}
-        for run in self._running():
-            found[run.values] = min(found.get(run.values, run.started_at), run.started_at)
-        return found
+    def oldest(self, values: tuple[str, ...]) -> float | None:
+        """When the oldest run of these label values in progress started, None when none is."""
+        found = [oldest for activity in list(self.activities) if (oldest := activity.oldest(values)) is not None]
+        return min(found, default=None)
 
     def snapshots(self) -> list[Snapshot]:
         with self._lock:
             return [counts.snapshot() for counts in self._counts.values()]
 
+    def totals(self) -> list[TaskTotals]:
+        return [
+            TaskTotals(
+                task.values,
+                self.bounds,
+                scheduled=task.scheduled,
+                skipped=task.skipped,
+                started=sum(task.wait.counts),
+                outcomes={status: sum(histogram.counts) for status, histogram in task.durations.items()},
+                run_buckets=[sum(counts) for counts in zip(*(h.counts for h in task.durations.values()), strict=True)],
+                wait_buckets=list(task.wait.counts),
+                last_success=task.last_success,
+            )
+            for task in self.snapshots()
+        ]
+
     def describe(self) -> list[Metric]:
         """The families without samples, so the registry can refuse names that are taken."""
-        return list(self._families().values())
+        return [*self._families().values(), *sampled(self._options, samples=False)]
 
     def collect(self) -> Iterable[Metric]:
+        return [*self.task_families(), *sampled(self._options)]
+
+    def task_families(self) -> list[Metric]:
         snapshots = self.snapshots()
-        oldest_starts = self.oldest_starts()
         # Built outside the lock, so tasks finishing during a scrape wait only for the copy.
         family = self._families()
         for task in snapshots:
@@ -238,7 +249,7 @@ class InProcessBackend:
             for status, histogram in task.durations.items():
                 self._add_histogram(family[names.DURATION], [*labels, status], histogram)
             family[names.IN_PROGRESS].add_metric(labels, task.in_progress)
-            oldest = oldest_starts.get(task.values)
+            oldest = self.oldest(task.values)
             if oldest is not None:  # absent while nothing runs
                 family[names.IN_PROGRESS_SINCE].add_metric(labels, oldest)
             for label, count in task.exceptions.items():
@@ -251,7 +262,7 @@ class InProcessBackend:
         options = self._options
         return {
             family: _KINDS[family.kind](metric_name(options, family), family.help, labels=label_names(options, family))
-            for family in names.FAMILIES
+            for family in names.TASK_FAMILIES
         }
 
     def _add_histogram(self, family: HistogramMetricFamily, values: list[str], histogram: _Histogram) -> None:

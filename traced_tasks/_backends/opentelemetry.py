@@ -13,7 +13,7 @@ import fnmatch
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry import trace
@@ -21,10 +21,11 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
 
 from traced_tasks import _conventions as names
-from traced_tasks._activity import Activity, Running, View
+from traced_tasks import _sampled
+from traced_tasks._activity import Activity
+from traced_tasks._backends.base import Backend, TaskTotals
 from traced_tasks._backends.in_process import InProcessBackend, InProcessCounts, Snapshot
 from traced_tasks._options import Options
 from traced_tasks._version import __version__
@@ -50,8 +51,9 @@ class _Instruments:
         self.route_label = options.route_label
         self.label_names = options.label_names
         self.limit = attribute_set_limit(provider, options.namespace)
-        self.backends: weakref.WeakSet[OpenTelemetryBackend] = weakref.WeakSet()  # whose runs are in progress
-        self.counts = InProcessBackend(options, None, self._running)
+        # The activity records of every configuration counting here, whose runs in progress are observed.
+        self.activities: weakref.WeakSet[Activity] = weakref.WeakSet()
+        self.counts = InProcessBackend(options, None, self.activities)  # type: ignore[arg-type]
         self._pairs: set[tuple[tuple[str, ...], str]] = set()
         self.lock = threading.Lock()
         meter = provider.get_meter(names.INSTRUMENTATION_NAME, __version__)
@@ -72,6 +74,8 @@ class _Instruments:
         }
         for family, (kind, callback) in observed.items():
             make(kind, family, callbacks=[callback])
+        for family in names.SAMPLED_FAMILIES:
+            make(meter.create_observable_gauge, family, callbacks=[self._sampled(family)])
 
     def exception(self, values: tuple[str, ...], exception: str) -> str:
         """The exception label of a failure, past the limit of (task, exception) pairs the overflow value: for each
@@ -86,12 +90,6 @@ class _Instruments:
                 self._pairs.add(pair)
                 return exception
         return names.OVERFLOW
-
-    def _running(self) -> Iterator[Running]:
-        with self.lock:  # a configure() in another thread adds to it
-            backends = list(self.backends)
-        for backend in backends:
-            yield from backend.local.running.copy()
 
     def _attributes(self, snapshot: Snapshot) -> dict[str, str]:
         return dict(zip(self.label_names, snapshot.values, strict=True))
@@ -120,9 +118,22 @@ class _Instruments:
 
     def _oldest_starts(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
-            Observation(oldest, dict(zip(self.label_names, values, strict=True)))
-            for values, oldest in self.counts.oldest_starts().items()
+            Observation(oldest, self._attributes(task))
+            for task in self.counts.snapshots()
+            if (oldest := self.counts.oldest(task.values)) is not None
         ]
+
+    def _sampled(self, family: names.Family) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        keys = family.labels or ()
+
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [
+                Observation(sample.value, dict(zip(keys, sample.labels, strict=True)))
+                for sample in _sampled.collect()
+                if sample.family is family
+            ]
+
+        return observe
 
 
 def attribute_set_limit(provider: MeterProvider, namespace: str) -> int | None:
@@ -188,20 +199,26 @@ class _Counts:
     def schedule(self) -> None:
         self._local.schedule()
 
-    def start(self, wait: float, started_at: float) -> None:
-        self._local.start(wait, started_at)
+    def start(self, wait: float, started_at: float, oldest: float | None) -> None:
+        self._local.start(wait, started_at, oldest)
         self._instruments.wait.record(wait, self._base, context=_NO_SPAN)
 
-    def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None) -> None:
-        self._local.succeed(seconds, started_at, exemplar)
+    def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None, oldest: float | None) -> None:
+        self._local.succeed(seconds, started_at, exemplar, oldest)
         self._instruments.duration.record(seconds, self._by_status[names.STATUS_SUCCESS], context=_exemplar(exemplar))
 
     def fail(
-        self, status: str, seconds: float, started_at: float, exemplar: SpanContext | None, exception: str | None
+        self,
+        status: str,
+        seconds: float,
+        started_at: float,
+        exemplar: SpanContext | None,
+        exception: str | None,
+        oldest: float | None,
     ) -> None:
         if exception is not None:
             exception = self._instruments.exception(self._values, exception)
-        self._local.fail(status, seconds, started_at, exemplar, exception)
+        self._local.fail(status, seconds, started_at, exemplar, exception, oldest)
         self._instruments.duration.record(seconds, self._by_status[status], context=_exemplar(exemplar))
 
     def skip(self) -> None:
@@ -216,12 +233,12 @@ def _exemplar(span_context: SpanContext | None) -> Context:
     return trace.set_span_in_context(NonRecordingSpan(span_context), Context())
 
 
-class OpenTelemetryBackend:
+class OpenTelemetryBackend(Backend):
     """The families as instruments of `options.meter_provider`."""
 
     def __init__(self, options: Options, activity: Activity) -> None:
         assert options.meter_provider is not None
-        self.local = activity
+        self._activity = activity
         self._registry = options.registry
         self.instruments = _instruments_for(options.meter_provider, options)
 
@@ -232,24 +249,15 @@ class OpenTelemetryBackend:
         """The application's registry: traced_tasks' own series leave through OpenTelemetry."""
         return self._registry
 
-    def collect(self) -> Iterable[Metric]:
-        return self.instruments.counts.collect()
+    def totals(self) -> list[TaskTotals]:
+        return self.instruments.counts.totals()
 
     def open(self) -> None:
         with self.instruments.lock:
-            self.instruments.backends.add(self)
+            self.instruments.activities.add(self._activity)
 
     def close(self) -> None:
         """Nothing to take out: a run of this configuration still in progress is still observed."""
-
-    def known_task_names(self) -> set[str]:
-        return set()
-
-    def processes(self) -> int | None:
-        return None
-
-    def activity(self, local: Activity) -> View:
-        return local.view()
 
     def series_limit(self) -> int | None:
         """The most sets of label values whose run-time series all fit under the SDK's limit, with one more set for

@@ -26,28 +26,10 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-def port_from_environment() -> int | None:
-    port = PORT.value()
-    if port is None:
-        return None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{PORT.name} must be a TCP port number, got {port!r}")
-    return int(port)
-
-
 def from_environment() -> MetricsServer | None:
     """The server TRACED_TASKS_METRICS_PORT asks for, not started yet; None when it is unset, or not a port (logged)."""
-    try:
-        port = port_from_environment()
-    except ValueError:
-        logger.exception("traced_tasks: not serving metrics on a port of their own")
-        return None
+    port = PORT.value()
     return None if port is None else MetricsServer(port)
-
-
-def counts_this_process_only() -> bool:
-    """Whether what this process serves is its own counts and runs only: not multiprocess mode."""
-    return _config.current().backend.processes() is None
 
 
 class _Configured:
@@ -127,7 +109,7 @@ class MetricsServer:
                 kind = _ThreadingServer6 if ":" in address else _ThreadingServer
                 server = make_server(address, self.port, wsgi_app(), kind, _QuietHandler)
             except OSError as exc:
-                if exc.errno == errno.EADDRINUSE and _config.current().backend.processes() is not None:
+                if exc.errno == errno.EADDRINUSE and _config.current().backend.sees_all_processes:
                     logger.debug("traced_tasks: another worker serves metrics on port %s", self.port)
                 else:
                     logger.exception("traced_tasks: cannot serve metrics on port %s", self.port)
