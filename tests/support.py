@@ -23,6 +23,7 @@ import httpx
 import pytest
 import starlette
 import uvicorn
+import yaml
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
@@ -200,6 +201,114 @@ def redis_server(folder: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def rabbitmq_server(folder: Path) -> Iterator[str]:
+    """Debian's RabbitMQ, a node of its own on free loopback ports, its files in `folder`; yields its AMQP URL. The
+    Debian wrapper in /usr/sbin switches to the rabbitmq user, so the server script itself is started, as root."""
+    script = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+    if not script.exists():
+        require_tool("rabbitmq-server")  # fails in CI, skips elsewhere
+    port, distribution = free_port(), free_port()
+    for name in ("mnesia", "log", "home"):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    plugins = folder / "enabled_plugins"
+    plugins.write_text("[].\n")
+    environment = {
+        **os.environ,
+        "HOME": str(folder / "home"),
+        "RABBITMQ_NODENAME": f"traced{port}@localhost",
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(distribution),
+        "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(folder / "log"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(plugins),
+    }
+    log = (folder / "rabbitmq.log").open("wb")
+    server = subprocess.Popen(
+        [str(script)], env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server did not start: {(folder / 'rabbitmq.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield f"amqp://guest:guest@127.0.0.1:{port}//"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        log.close()
+
+
+class Prometheus:
+    """Debian's Prometheus on a loopback port, with the shipped rules (their text edited by `edit`), scraping `target`
+    as the job JOB, or each job of `jobs` (job name: (target, metrics path))."""
+
+    JOB = "traced-tasks-test"
+
+    def __init__(
+        self,
+        binary: str,
+        folder: Path,
+        target: str = "",
+        jobs: dict[str, tuple[str, str]] | None = None,
+        edit: Callable[[str], str] = lambda rules: rules,
+    ):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        rule_file = yaml.safe_load(edit((ROOT / "dashboards" / "rules.yml").read_text()))
+        for group in rule_file["groups"]:
+            group["interval"] = "1s"  # evaluate soon enough for the test to read each rule's health
+        (folder / "rules.yml").write_text(yaml.safe_dump(rule_file))
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["rules.yml"],
+            "scrape_configs": [
+                {"job_name": job, "metrics_path": path, "static_configs": [{"targets": [address]}]}
+                for job, (address, path) in (jobs or {self.JOB: (target, "/metrics/")}).items()
+            ],
+        }
+        (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.log = (folder / "prometheus.log").open("wb")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--enable-feature=exemplar-storage",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+        wait_for_http(self.url + "/-/ready")
+
+    def api(self, path: str, **params: Any) -> Any:
+        response = httpx.get(self.url + "/api/v1/" + path, params=params, timeout=30)
+        body = response.json()
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.api("query", query=expr)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
 
 
 class Collector:

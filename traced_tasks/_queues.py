@@ -125,10 +125,11 @@ class Watcher:
         return found
 
     def refresh(self) -> None:
-        """Read the queues when the last read is older than queue_every, waiting READ_TIMEOUT_SECONDS at most."""
+        """Read the queues when the last read is older than queue_every, waiting READ_TIMEOUT_SECONDS at most for
+        it; a collection while a read is under way takes the last samples."""
+        reading = None
         with self._lock:
-            reading = self._reading
-            if reading is None and time.monotonic() - self._tried >= _every():
+            if self._reading is None and time.monotonic() - self._tried >= _every():
                 self._tried = time.monotonic()
                 reading = self._reading = threading.Thread(target=self._read, name="traced_tasks-queues", daemon=True)
                 reading.start()
@@ -317,8 +318,10 @@ def _stream_answers(pipeline: Any) -> tuple[bool, list[dict[str, Any]]]:
 
 
 def _live_consumers(client: Any, stream: str, group: str) -> int:
-    """The consumers of the group that interacted within the last minute: a process that died stays listed."""
-    return sum(1 for consumer in client.xinfo_consumers(stream, group) if int(consumer.get("idle", 0)) < 60_000)
+    """The consumers of the group that read within the last minute: a process that died stays listed. Redis 7.2
+    tells when each last tried (`inactive`); before it, when each last read something (`idle`)."""
+    consumers = client.xinfo_consumers(stream, group)
+    return sum(1 for consumer in consumers if int(consumer.get("inactive", consumer.get("idle", 0)) or 0) < 60_000)
 
 
 def _stream_oldest(entries: list[Any]) -> float | None:

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from celery import Celery
+from celery.schedules import crontab
 
 import traced_tasks
 import traced_tasks.celery
@@ -101,3 +102,14 @@ app.conf.task_routes = {"tests.apps.celery_shop.render_invoice": {"queue": "invo
 @app.task
 def render_invoice(order_id: int) -> None:
     pass
+
+
+# What `celery beat` sends: an audit every 2 seconds, and a receipt every day at 03:00 (UTC, Celery's default zone).
+app.conf.beat_schedule = {
+    "audit": {"task": "tests.apps.celery_shop.audit", "schedule": 2.0, "args": (0,)},
+    "nightly receipt": {
+        "task": "tests.apps.celery_shop.send_receipt",
+        "schedule": crontab(minute="0", hour="3"),
+        "args": (0,),
+    },
+}
