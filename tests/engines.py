@@ -27,6 +27,7 @@ class Engine:
     grace: float  # how long its processes get to stop before they are killed
     rejects: str  # the engine's error for arguments it cannot serialize
     main_serves: bool  # whether the worker's main process, which runs no task, serves its port
+    scheduler: list[str]  # the command that starts its scheduler, sending the shop's periodic tasks
 
     def __str__(self) -> str:
         return self.name
@@ -44,6 +45,7 @@ CELERY = Engine(
     grace=15,
     rejects="EncodeError",
     main_serves=True,
+    scheduler=[str(BIN / "celery"), "-A", "tests.apps.celery_shop", "beat", "--loglevel=INFO"],
 )
 
 TASKIQ = Engine(
@@ -57,6 +59,7 @@ TASKIQ = Engine(
     grace=0.5,
     rejects="SendTaskError",
     main_serves=False,  # the first of its worker processes to bind the port
+    scheduler=[str(BIN / "taskiq"), "scheduler", "tests.apps.taskiq_shop:scheduler"],
 )
 
 
@@ -80,6 +83,8 @@ class Shop:
         self.worker: Process | None = None
         self.worker_url = ""
         self.web = ""  # the web process's URL, once a test keeps one
+        self.scheduler: Process | None = None
+        self.scheduler_url = ""
 
     def environment(self, service: str, **env: str) -> dict[str, str]:
         return {
@@ -117,6 +122,20 @@ class Shop:
         self.worker_url = f"http://127.0.0.1:{port}"
         wait_for_http(self.worker_url + "/metrics")
         return self.worker_url
+
+    def start_scheduler(self, **extra: str) -> str:
+        """Start the engine's scheduler (Celery beat, taskiq's scheduler), serving its metrics on a port of its own;
+        its URL."""
+        port = free_port()
+        arguments = ["-s", str(self.folder / "beat-schedule")] if self.engine.name == "celery" else []
+        env = {"TRACED_TASKS_METRICS_PORT": str(port), **extra}
+        self.scheduler = Process(
+            [*self.engine.scheduler, *arguments], self.folder / "scheduler.log", **self.environment("shop-beat", **env)
+        )
+        self.processes.append(self.scheduler)
+        self.scheduler_url = f"http://127.0.0.1:{port}"
+        wait_for_http(self.scheduler_url + "/metrics")
+        return self.scheduler_url
 
     def web_metrics(self, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         return samples(url + "/metrics/")

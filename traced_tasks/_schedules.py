@@ -59,10 +59,12 @@ class Schedule(Protocol):
 
 
 class Watcher:
-    """The samples of one scheduler: read at its ticks, served when collected."""
+    """The samples of one scheduler: read at its ticks, served when collected. A worker knows the schedule its
+    application declares too, for its console, but serves none of it: the scheduler's are the series."""
 
-    def __init__(self, schedule: Schedule) -> None:
+    def __init__(self, schedule: Schedule, served: bool = True) -> None:
         self.schedule = schedule
+        self.served = served
         self._lock = threading.Lock()
         self._dues: list[Due] = []
         self._heartbeat: float | None = None
@@ -74,14 +76,23 @@ class Watcher:
 
     def ticked(self) -> None:
         """The scheduler ticked: note it, and read its schedule again if it was not read within the last second."""
+        with self._lock:
+            self._heartbeat = time.time()
+        self.read()
+
+    def dues(self) -> list[Due]:
+        if not self.served:  # no scheduler ticks here: read when asked
+            self.read()
+        with self._lock:
+            return list(self._dues)
+
+    def read(self) -> None:
+        """Read the schedule again, if it was not read within the last second."""
         now = time.time()
         with self._lock:
-            self._heartbeat = now
-            due = now - self._read >= READ_EVERY_SECONDS
-            if due:
-                self._read = now
-        if not due:
-            return
+            if now - self._read < READ_EVERY_SECONDS:
+                return
+            self._read = now
         try:
             dues = combined(self.schedule.entries())
         except Exception:
@@ -92,11 +103,9 @@ class Watcher:
         with self._lock:
             self._dues = dues
 
-    def dues(self) -> list[Due]:
-        with self._lock:
-            return list(self._dues)
-
     def samples(self) -> list[_sampled.Sample]:
+        if not self.served:
+            return []
         with self._lock:
             dues, heartbeat = list(self._dues), self._heartbeat
         found = []
@@ -133,6 +142,30 @@ class BeatSchedule:
         return found
 
 
+class BeatConfig:
+    """The beat_schedule a Celery application declares, as a worker knows it: for its console, not served."""
+
+    engine = "celery"
+
+    def __init__(self, app: Any, label: Callable[[str], str | None]) -> None:
+        self._app = app
+        self._label = label
+
+    def entries(self) -> list[Due]:
+        from celery.schedules import maybe_schedule
+
+        found = []
+        for entry in (self._app.conf.beat_schedule or {}).values():
+            label = self._label(entry.get("task", "")) if isinstance(entry, dict) else None
+            if label is None:
+                continue
+            try:
+                found.append(Due(label, *beat_times(maybe_schedule(entry["schedule"], app=self._app), None)))
+            except Exception:
+                found.append(Due(label, None, None))
+        return found
+
+
 def beat_times(schedule: Any, last_run_at: datetime.datetime | None) -> tuple[float | None, float | None]:
     """(period, next due) of a Celery schedule last run at `last_run_at`: the interval of an interval, the gap between
     the next two due times of a crontab or a solar event."""
@@ -140,18 +173,23 @@ def beat_times(schedule: Any, last_run_at: datetime.datetime | None) -> tuple[fl
 
     now = schedule.now()
     last = maybe_make_aware(last_run_at or now).astimezone(schedule.tz)
-    next_due = now + max(schedule.remaining_estimate(last), datetime.timedelta(0))
+    next_due = now + max(_at(schedule, now).remaining_estimate(last), datetime.timedelta(0))
     run_every = getattr(schedule, "run_every", None)
     if isinstance(run_every, datetime.timedelta):
         return run_every.total_seconds(), next_due.timestamp()
-    # From the next due time on, as if it were now: a schedule computes from its own idea of now. A second past it,
-    # so that a solar event rounded down is not found again.
-    after = copy.copy(schedule)
-    after.app = schedule.app
+    # From the next due time on, as if it were now. A second past it, so that a solar event rounded down is not
+    # found again.
     base = next_due + datetime.timedelta(seconds=1)
-    after.nowfun = lambda: base
-    gap = after.remaining_estimate(base) + datetime.timedelta(seconds=1)
+    gap = _at(schedule, base).remaining_estimate(base) + datetime.timedelta(seconds=1)
     return (gap.total_seconds() if gap > datetime.timedelta(0) else None), next_due.timestamp()
+
+
+def _at(schedule: Any, now: datetime.datetime) -> Any:
+    """The schedule as it would compute at `now`: a schedule reads its own clock, at each step of a computation."""
+    fixed = copy.copy(schedule)
+    fixed.app = schedule.app  # which a copy of a schedule does not keep
+    fixed.nowfun = lambda: now
+    return fixed
 
 
 class LabelSchedule:
@@ -257,11 +295,13 @@ def _utc(local: datetime.datetime, offset: object) -> datetime.datetime:
 _watchers: list[Watcher] = []
 
 
-def watch(schedule: Schedule) -> Watcher:
-    """Sample `schedule` from now on, in every metrics backend; this process is a scheduler."""
-    watcher = Watcher(schedule)
+def watch(schedule: Schedule, served: bool = True) -> Watcher:
+    """Sample `schedule` from now on, in every metrics backend where `served` (this process is its scheduler); else
+    only for the console."""
+    watcher = Watcher(schedule, served)
     _watchers.append(watcher)
-    _sampled.add(watcher)
+    if served:
+        _sampled.add(watcher)
     return watcher
 
 

@@ -32,7 +32,7 @@ from traced_tasks import _config, _engines, _queues, _run, _schedules, _shutdown
 from traced_tasks import _conventions as names
 from traced_tasks._queues import CeleryQueues, Queues, taskiq_reader
 from traced_tasks._run import Outcome, Run
-from traced_tasks._schedules import BeatSchedule, LabelSchedule
+from traced_tasks._schedules import BeatConfig, BeatSchedule, LabelSchedule
 from traced_tasks._web import server
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "STOPPED",
     "SUCCESS",
     "TERMINATED",
+    "BeatConfig",
     "BeatSchedule",
     "CeleryQueues",
     "LabelSchedule",
@@ -53,6 +54,7 @@ __all__ = [
     "declare",
     "end",
     "failed",
+    "know_schedule",
     "label",
     "process_ending",
     "serve",
@@ -377,6 +379,11 @@ def watch_schedule(schedule: _schedules.Schedule) -> None:
     global _scheduler
     _scheduler = _schedules.watch(schedule)
     _scheduler.ticked()
+
+
+def know_schedule(schedule: _schedules.Schedule) -> None:
+    """This process runs the tasks of `schedule`, which another process sends: its console lists them."""
+    _schedules.watch(schedule, served=False)
 
 
 def ticked() -> None:

@@ -171,6 +171,9 @@ def _declare(sender: Celery | None = None, **_: Any) -> None:
 def _worker_ready(sender: Any = None, **_: Any) -> None:
     from celery.concurrency.prefork import TaskPool
 
+    app: Any = getattr(sender, "app", None)
+    if app is not None and app in _apps and app.conf.beat_schedule:
+        contract.know_schedule(contract.BeatConfig(app, _label))
     contract.serve("celery", runs_in_children=isinstance(getattr(sender, "pool", None), TaskPool))
 
 

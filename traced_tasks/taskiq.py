@@ -75,6 +75,8 @@ class Middleware(TaskiqMiddleware):
             for task in tasks:
                 _start_in_its_thread(task)
             asyncio.get_running_loop().create_task(_awake())
+            if any(task.labels.get("schedule") for task in tasks):
+                contract.know_schedule(contract.LabelSchedule(self.broker, contract.label))
             contract.serve("taskiq")
         if getattr(self.broker, "is_scheduler_process", False):
             self._schedule = contract.LabelSchedule(self.broker, contract.label)

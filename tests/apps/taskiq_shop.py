@@ -8,7 +8,8 @@ import asyncio
 import os
 import time
 
-from taskiq import Context, SimpleRetryMiddleware, TaskiqDepends
+from taskiq import Context, SimpleRetryMiddleware, TaskiqDepends, TaskiqScheduler
+from taskiq.schedule_sources import LabelScheduleSource
 from taskiq_redis import ListQueueBroker, RedisStreamBroker
 
 import traced_tasks
@@ -95,3 +96,11 @@ SCENARIOS = {
     task.original_func.__name__.removesuffix("__taskiq_original"): task for task in (overrun, terminated, killed)
 }
 SCENARIOS["reconcile"] = reconcile
+
+
+@broker.task(schedule=[{"cron": "*/5 * * * *"}])
+async def refresh_cache() -> None:
+    """Sent by `taskiq scheduler tests.apps.taskiq_shop:scheduler` every five minutes."""
+
+
+scheduler = TaskiqScheduler(broker, sources=[LabelScheduleSource(broker)])
