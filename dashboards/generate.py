@@ -121,21 +121,114 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict[str, Any
 
 
 def longest_running(grid: tuple[int, int, int, int]) -> dict[str, Any]:
-    """How long the oldest run in progress of each task has been running: a hung task climbs without end."""
+    """How long the oldest run in progress of each task has been running, on each instance: a hung task climbs
+    without end, on the instance whose console shows where it waits."""
     return panel(
         "Longest-running run",
-        "For each task, how long its oldest run still in progress has been running. A run that never ends (a socket "
-        "with no timeout, a deadlock) climbs here while nothing else shows it; BackgroundTaskHung fires at 15 minutes.",
+        "For each task and instance, how long its oldest run still in progress has been running. A run that never "
+        "ends (a socket with no timeout, a deadlock) climbs here while nothing else shows it; BackgroundTaskHung "
+        "fires at 15 minutes. Open that instance's task console to see where the run waits.",
         "s",
         [
             target(
-                f"time() - min by (task) ({names.IN_PROGRESS_SINCE.name}{{{SELECTOR}}} < +Inf)",
-                "{{task}}",
+                f"time() - min by (instance, task) ({names.IN_PROGRESS_SINCE.name}{{{SELECTOR}}} < +Inf)",
+                "{{task}} on {{instance}}",
                 "A",
             )
         ],
         grid,
     )
+
+
+# The queues and schedules are read by several processes (web replicas, workers, the scheduler): one value each.
+QUEUES = 'job=~"$job"'
+
+
+def waiting(y: int) -> list[dict[str, Any]]:
+    """The work that waits in each queue: how much, how old, and who consumes it."""
+    by_queue = "max by (engine, queue)"
+    return [
+        panel(
+            "Waiting: depth by queue",
+            "Messages waiting in each broker queue, not yet delivered to a worker. A queue that only grows has "
+            "consumers that do not keep up, or none.",
+            "short",
+            [target(f"{by_queue} ({names.QUEUE_DEPTH.name}{{{QUEUES}}})", "{{engine}} {{queue}}", "A")],
+            (0, y, 8, 8),
+        ),
+        panel(
+            "Waiting: age of the oldest",
+            "How long ago the oldest message waiting in each queue was scheduled: how far behind the workers are. "
+            "BackgroundTaskBacklogOld fires at 5 minutes. RabbitMQ cannot tell it.",
+            "s",
+            [target(f"time() - {by_queue} ({names.QUEUE_OLDEST.name}{{{QUEUES}}})", "{{engine}} {{queue}}", "A")],
+            (8, y, 8, 8),
+        ),
+        panel(
+            "Waiting: consumers",
+            "Consumers attached to each queue, where the broker reports them (RabbitMQ, Redis streams). A queue with "
+            "work and none is BackgroundTaskQueueNoConsumer.",
+            "short",
+            [target(f"{by_queue} ({names.QUEUE_CONSUMERS.name}{{{QUEUES}}})", "{{engine}} {{queue}}", "A")],
+            (16, y, 8, 8),
+        ),
+    ]
+
+
+def schedules(y: int) -> dict[str, Any]:
+    """Each periodic task: its period, when it is next due, its last success, and whether it is overdue."""
+    period = f'max by (task) ({names.SCHEDULE_PERIOD.name}{{task=~"$task"}})'
+    success = f'max by (task) ({names.LAST_SUCCESS.name}{{task=~"$task"}})'
+    table = [
+        target(period, "period", "A", instant=True, format="table"),
+        target(
+            f'max by (task) ({names.SCHEDULE_NEXT.name}{{task=~"$task"}}) - time()',
+            "due in",
+            "B",
+            instant=True,
+            format="table",
+        ),
+        target(f"time() - {success} and on (task) {period}", "last success", "C", instant=True, format="table"),
+        target(
+            # 1 when overdue: no success within the period and the grace of BackgroundTaskScheduleOverdue.
+            f"time() - {success} > bool on (task) {period} + 300",
+            "overdue",
+            "D",
+            instant=True,
+            format="table",
+        ),
+    ]
+    item = panel(
+        "Schedules",
+        "Each periodic task the scheduler holds (Celery beat, taskiq's scheduler): its period, how long until it is "
+        "next due, how long since it last succeeded in any job, and 1 when that is more than its period and 5 "
+        "minutes (BackgroundTaskScheduleOverdue).",
+        "s",
+        table,
+        (0, y, 24, 8),
+        kind="table",
+        transformations=[
+            {"id": "merge", "options": {}},
+            {
+                "id": "organize",
+                "options": {
+                    "excludeByName": {"Time": True},
+                    "renameByName": {
+                        "Value #A": "period",
+                        "Value #B": "due in",
+                        "Value #C": "since last success",
+                        "Value #D": "overdue",
+                    },
+                },
+            },
+            {"id": "sortBy", "options": {"sort": [{"field": "overdue", "desc": True}]}},
+        ],
+    )
+    item["options"] = {"showHeader": True}
+    item["fieldConfig"]["overrides"] = [
+        {"matcher": {"id": "byName", "options": "overdue"}, "properties": [{"id": "unit", "value": "bool_yes_no"}]}
+    ]
+    return item
 
 
 def overview() -> dict[str, Any]:
@@ -279,8 +372,10 @@ def overview() -> dict[str, Any]:
             ],
         ),
         longest_running((0, 32, 24, 8)),
+        *waiting(40),
+        schedules(48),
     ]
-    for item in panels:
+    for item in panels[:-1]:
         if item["type"] == "table":
             item["options"] = {"showHeader": True}
             item["fieldConfig"]["overrides"] = [
@@ -289,7 +384,8 @@ def overview() -> dict[str, Any]:
     return dashboard(
         "traced-tasks-overview",
         "Background tasks: overview",
-        "Every background task traced_tasks sees: runs, failures, run and wait time, skipped and lost work.",
+        "Every background task traced_tasks sees: runs, failures, run and wait time, skipped and lost work, the work "
+        "that waits in the queues, and the schedules.",
         panels,
     )
 

@@ -29,23 +29,37 @@ from tests.dashboards import (
 )
 from tests.support import require_tool
 from traced_tasks import _conventions as names
+from traced_tasks import _sampled
 
 PREFIX = names.PREFIX
 DEPLOY = ROOT / "deploy"
 
 
+class EverySampledFamily:
+    """A source of one sample of each family sampled from queues and schedulers, as a watched queue and a scheduler
+    give them."""
+
+    def samples(self) -> list[_sampled.Sample]:
+        return [
+            _sampled.Sample(family, tuple("x" for _ in family.labels or ()), 1.0) for family in names.SAMPLED_FAMILIES
+        ]
+
+
 def exposed_names() -> set[str]:
     """Every sample name the library exposes, read from real scrapes after tasks succeed, fail and are skipped, and
-    from a scrape while a task runs."""
+    from a scrape while a task runs, with a queue and a schedule sampled."""
     registry = CollectorRegistry()
     traced_tasks.configure(registry=registry)
     client = TestClient(traced_tasks.make_metrics_app(registry))
     scraped: list[str] = []
+    source = EverySampledFamily()
+    _sampled.add(source)
     try:
         run((ok, ()), (fail, ()), (ok, ()))
         run((lambda: scraped.append(client.get("/").text), ()))
         scraped.append(client.get("/").text)
     finally:
+        _sampled.remove(source)
         traced_tasks.configure(registry=CollectorRegistry())
     lines = [line for text in scraped for line in text.splitlines() if line and not line.startswith("#")]
     return {line.split("{")[0].split(" ")[0] for line in lines}
@@ -154,6 +168,11 @@ def test_dashboards_cover_every_family() -> None:
         names.EXCEPTIONS.total,
         names.SKIPPED.total,
         names.IN_PROGRESS_SINCE.name,
+        names.QUEUE_DEPTH.name,
+        names.QUEUE_OLDEST.name,
+        names.QUEUE_CONSUMERS.name,
+        names.SCHEDULE_PERIOD.name,
+        names.SCHEDULE_NEXT.name,
     }
     assert families <= used
 
@@ -287,3 +306,23 @@ def test_metric_names_are_written_in_one_place() -> None:
         for match in spelled.finditer(path.read_text())
     ]
     assert found == []
+
+
+def test_the_consoles_thresholds_are_the_alerts() -> None:
+    """The console flags a run hung, a queue behind or unread, and a periodic task overdue, at the thresholds the
+    shipped alerts fire at, and the Schedules panel's overdue flag uses the same grace: one number each."""
+    from traced_tasks import _options
+
+    expressions = {rule["alert"]: " ".join(rule["expr"].split()) for rule in rules() if "alert" in rule}
+
+    def threshold(alert: str, pattern: str) -> float:
+        found = re.search(pattern, expressions[alert])
+        assert found is not None, expressions[alert]
+        return float(found.group(1))
+
+    assert threshold("BackgroundTaskHung", r"> (\d+)$") == _options.HUNG_AFTER_SECONDS
+    assert threshold("BackgroundTaskBacklogOld", r"> (\d+)$") == _options.BACKLOG_AGE_SECONDS
+    assert threshold("BackgroundTaskQueueUnread", r"> (\d+)$") == _options.QUEUE_STALE_SECONDS
+    assert threshold("BackgroundTaskScheduleOverdue", r"\+ (\d+)$") == _options.SCHEDULE_GRACE_SECONDS
+    (overdue,) = [query for query in queries() if query.panel == "Schedules" and "> bool" in query.expr]
+    assert overdue.expr.endswith(f"+ {_options.SCHEDULE_GRACE_SECONDS:.0f}")

@@ -9,11 +9,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry
@@ -24,11 +22,12 @@ from starlette.routing import Mount, Route
 
 import traced_tasks
 from tests.conftest import Telemetry
-from tests.dashboards import RULES, concrete, queries, rules
+from tests.dashboards import concrete, queries, rules
 from tests.engines import CELERY, Shop
 from tests.support import (
     ROOT,
     Collector,
+    Prometheus,
     Server,
     clean_environment,
     free_port,
@@ -41,7 +40,7 @@ from traced_tasks import _conventions as names
 
 pytestmark = pytest.mark.integration  # real servers and processes: slow
 
-JOB = "traced-tasks-test"
+JOB = Prometheus.JOB
 
 
 class ChargeFailed(Exception):
@@ -95,58 +94,6 @@ def shop(done: threading.Event) -> Starlette:
             Mount("/metrics", traced_tasks.metrics_app),
         ]
     )
-
-
-class Prometheus:
-    """Debian's Prometheus on a loopback port, with the shipped rules, scraping `target` as the job JOB, or each job
-    of `jobs` (job name: (target, metrics path))."""
-
-    def __init__(self, binary: str, folder: Path, target: str = "", jobs: dict[str, tuple[str, str]] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        rule_file = yaml.safe_load(RULES.read_text())
-        for group in rule_file["groups"]:
-            group["interval"] = "1s"  # evaluate soon enough for the test to read each rule's health
-        (folder / "rules.yml").write_text(yaml.safe_dump(rule_file))
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": ["rules.yml"],
-            "scrape_configs": [
-                {"job_name": job, "metrics_path": path, "static_configs": [{"targets": [address]}]}
-                for job, (address, path) in (jobs or {JOB: (target, "/metrics/")}).items()
-            ],
-        }
-        (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = (folder / "prometheus.log").open("wb")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={folder / 'prometheus.yml'}",
-                f"--storage.tsdb.path={folder / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--enable-feature=exemplar-storage",
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-        wait_for_http(self.url + "/-/ready")
-
-    def api(self, path: str, **params: Any) -> Any:
-        response = httpx.get(self.url + "/api/v1/" + path, params=params, timeout=30)
-        body = response.json()
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.api("query", query=expr)
-        result: list[dict[str, Any]] = data["result"]
-        return result
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-        self.log.close()
 
 
 @pytest.fixture
@@ -207,13 +154,20 @@ def grafana_regex(values: list[str]) -> str:
     return "(" + "|".join(value.replace(".", "\\\\.") for value in values) + ")"
 
 
+SAMPLED = tuple(family.name for family in names.SAMPLED_FAMILIES)
+
+
 def check_every_query(
     prometheus: Prometheus,
     targets: tuple[str, ...],
     jobs: tuple[str, ...] = (JOB,),
     tasks: tuple[str, ...] = ("send_receipt", "charge", "notify_warehouse", "build_report", "audit"),
     module: str = "tests.test_prometheus",
+    sampled: bool = False,
+    may_be_empty: tuple[str, ...] = (),
 ) -> None:
+    """Every panel query returns data, and data that has moved; with `sampled`, the queue and schedule panels too,
+    which a service with no engine has no data for; but for the queries of `may_be_empty`."""
     variables = {
         "job": grafana_regex(list(jobs)),
         "instance": grafana_regex(list(targets)),
@@ -225,11 +179,19 @@ def check_every_query(
     problems = []
     checked = 0
     for query in queries():
+        if not sampled and any(name in query.expr for name in SAMPLED):
+            continue
         result = prometheus.query(concrete(query.expr, variables))
         checked += 1
         values = [float(sample["value"][1]) for sample in result]
-        # Running and not-yet-started counts are legitimately 0 between requests; everything else has moved.
-        may_be_zero = names.IN_PROGRESS.name in query.expr or "wait_seconds_count" in query.expr
+        # Running and not-yet-started counts are legitimately 0 between requests, and so are a queue's depth and the
+        # overdue flag; everything else has moved.
+        may_be_zero = any(
+            name in query.expr
+            for name in (names.IN_PROGRESS.name, "wait_seconds_count", names.QUEUE_DEPTH.name, "> bool")
+        )
+        if not values and any(name in query.expr for name in may_be_empty):
+            continue
         if not values:
             problems.append(f"no data: {query.dashboard} / {query.panel}: {query.expr}")
         elif not may_be_zero and not any(value > 0 for value in values):
@@ -253,10 +215,18 @@ def check_every_query(
     assert set(prometheus.api("label/job/values", **{"match[]": names.SCHEDULED.total})) >= set(jobs)
 
 
-def check_rules(prometheus: Prometheus, skipped: str = "tests.test_prometheus.notify_warehouse") -> None:
+def check_rules(
+    prometheus: Prometheus,
+    skipped: str = "tests.test_prometheus.notify_warehouse",
+    sampled: bool = False,
+    may_be_empty: tuple[str, ...] = (),
+) -> None:
+    """Every recording rule returns data (with `sampled`, those of queues and schedules too, but those of
+    `may_be_empty`), and every rule evaluates healthily."""
     for rule in rules():
         result = prometheus.query(rule["expr"])
-        if "record" in rule:
+        expected = sampled or not any(name in rule["expr"] for name in SAMPLED)
+        if "record" in rule and expected and not any(name in rule["expr"] for name in may_be_empty):
             assert result, rule["record"]
 
     def all_evaluated() -> bool:
@@ -331,17 +301,24 @@ def test_panels_and_alerts_read_no_infinity_from_prometheus_clients_collector(
 def test_dashboards_and_rules_across_a_web_and_a_worker_job(
     prometheus_binary: str, tmp_path: Path, broker: str, collector: Collector
 ) -> None:
-    """With tasks handed over to a real Celery worker, and Prometheus scraping the web process and the worker as two
-    jobs: every dashboard query returns data that has moved, every recording rule returns data, every rule
-    evaluates healthily, and 'Scheduled, never started' subtracts the worker's starts from the web's schedules."""
+    """With tasks handed over to a real Celery worker and sent by a real beat, and Prometheus scraping the web
+    process, the worker and beat as three jobs: every dashboard query returns data that has moved, the Waiting and
+    Schedules panels included (the web process and the worker read the queues), every recording rule returns data,
+    every rule evaluates healthily, and 'Scheduled, never started' subtracts the worker's starts from the web's
+    schedules."""
     shop = Shop(CELERY, tmp_path, broker, collector)
     stop = threading.Event()
     try:
-        web = shop.start_web()
-        worker = shop.start_worker()
+        web = shop.start_web(TRACED_TASKS_QUEUE_EVERY="1")
+        worker = shop.start_worker(TRACED_TASKS_QUEUE_EVERY="1")
+        beat = shop.start_scheduler()
         httpx.post(web + "/reports", params={"seconds": 120})  # the longest-running panel has something to show
         web_target, worker_target = web.removeprefix("http://"), worker.removeprefix("http://")
-        jobs = {"shop-web": (web_target, "/metrics/"), "shop-worker": (worker_target, "/metrics")}
+        jobs = {
+            "shop-web": (web_target, "/metrics/"),
+            "shop-worker": (worker_target, "/metrics"),
+            "shop-beat": (beat.removeprefix("http://"), "/metrics"),
+        }
         prometheus = Prometheus(prometheus_binary, tmp_path, jobs=jobs)
 
         def traffic() -> None:
@@ -356,6 +333,8 @@ def test_dashboards_and_rules_across_a_web_and_a_worker_job(
                         client.post(f"/backorders/{order}")
                     if order % 5 == 0:
                         client.post(f"/cancellations/{order}")
+                    if order % 10 == 0:
+                        client.post(f"/invoices/{order}")  # routed to a queue no worker consumes: it waits
 
         driver = threading.Thread(target=traffic, daemon=True)
         driver.start()
@@ -367,8 +346,15 @@ def test_dashboards_and_rules_across_a_web_and_a_worker_job(
                 jobs=tuple(jobs),
                 tasks=("send_receipt", "charge", "render_report", "audit"),
                 module="tests.apps.celery_shop",
+                sampled=True,
+                may_be_empty=(names.QUEUE_CONSUMERS.name,),  # Redis lists tell no consumers
             )
-            check_rules(prometheus, skipped="tests.apps.celery_shop.send_receipt")
+            check_rules(
+                prometheus,
+                skipped="tests.apps.celery_shop.send_receipt",
+                sampled=True,
+                may_be_empty=(names.QUEUE_CONSUMERS.name,),
+            )
         finally:
             stop.set()
             driver.join(timeout=30)
