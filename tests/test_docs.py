@@ -256,9 +256,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.integration  # the site's tools are checked on the default Python, as make lint builds it
 def test_each_alerts_runbook_url_opens_its_page(site: Path) -> None:
-    """Every alert's runbook_url is a page of the built site, headed by the alert's name."""
+    """Every alert's runbook_url is a page of the built site, headed by the alert's name, and the page follows the
+    runbooks' order: identify, mitigate, diagnose, verify, escalate."""
     alerts = [rule for rule in rules() if "alert" in rule]
-    assert len(alerts) == 7
+    assert len(alerts) == 14
     for rule in alerts:
         url = rule["annotations"]["runbook_url"]
         assert url.startswith(SITE_URL), url
@@ -267,5 +268,7 @@ def test_each_alerts_runbook_url_opens_its_page(site: Path) -> None:
         assert page.is_file(), url
         html = page.read_text()
         assert re.search(rf"<h1[^>]*>{rule['alert']}", html), url
+        steps = re.findall(r'<h2 id="([a-z]+)"', html)
+        assert steps == ["identify", "mitigate", "diagnose", "verify", "escalate"], url
         if parts.fragment:
             assert f'id="{parts.fragment}"' in html, url
