@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import re
 import signal
 import threading
 import time
@@ -344,3 +345,137 @@ def test_a_scrape_never_waits_behind_the_console(
             finish.set()
         assert [tab.result().status_code for tab in tabs] == [200] * 5
     assert len(renders) == 2
+
+
+def test_failures_are_grouped_by_task_and_exception(telemetry: Telemetry) -> None:
+    """A burst of one failure is one row: five runs failing with the same exception are one group, counted five
+    times, with its first and last time and the trace IDs of the last three; another exception is another group."""
+    app = traced_tasks.make_console_app()
+
+    async def main() -> dict[str, Any]:
+        for order in range(5):
+            with contextlib.suppress(PaymentDeclined):
+                await BackgroundTask(charge, order)()
+        with contextlib.suppress(KeyError):
+            await BackgroundTask(lookup)()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://console") as client:
+            data: dict[str, Any] = (await client.get("/data.json")).json()
+        return data
+
+    data = asyncio.run(main())
+    groups = {(group["task"], group["exception"]): group for group in data["failures"]}
+    assert set(groups) == {(f"{__name__}.charge", "PaymentDeclined"), (f"{__name__}.lookup", "KeyError")}
+    declined = groups[(f"{__name__}.charge", "PaymentDeclined")]
+    spans = sorted(
+        (span for span in telemetry.task_spans() if span.name.endswith(".charge")), key=lambda s: s.end_time or 0
+    )
+    assert declined["count"] == 5
+    assert [trace["trace_id"] for trace in declined["traces"]] == [
+        format(s.context.trace_id, "032x") for s in spans[-3:]
+    ]
+    assert declined["first_at"] <= declined["last_at"]
+    assert data["failures"][0]["task"] == f"{__name__}.lookup"  # the latest first
+
+
+def lookup() -> None:
+    raise KeyError("card 4111")
+
+
+def test_a_hung_run_shows_where_it_waits(telemetry: Telemetry) -> None:
+    """For a run in progress longer than hung_after, data.json?stacks=1 says where it waits, as code locations only,
+    innermost last: an async run's await chain down to the line it awaits on, a sync run's thread's frames; never a
+    local or an argument. Without stacks=1, nothing is computed."""
+    app = traced_tasks.make_console_app(hung_after=0.01)
+    released = threading.Event()
+
+    async def wait_for_the_ledger(secret: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, released.wait, 30)
+
+    async def reconcile_ledger(secret: str) -> None:
+        await wait_for_the_ledger(secret)
+
+    def reconcile_stock(secret: str) -> None:
+        released.wait(30)
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        runs = [
+            asyncio.create_task(BackgroundTask(reconcile_ledger, SECRET)()),
+            asyncio.create_task(BackgroundTask(reconcile_stock, SECRET)()),
+        ]
+        await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://console") as client:
+            plain: dict[str, Any] = (await client.get("/data.json")).json()
+            stacks: dict[str, Any] = (await client.get("/data.json?stacks=1")).json()
+        released.set()
+        await asyncio.gather(*runs)
+        return plain, stacks
+
+    plain, stacks = asyncio.run(main())
+    assert [run["where"] for run in plain["running"]] == [None, None]
+    where = {run["task"].rsplit(".", 1)[-1]: run["where"] for run in stacks["running"]}
+    ledger, stock = where["reconcile_ledger"], where["reconcile_stock"]
+    assert re.fullmatch(r"tests/test_console\.py:\d+ in .*reconcile_ledger", ledger[-2]), ledger
+    assert re.fullmatch(r"tests/test_console\.py:\d+ in .*wait_for_the_ledger", ledger[-1]), ledger
+    assert any(re.fullmatch(r"tests/test_console\.py:\d+ in .*reconcile_stock", frame) for frame in stock), stock
+    assert re.fullmatch(r".*threading\.py:\d+ in .*wait", stock[-1]), stock
+    assert "4111" not in str(stacks)
+
+
+def test_a_handed_off_tasks_row_links_to_its_engines_console(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task this process hands over to an engine links, in its row, to the console of that engine's workers, given
+    to make_console_app() or by TRACED_TASKS_CONSOLE_URLS; a value that is not one fails at once."""
+    from celery import Celery
+
+    import traced_tasks.celery
+
+    celery_app = Celery("linked", broker="memory://", set_as_current=False)
+    traced_tasks.celery.instrument(celery_app)
+
+    @celery_app.task(name="linked.receipt")
+    def receipt(order: int) -> None:
+        pass
+
+    BackgroundTask(receipt, 1)  # scheduled, handed over when run
+    given = traced_tasks.make_console_app(engine_consoles={"celery": "http://worker:9100/tasks/"})
+    monkeypatch.setenv("TRACED_TASKS_CONSOLE_URLS", "celery=https://celery.internal/tasks/")
+    from_environment = traced_tasks.make_console_app()
+    for app, url in ((given, "http://worker:9100/tasks/"), (from_environment, "https://celery.internal/tasks/")):
+        data = TestClient(app).get("/data.json").json()
+        (row,) = [task for task in data["tasks"] if task["task"].endswith(".receipt")]
+        assert (row["runs_on"], row["console_url"]) == ("celery", url)
+    with pytest.raises(ValueError, match="engine_consoles"):
+        traced_tasks.make_console_app(engine_consoles={"celery": "worker:9100"})
+
+
+@pytest.mark.integration
+def test_every_live_process_counts_before_it_runs_a_task(tmp_path: Path) -> None:
+    """Under uvicorn --workers 2 in multiprocess mode, before any task ran, the console counts both worker processes,
+    not only those that wrote a metric."""
+    with start_workers(tmp_path) as url:
+        for _ in range(20):  # either process may answer: both say 2
+            with httpx.Client() as client:
+                assert client.get(url + "/tasks/data.json").json()["processes"] == 2
+
+
+@pytest.mark.integration
+def test_one_answer_tells_one_story(tmp_path: Path) -> None:
+    """Under uvicorn --workers 2, from the moment a long run starts: every data.json answer's running count, list,
+    oldest age and hung count come from the same snapshot, so they never contradict one another (a count of 1 beside
+    an empty list, or an oldest age with nothing running)."""
+    with start_workers(tmp_path) as url:
+        with httpx.Client() as client:
+            pid = client.post(url + "/long").json()["pid"]
+        answers = []
+        for _ in range(40):  # a connection each: either process answers
+            with httpx.Client() as client:
+                answers.append(client.get(url + "/tasks/data.json").json())
+        os.kill(pid, signal.SIGKILL)
+    for data in answers:
+        running, totals = data["running"], data["totals"]
+        assert totals["running"] == len(running) + data["running_not_listed"], data
+        assert (totals["oldest_running_seconds"] is None) == (not running), data
+        assert totals["hung"] == len({run["task"] for run in running if run["hung"]}), data
+        by_task = {task["task"]: task["running"] for task in data["tasks"]}
+        assert sum(by_task.values()) == totals["running"], data
