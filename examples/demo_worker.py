@@ -27,3 +27,12 @@ def render_invoice(order_id: int) -> None:
     time.sleep(random.uniform(0.05, 0.3))
     if order_id % 13 == 0:
         raise PdfRendererDown(f"the PDF renderer timed out for order {order_id}")
+
+
+@celery_app.task
+def restock() -> None:
+    """Sent by the demo's Celery beat every ten seconds."""
+    time.sleep(0.02)
+
+
+celery_app.conf.beat_schedule = {"restock": {"task": "demo_worker.restock", "schedule": 10.0}}

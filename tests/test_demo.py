@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import httpx
@@ -23,7 +25,13 @@ def test_demo_says_where_to_look_and_prints_a_few_readable_lines() -> None:
     Celery worker show on the worker's own console, failures included, and in the status line."""
     port, worker_port = free_port(), free_port()
     env = clean_environment(
-        DEMO_PORT=str(port), DEMO_WORKER_PORT=str(worker_port), DEMO_SECONDS="40", DEMO_EVERY="2", DEMO_HUNG_AFTER="3"
+        DEMO_PORT=str(port),
+        DEMO_WORKER_PORT=str(worker_port),
+        DEMO_BEAT_PORT=str(free_port()),
+        DEMO_WORKER_DELAY="4",
+        DEMO_SECONDS="40",
+        DEMO_EVERY="2",
+        DEMO_HUNG_AFTER="3",
     )
     process = subprocess.Popen(
         [sys.executable, "examples/demo.py"],
@@ -49,6 +57,7 @@ def test_demo_says_where_to_look_and_prints_a_few_readable_lines() -> None:
     try:
         wait_until(console_shows_everything, timeout=40)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics/").text
+        time.sleep(3)  # one more status line, once the worker answers
     finally:
         process.send_signal(signal.SIGINT)  # Ctrl-C
         output, _ = process.communicate(timeout=30)
@@ -61,15 +70,39 @@ def test_demo_says_where_to_look_and_prints_a_few_readable_lines() -> None:
     assert len(lines) < 40, output  # a few lines in the half minute it ran, not thousands
     assert '"name":' not in output
     assert "Traceback" not in output
+    assert "ERROR" not in output  # not even uvicorn's word of the hung task it cancels at the stop
+    assert lines[-1] == "stopped", output
     data = seen["data"]
     failure = data["failures"][0]
-    assert (failure["task"], failure["exception"]) == ("__main__.capture_payment", "PaymentProviderDown")
+    assert (failure["task"], failure["exception"]) == ("demo_shop.capture_payment", "PaymentProviderDown")
     assert len(failure["traces"][0]["trace_id"]) == 32
-    assert [run["task"] for run in data["running"] if run["hung"]] == ["__main__.reconcile_ledger"]
+    assert [run["task"] for run in data["running"] if run["hung"]] == ["demo_shop.reconcile_ledger"]
     tasks = {task["task"] for task in data["tasks"]}
-    assert {"__main__.send_receipt", "__main__.notify_warehouse", "__main__.refresh_recommendations"} <= tasks
+    assert {"demo_shop.send_receipt", "demo_shop.notify_warehouse", "demo_shop.refresh_recommendations"} <= tasks
     worker = seen["worker"]
-    assert {task["task"] for task in worker["tasks"]} == {"demo_worker.render_invoice"}
+    assert {task["task"] for task in worker["tasks"]} == {"demo_worker.render_invoice", "demo_worker.restock"}
+    assert [queue["queue"] for queue in data["waiting"]] == ["celery"]  # its invoices' queue, read by the shop
+    assert [entry["task"] for entry in worker["schedules"]] == ["demo_worker.restock"]
     assert worker["failures"][0]["exception"] == "PdfRendererDown"
     assert any("| worker: runs" in line for line in status), output
-    assert f'{names.EXCEPTIONS.total}{{exception="PaymentProviderDown",task="__main__.capture_payment"}}' in metrics
+    assert f'{names.EXCEPTIONS.total}{{exception="PaymentProviderDown",task="demo_shop.capture_payment"}}' in metrics
+
+
+def test_demo_on_a_port_that_is_taken_says_so_first() -> None:
+    """With its port taken, the demo says so and how to choose another (DEMO_PORT), and stops: no banner, no URLs
+    that would lead nowhere."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "examples/demo.py"],
+            cwd=ROOT,
+            env=clean_environment(DEMO_PORT=str(port)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"port {port} is taken" in result.stderr
+    assert "DEMO_PORT" in result.stderr
+    assert "task console" not in result.stdout
