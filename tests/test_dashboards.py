@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -326,3 +328,42 @@ def test_the_consoles_thresholds_are_the_alerts() -> None:
     assert threshold("BackgroundTaskScheduleOverdue", r"\+ (\d+)$") == _options.SCHEDULE_GRACE_SECONDS
     (overdue,) = [query for query in queries() if query.panel == "Schedules" and "> bool" in query.expr]
     assert overdue.expr.endswith(f"+ {_options.SCHEDULE_GRACE_SECONDS:.0f}")
+
+
+def test_the_dashboards_travel_in_the_wheel_and_are_written_where_asked(tmp_path: Path) -> None:
+    """The built wheel holds the dashboards and rules in the package; `python -m traced_tasks dashboards <folder>`
+    writes them there, as shipped but for the rules' runbook_url, which --runbooks points to a self-hosted site; and
+    the written rules pass their own promtool tests."""
+    wheel = tmp_path / "wheel"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheel), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stderr
+    (found,) = wheel.glob("traced_tasks-*.whl")
+    with zipfile.ZipFile(found) as archive:
+        packaged = {name for name in archive.namelist() if name.startswith("traced_tasks/dashboards/")}
+    assert packaged == {
+        f"traced_tasks/dashboards/{name}" for name in ("overview.json", "task.json", "rules.yml", "rules.test.yml")
+    }
+    folder = tmp_path / "monitoring"
+    base = "https://docs.example.com/traced-tasks/runbooks/"
+    result = subprocess.run(
+        [sys.executable, "-m", "traced_tasks", "dashboards", str(folder), "--runbooks", base],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (folder / "overview.json").read_text() == (DASHBOARDS / "overview.json").read_text()
+    urls = [
+        rule["annotations"]["runbook_url"]
+        for rule in yaml.safe_load((folder / "rules.yml").read_text())["groups"][1]["rules"]
+    ]
+    assert len(urls) == 14
+    assert all(url.startswith(base) for url in urls)
+    promtool = require_tool("promtool")
+    tested = subprocess.run([promtool, "test", "rules", "rules.test.yml"], cwd=folder, capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stdout + tested.stderr

@@ -78,7 +78,7 @@ def test_typed_package() -> None:
 
 # traced_tasks' modules from the top layer down: a module imports only from its own layer's modules or lower ones.
 LAYERS = [
-    ["traced_tasks.testing"],
+    ["traced_tasks.testing", "traced_tasks.__main__"],
     ["traced_tasks._worker"],
     ["traced_tasks._instrumentor"],
     ["traced_tasks._web", "traced_tasks._fastapi", "traced_tasks._middleware", "traced_tasks._setup"],
