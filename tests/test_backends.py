@@ -117,10 +117,13 @@ def in_process(
     return backend, registry
 
 
-def multiprocess(folder: Path, route_label: bool = False) -> tuple[MultiprocessBackend, CollectorRegistry]:
+def multiprocess(
+    folder: Path, route_label: bool = False, activity: Activity | None = None
+) -> tuple[MultiprocessBackend, CollectorRegistry]:
     # prometheus_client keeps these objects' values in memory: it chose so when first imported, without the folder.
     registry = CollectorRegistry()
-    backend = MultiprocessBackend(Options(registry=registry, route_label=route_label), str(folder), Activity())
+    options = Options(registry=registry, route_label=route_label)
+    backend = MultiprocessBackend(options, str(folder), activity or Activity())
     backend.open()
     return backend, registry
 
@@ -132,9 +135,10 @@ def test_backends_expose_the_same_samples(tmp_path_factory: pytest.TempPathFacto
     bucket counts, sums, exemplars, and the oldest start of the runs in progress, absent when none runs."""
     activity = Activity()
     local, local_registry = in_process(route, activity=activity)
-    client, client_registry = multiprocess(tmp_path_factory.mktemp("multiprocess"), route)
+    client_activity = Activity()  # which the multiprocess backend indexes by label values
+    client, client_registry = multiprocess(tmp_path_factory.mktemp("multiprocess"), route, client_activity)
     apply(local, activity, events, route)
-    apply(client, Activity(), events, route)
+    apply(client, client_activity, events, route)
     ours = samples(local_registry)
     theirs = {sample for sample in samples(client_registry) if not _nothing_runs(sample)}
     assert ours == theirs

@@ -188,41 +188,74 @@ class Activity:
     event loop and from threadpool threads."""
 
     def __init__(self) -> None:
-        # Per set of label values, its runs in progress in the order they started: the first is the oldest.
-        self._running: dict[tuple[str, ...], dict[Running, None]] = {}
+        # The runs in progress, in the order they started: a run sets and pops its own key. Setting and popping a
+        # dict's key, and dict.copy(), are each atomic in CPython: the event loop and threadpool threads update it
+        # without a lock.
+        self.running: dict[Running, None] = {}
+        # Per set of label values, its runs in progress in the order they started, the first the oldest: kept only
+        # for a backend that asks at each event (index_by_values), at the cost of a lock.
+        self._by_values: dict[tuple[str, ...], dict[Running, None]] | None = None
+        self.indexed = False
         self._failures: dict[tuple[str, str, str | None], Failures] = {}
         self.handed_off: dict[str, str] = {}  # one entry per task label, so as bounded as the labels
         self._lock = threading.Lock()
         # Called after each failure: a process's file of failures is written at once, not at its next turn.
         self.on_failure: Callable[[], None] | None = None
 
-    def started(self, run: Running) -> float | None:
-        """Record a run that started; the oldest start of its label values' runs now."""
+    def index_by_values(self) -> None:
+        """Keep the runs of each set of label values in order too, so that index_started() and index_ended() say when
+        the oldest of them started."""
         with self._lock:
-            runs = self._running.get(run.values)
+            if self._by_values is None:
+                self._by_values = {}
+                for run in self.running.copy():
+                    self._by_values.setdefault(run.values, {})[run] = None
+                self.indexed = True
+
+    def started(self, run: Running) -> float | None:
+        """Record a run that started; indexed by values, the oldest start of its label values' runs now."""
+        self.running[run] = None
+        return self.index_started(run) if self._by_values is not None else None
+
+    def ended(self, run: Running) -> float | None:
+        """Forget a run that ended; indexed by values, the oldest start of its label values' runs still in progress,
+        None if none."""
+        self.running.pop(run, None)
+        return self.index_ended(run) if self._by_values is not None else None
+
+    def index_started(self, run: Running) -> float | None:
+        """With index_by_values(), the oldest start of the runs of `run`'s label values, `run` included."""
+        if self._by_values is None:
+            return None
+        with self._lock:
+            runs = self._by_values.get(run.values)
             if runs is None:
-                runs = self._running[run.values] = {}
+                runs = self._by_values[run.values] = {}
             runs[run] = None
             return next(iter(runs)).started_at
 
-    def ended(self, run: Running) -> float | None:
-        """Forget a run that ended; the oldest start of its label values' runs still in progress, None if none."""
+    def index_ended(self, run: Running) -> float | None:
+        """With index_by_values(), the oldest start of the runs of `run`'s label values still in progress."""
+        if self._by_values is None:
+            return None
         with self._lock:
-            runs = self._running.get(run.values)
+            runs = self._by_values.get(run.values)
             if runs is not None and run in runs:
                 del runs[run]
                 if not runs:
-                    del self._running[run.values]
+                    del self._by_values[run.values]
             return next(iter(runs)).started_at if runs else None
 
     def oldest(self, values: tuple[str, ...]) -> float | None:
-        with self._lock:
-            runs = self._running.get(values)
-            return next(iter(runs)).started_at if runs else None
+        """When the oldest run of these label values in progress started, None when none is."""
+        if self._by_values is not None:
+            with self._lock:
+                runs = self._by_values.get(values)
+                return next(iter(runs)).started_at if runs else None
+        return min((run.started_at for run in self.running.copy() if run.values == values), default=None)
 
     def runs(self) -> list[Running]:
-        with self._lock:
-            return [run for runs in self._running.values() for run in runs]
+        return list(self.running.copy())
 
     def failed(self, run: TaskRun) -> None:
         key = (run.task, run.status, run.exception)

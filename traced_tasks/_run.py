@@ -152,9 +152,12 @@ class Ticket:
 def schedule(config: Config, func: Callable[..., Any], engine: Any = None) -> Ticket | None:
     """A Ticket of `func` in the context and route of now, counted as scheduled; never raises. None: the setup
     failed (logged once)."""
-    ticket = capture(config, func, engine=engine)
+    ticket = capture(config, func, None, engine)
     if ticket is not None:
-        ticket.count_scheduled()
+        try:
+            ticket.profile.counts.schedule()
+        except Exception:
+            config.report("metrics", ticket.profile.name)
     return ticket
 
 
@@ -165,12 +168,15 @@ def capture(config: Config, func: Callable[..., Any], route: object = None, engi
     try:
         context = otel_context.get_current()
         scope = _request.serving_scope()
-        served = None if scope is None else _request.route(scope)
-        route = served if served is not None or not isinstance(route, str) else route
+        if scope is not None:
+            served = _request.route(scope)
+            route = served if served is not None or not isinstance(route, str) else route
+        elif not isinstance(route, str):
+            route = None
         tracer = config.tracer
         if _request.NATIVE_KEY in context:
             context, route, tracer = _under_fastapis_telemetry(config, context, route)
-        return Ticket(config, config.profiles.get(func, route), context, tracer, engine=engine)
+        return Ticket(config, config.profiles.get(func, route), context, tracer, None, engine)
     except Exception:
         config.report("task setup", _name(func))
         return None
@@ -234,12 +240,8 @@ class Run:
         self.profile = ticket.profile
         self.span_kind = span_kind
         self.span_name = span_name
-        self.started_at = 0.0  # the Unix time it started; 0 until then
-        self._started_ns = 0
-        self._span: Span | None = None
-        self._token: object = None
+        self._started_ns = 0  # 0 until it starts, which sets the rest: started_at, _span, _token, _where
         self._ended = False
-        self._where: asyncio.Task[Any] | int | None = None  # the asyncio task or the thread it runs in
 
     @property
     def task(self) -> str:
@@ -257,23 +259,32 @@ class Run:
     def started(self) -> bool:
         return self._started_ns != 0
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> Run:
         self.start()
+        return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.end(exc)
 
-    def start(self, started_ns: int | None = None, scoped: bool = False) -> None:
+    def start(self, started_ns: int | None = None, scoped: bool = False, where: Any = None) -> None:
         """Start the run now, or at `started_ns` (time.perf_counter_ns()) in the past: start its span, make it current
         in this context, and count the start and its wait since the ticket was scheduled. `scoped`: this context ends
-        with the run's code (a thread's copy of it), and its end restores nothing."""
+        with the run's code (a thread's copy of it), and its end restores nothing. `where`: what runs it (see
+        waits_in())."""
         now_ns = time.perf_counter_ns()
-        started_ns = now_ns if started_ns is None else started_ns
+        if started_ns is None:
+            started_ns = now_ns
+            self.started_at = time.time()
+            start_time = None
+        else:
+            self.started_at = time.time() - (now_ns - started_ns) / 1e9
+            start_time = time.time_ns() - (now_ns - started_ns)
         self._started_ns = started_ns
-        self.started_at = time.time() - (now_ns - started_ns) / 1e9
+        self._where = where  # what runs it: its coroutine, its asyncio task or its thread's ident
+        self._span: Span | None = None
+        self._token: object = None
         config, profile = self.config, self.profile
         parent = self.ticket.context
-        start_time = None if started_ns == now_ns else time.time_ns() - (now_ns - started_ns)
         try:
             if config.options.use_span_links:
                 self._span = _start_linked_span(
@@ -286,7 +297,7 @@ class Run:
                 # The API's no-op tracer hands back the parent's own span (an invalid one, in older APIs): nothing
                 # of ours to end or annotate, and the parent context stays as it is.
                 noop = not span.is_recording() and (
-                    span is trace.get_current_span(parent) or not span.get_span_context().is_valid
+                    not span.get_span_context().is_valid or span is trace.get_current_span(parent)
                 )
                 self._span = None if noop else span
             # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
@@ -299,8 +310,9 @@ class Run:
                     self._token = otel_context.attach(parent)
         if scoped:
             self._token = None
-        self._where = _here()
-        oldest = config.activity.started(self)
+        activity = config.activity
+        activity.running[self] = None  # atomic: no lock
+        oldest = activity.index_started(self) if activity.indexed else None
         try:
             profile.counts.start((started_ns - self.ticket.scheduled_ns) / 1e9, self.started_at, oldest)
         except Exception:
@@ -311,7 +323,9 @@ class Run:
         if self._token is not None:
             token, self._token = self._token, None
             otel_context.detach(token)  # type: ignore[arg-type]  # logs, never raises
-        self.finish(Outcome.of(exc) if outcome is None else outcome)
+        if outcome is None:
+            outcome = SUCCEEDED if exc is None else Outcome.of(exc)
+        self.finish(outcome)
 
     def abandon(self) -> None:
         """End a run that is still in progress as cancelled, now, from anywhere: at a stop, when nothing waits for it
@@ -324,17 +338,20 @@ class Run:
             if self._ended:
                 return
             self._ended = True
-        seconds = max(0.0, (time.perf_counter_ns() - self._started_ns) / 1e9)
+        seconds = (time.perf_counter_ns() - self._started_ns) / 1e9  # a monotonic clock: never negative
         config, profile, span = self.config, self.profile, self._span
+        succeeded = outcome is SUCCEEDED  # the one success there is
         exemplar = None
         if span is not None:
             try:
                 span_context = span.get_span_context()
                 if span_context.trace_flags.sampled and span.is_recording():
                     exemplar = span_context
-                if outcome.status == names.STATUS_CANCELLED:
+                if succeeded:
+                    pass
+                elif outcome.status == names.STATUS_CANCELLED:
                     span.set_attribute(names.ATTR_STATUS, names.STATUS_CANCELLED)
-                elif outcome.status == names.STATUS_ERROR:
+                else:
                     if outcome.exception is not None:
                         span.add_event(names.EVENT_EXCEPTION, _exception_attributes(outcome.exception))
                     span.set_attribute(names.ATTR_ERROR_TYPE, outcome.error_type or "")
@@ -343,20 +360,22 @@ class Run:
             except Exception:
                 config.report("tracing", profile.name)
         exception = None
-        if outcome.status == names.STATUS_ERROR:
+        if not succeeded and outcome.status == names.STATUS_ERROR:
             exception = config.labels.exception_name(outcome.error_type or "")
-        oldest = config.activity.ended(self)
+        activity = config.activity
+        activity.running.pop(self, None)  # atomic: no lock
+        oldest = activity.index_ended(self) if activity.indexed else None
         try:
-            if outcome.status == names.STATUS_SUCCESS:
+            if succeeded:
                 profile.counts.succeed(seconds, self.started_at, exemplar, oldest)
             else:
                 profile.counts.fail(outcome.status, seconds, self.started_at, exemplar, exception, oldest)
         except Exception:
             config.report("metrics", profile.name)
-        if outcome.status != names.STATUS_SUCCESS or _activity.captures:
+        if not succeeded or _activity.captures:
             record = _record(profile, outcome.status, exception, self.trace_id(), seconds, self.started_at + seconds)
-            if outcome.status != names.STATUS_SUCCESS:
-                config.activity.failed(record)
+            if not succeeded:
+                activity.failed(record)
 
     def trace_id(self) -> str | None:
         """The trace ID of the span current in the task, when it is sampled: where its trace can be found."""
@@ -369,26 +388,27 @@ class Run:
         except Exception:  # a tracer other than the SDK's; the run's outcome matters more than its trace ID
             return None
 
+    def waits_in(self, where: Any = None) -> None:
+        """Say what runs it, for where() to follow: its coroutine, its thread's ident, or by default the asyncio task
+        or thread of the caller."""
+        self._where = _here() if where is None else where
+
     def where(self) -> list[str] | None:
         where = self._where
         try:
-            return (
-                _stacks.of_thread(where)
-                if isinstance(where, int)
-                else None
-                if where is None
-                else _stacks.of_task(where)
-            )
+            if isinstance(where, int):
+                return _stacks.of_thread(where)
+            if isinstance(where, asyncio.Task):
+                return _stacks.of_task(where)
+            return None if where is None else _stacks.of_coroutine(where)
         except Exception:
             return None
 
 
 def _here() -> asyncio.Task[Any] | int:
     """What runs the code that starts a run: the asyncio task of this thread's loop, else this thread."""
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no running loop in this thread
-        task = None
+    loop = asyncio._get_running_loop()  # None in a thread with no loop, where current_task() would raise
+    task = None if loop is None else asyncio.current_task(loop)
     return threading.get_ident() if task is None else task
 
 

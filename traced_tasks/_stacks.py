@@ -27,9 +27,11 @@ def of_thread(ident: int) -> list[str] | None:
 
 def of_task(task: asyncio.Task[Any]) -> list[str] | None:
     """The await chain of an asyncio task, from its coroutine to the innermost one it waits in; None once it ended."""
-    if task.done():
-        return None
-    awaited: Any = task.get_coro()
+    return None if task.done() else of_coroutine(task.get_coro())
+
+
+def of_coroutine(awaited: Any) -> list[str] | None:
+    """The await chain from a coroutine to the innermost one it waits in."""
     found = []
     for _ in range(256):  # a chain that loops on itself, which no coroutine makes, still ends
         frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)

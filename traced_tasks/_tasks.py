@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -107,8 +108,20 @@ async def run(task: background.BackgroundTask) -> None:
     elif ticket.engine is not None:
         await hand_off(ticket, ticket.engine, task)
     elif task.is_async:
-        with ticket.claim():
-            await task.func(*task.args, **task.kwargs)
+        current = ticket.claim()
+        try:
+            running = task.func(*task.args, **task.kwargs)  # a coroutine, which runs nothing yet
+        except BaseException as exc:
+            current.start()
+            current.end(exc)
+            raise
+        current.start(where=running)
+        try:
+            await running
+        except BaseException as exc:
+            current.end(exc)
+            raise
+        current.end()
     else:
         current = ticket.claim()
         try:
@@ -128,7 +141,7 @@ def call_in_thread(run: Run, func: Callable[..., Any], args: Any, kwargs: Any) -
     asyncness) did nothing: Starlette drops the coroutine unawaited. The run counts as an error,
     CoroutineNeverAwaited, the coroutine is closed, and a warning says so once per task; nothing is raised.
     """
-    run.start()
+    run.start(where=threading.get_ident())
     try:
         result = func(*args, **kwargs)
     except BaseException as exc:

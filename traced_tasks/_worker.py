@@ -204,6 +204,7 @@ def begin(
             _executions.setdefault(key, []).append(execution)
         if start:
             execution.run.start()
+            execution.run.waits_in()
     except Exception:
         logger.exception("traced_tasks: cannot begin a run of %r", task)
 
@@ -220,6 +221,7 @@ def started(key: object) -> None:
     execution = _execution(key)
     if execution is not None and not execution.run.started:
         execution.run.start(scoped=True)
+        execution.run.waits_in()
 
 
 def failed(key: object, exc: BaseException) -> None:

@@ -208,8 +208,18 @@ class InProcessBackend(Backend):
 
     def oldest(self, values: tuple[str, ...]) -> float | None:
         """When the oldest run of these label values in progress started, None when none is."""
-        found = [oldest for activity in list(self.activities) if (oldest := activity.oldest(values)) is not None]
-        return min(found, default=None)
+        return self.oldest_starts().get(values)
+
+    def oldest_starts(self) -> dict[tuple[str, ...], float]:
+        """For each set of label values with runs in progress, when the oldest of them started: one pass over the
+        runs, at collection."""
+        found: dict[tuple[str, ...], float] = {}
+        for activity in list(self.activities):
+            for run in activity.runs():
+                known = found.get(run.values)
+                if known is None or run.started_at < known:
+                    found[run.values] = run.started_at
+        return found
 
     def snapshots(self) -> list[Snapshot]:
         with self._lock:
@@ -240,6 +250,7 @@ class InProcessBackend(Backend):
 
     def task_families(self) -> list[Metric]:
         snapshots = self.snapshots()
+        oldest_starts = self.oldest_starts()
         # Built outside the lock, so tasks finishing during a scrape wait only for the copy.
         family = self._families()
         for task in snapshots:
@@ -249,7 +260,7 @@ class InProcessBackend(Backend):
             for status, histogram in task.durations.items():
                 self._add_histogram(family[names.DURATION], [*labels, status], histogram)
             family[names.IN_PROGRESS].add_metric(labels, task.in_progress)
-            oldest = self.oldest(task.values)
+            oldest = oldest_starts.get(task.values)
             if oldest is not None:  # absent while nothing runs
                 family[names.IN_PROGRESS_SINCE].add_metric(labels, oldest)
             for label, count in task.exceptions.items():

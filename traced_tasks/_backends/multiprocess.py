@@ -246,6 +246,7 @@ class MultiprocessBackend(Backend):
         self._shared = _families_for(options, folder)
         self._files = self._shared.files
         self._files.watch(activity)
+        activity.index_by_values()  # the livemin gauge is set at each start and end
 
     def open(self) -> None:
         # Registered together, so a clash leaves the registry as it was.

@@ -118,9 +118,8 @@ class _Instruments:
 
     def _oldest_starts(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
-            Observation(oldest, self._attributes(task))
-            for task in self.counts.snapshots()
-            if (oldest := self.counts.oldest(task.values)) is not None
+            Observation(oldest, dict(zip(self.label_names, values, strict=True)))
+            for values, oldest in self.counts.oldest_starts().items()
         ]
 
     def _sampled(self, family: names.Family) -> Callable[[CallbackOptions], Iterable[Observation]]:
