@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry
 from starlette import background
 
 import traced_tasks
+from benchmarks.backlog import backlog
 from benchmarks.engines import engines
 from benchmarks.variants import NullExporter, hand_written, span_only, span_with_code_attributes, two_histograms
 from traced_tasks._web.metrics import render
@@ -303,12 +304,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--e2e-seconds", type=int, default=10)
     parser.add_argument("--engine-rounds", type=int, default=9)
     parser.add_argument("--engine-iterations", type=int, default=300, help="tasks per engine variant per round")
+    parser.add_argument("--backlog-rounds", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="tiny counts: check that everything runs")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.iterations, args.memory_tasks, args.scrape_names = 2, 20, 200, 20
         args.e2e_rounds, args.e2e_seconds = 1, 1
         args.engine_rounds, args.engine_iterations = 1, 5
+        args.backlog_rounds = 1
 
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
     print(f"rounds={args.rounds} iterations={args.iterations}")
@@ -321,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     scrape(args.scrape_names, repeats=5 if args.quick else 21)
     end_to_end(args.e2e_rounds, args.e2e_seconds)
     engines(args.engine_rounds, args.engine_iterations)
+    backlog(args.backlog_rounds)
     traced_tasks.configure(registry=CollectorRegistry())
     sys.stdout.flush()
 
