@@ -22,7 +22,7 @@ from traced_tasks._backends.opentelemetry import attribute_set_limit
 DOCS = ROOT / "docs"
 PAGES = sorted(path for path in DOCS.rglob("*.md") if "snippets" not in path.parts)
 SITE_URL = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["site_url"]
-FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)  # ```python title="app.py" too
 INCLUDE = re.compile(r'--8<-- "([^":]+)(?::[\w-]+)?"')
 
 
@@ -175,8 +175,8 @@ print("passed")
     "celery_web": """
 from celery.contrib.testing.worker import start_worker
 from fastapi.testclient import TestClient
-from docs.examples.celery_tasks import celery_app
-from docs.examples.celery_web import app
+from docs.tutorials.celery.shop.tasks import celery_app
+from docs.tutorials.celery.shop.web import app
 from traced_tasks.testing import capture_tasks
 import time
 with start_worker(celery_app, pool="solo", perform_ping_check=False), capture_tasks() as runs:
@@ -188,7 +188,7 @@ print([(run.task, run.status) for run in runs])
 """,
     "taskiq_web": """
 from fastapi.testclient import TestClient
-from docs.examples.taskiq_web import app
+from docs.tutorials.taskiq.shop.web import app
 from traced_tasks.testing import capture_tasks
 with capture_tasks() as runs, TestClient(app) as client:
     client.post("/orders/7")
@@ -209,8 +209,8 @@ EXPECTED = {
     "tracing_lifespan": "flushed",
     "instrumentor": "False",
     "test_signup": "passed",
-    "celery_web": "[('docs.examples.celery_tasks.send_receipt', 'success')]",
-    "taskiq_web": "[('docs.examples.taskiq_tasks.send_receipt', 'success')]",
+    "celery_web": "[('docs.tutorials.celery.shop.tasks.send_receipt', 'success')]",
+    "taskiq_web": "[('docs.tutorials.taskiq.shop.tasks.send_receipt', 'success')]",
 }
 
 
@@ -221,18 +221,16 @@ def test_each_example_runs(example: str) -> None:
     reader = InMemoryMetricReader()
     if example == "cardinality_view" and attribute_set_limit(MeterProvider(metric_readers=[reader]), "") is None:
         pytest.skip("this OpenTelemetry SDK has no limit of attribute sets (1.45 brought it)")
-    result = run_python(
-        RUNS[example], CELERY_BROKER="memory://", TASKIQ_BROKER="memory://", OTEL_TRACES_EXPORTER="none"
-    )
+    result = run_python(RUNS[example], REDIS_URL="memory://", OTEL_TRACES_EXPORTER="none")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == EXPECTED[example], result.stdout + result.stderr
 
 
 def test_every_example_is_run() -> None:
-    """No example file is left out of the runs above, but the ones another example runs (the engines' task
-    modules, imported by their web apps)."""
+    """No example file is left out of the runs above. (The engine pages' files, under docs/tutorials/, run as
+    celery_web and taskiq_web, and as their pages show them in tests/test_tutorials.py.)"""
     examples = {path.stem for path in (DOCS / "examples").glob("*.py") if path.name != "__init__.py"}
-    assert sorted(examples - set(RUNS) - {"celery_tasks", "taskiq_tasks"}) == []
+    assert sorted(examples - set(RUNS)) == []
 
 
 @pytest.fixture(scope="module")

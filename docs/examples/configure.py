@@ -9,7 +9,7 @@ import traced_tasks
 # --8<-- [start:configure]
 traced_tasks.configure(
     tracer_provider=None,  # None: the global tracer provider, whenever it is set
-    meter_provider=None,  # a MeterProvider: count through OpenTelemetry instead of prometheus_client
+    meter_provider=None,  # a MeterProvider: count through OpenTelemetry, not prometheus_client
     registry=CollectorRegistry(),  # default: prometheus_client.REGISTRY
     namespace="shop",  # shop_background_task_scheduled_total, ...
     buckets=(0.1, 1, 10, 60, 600),  # seconds, for both histograms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# --8<-- [start:example]
 import traced_tasks
 
 
@@ -13,3 +14,4 @@ async def notify_partner(order_id: int) -> None: ...
 
 traced_tasks.configure(namespace="shop")
 traced_tasks.declare(send_receipt, notify_partner)  # after configure(), which starts without them
+# --8<-- [end:example]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# --8<-- [start:example]
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
 
@@ -17,3 +18,6 @@ def send_receipt(order_id: int, email: str) -> None: ...
 async def resend_receipt(order_id: int) -> JSONResponse:
     task = BackgroundTask(send_receipt, order_id, email="customer@example.com")
     return JSONResponse({"order_id": order_id}, background=task)
+
+
+# --8<-- [end:example]

@@ -21,5 +21,10 @@ async def signup(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True}, background=tasks)
 
 
-app = Starlette(routes=[Route("/signup", signup, methods=["POST"]), Mount("/metrics", traced_tasks.metrics_app)])
+app = Starlette(
+    routes=[
+        Route("/signup", signup, methods=["POST"]),
+        Mount("/metrics", traced_tasks.metrics_app),
+    ]
+)
 # --8<-- [end:readme]

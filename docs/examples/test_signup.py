@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# --8<-- [start:example]
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -31,8 +32,8 @@ def place_order(order_id: int, card: str, tasks: BackgroundTasks) -> dict[str, i
 
 
 def test_a_declined_card_is_recorded() -> None:
-    # TestClient runs the background tasks before it returns, and by default raises their exceptions: the
-    # response went out already, so let it return, and read the runs instead.
+    # TestClient runs the background tasks before it returns, and by default raises their
+    # exceptions: the response went out already, so let it return, and read the runs instead.
     client = TestClient(app, raise_server_exceptions=False)
     with capture_tasks() as runs:
         assert client.post("/orders/7", params={"card": "4000 0000 0000 0002"}).status_code == 200
@@ -40,3 +41,6 @@ def test_a_declined_card_is_recorded() -> None:
         (f"{__name__}.capture_payment", "error", "PaymentDeclined"),
         (f"{__name__}.send_receipt", "skipped", None),
     ]
+
+
+# --8<-- [end:example]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# --8<-- [start:example]
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
@@ -23,3 +24,4 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(lifespan=lifespan)
+# --8<-- [end:example]
