@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import functools
 import gc
 import os
 import platform
@@ -95,7 +97,9 @@ class Variant(NamedTuple):
     prepare: Callable[[], None] | None = None  # run before each timing, outside it
 
 
-def variants(sdk: bool, folder: str) -> tuple[dict[str, Variant], TracerProvider | None]:
+def variants(sdk: bool, folder: str) -> tuple[dict[str, Variant], Callable[[], None]]:
+    """The variants, and what shuts their providers down: the meter provider's own shutdown at exit would collect
+    once more, after the benchmarks' servers are gone."""
     provider: TracerProvider | None = None
     tracer_provider: trace.TracerProvider
     if sdk:
@@ -133,34 +137,41 @@ def variants(sdk: bool, folder: str) -> tuple[dict[str, Variant], TracerProvider
         "traced-mp": Variant(traced_tasks.BackgroundTasks, multiprocess_backend),
         "traced-otel": Variant(traced_tasks.BackgroundTasks, opentelemetry_metrics),
         "otel-floor": Variant(two_histograms(meter_provider.get_meter("benchmarks"))),
-    }, provider
+    }, functools.partial(shut_down, provider, meter_provider)
+
+
+def multiprocess_folder() -> str:
+    """The multiprocess variant's folder, kept until this process ends: its writer of runs in progress lives as long
+    as the process does, and would write into a folder removed under it."""
+    folder = tempfile.mkdtemp(prefix="traced_tasks_benchmarks_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def run_case(sdk: bool, func: Callable[[], Any], rounds: int, iterations: int) -> dict[str, list[float]]:
-    with tempfile.TemporaryDirectory() as folder:
-        classes, provider = variants(sdk, folder)
-        results: dict[str, list[float]] = {name: [] for name in classes}
-        warm_up = max(iterations // 10, 10)
+    folder = multiprocess_folder()
+    classes, close = variants(sdk, folder)
+    results: dict[str, list[float]] = {name: [] for name in classes}
+    warm_up = max(iterations // 10, 10)
 
-        async def main() -> None:
-            for variant in classes.values():  # warm caches, threads and the span queue
+    async def main() -> None:
+        for variant in classes.values():  # warm caches, threads and the span queue
+            if variant.prepare is not None:
+                variant.prepare()
+            await time_batches(variant.tasks_class, func, warm_up)
+        for _ in range(rounds):
+            order = list(classes)
+            random.shuffle(order)
+            for name in order:
+                variant = classes[name]
                 if variant.prepare is not None:
                     variant.prepare()
-                await time_batches(variant.tasks_class, func, warm_up)
-            for _ in range(rounds):
-                order = list(classes)
-                random.shuffle(order)
-                for name in order:
-                    variant = classes[name]
-                    if variant.prepare is not None:
-                        variant.prepare()
-                        await time_batches(variant.tasks_class, func, warm_up)
-                    gc.collect()
-                    results[name].append(await time_batches(variant.tasks_class, func, iterations))
+                    await time_batches(variant.tasks_class, func, warm_up)
+                gc.collect()
+                results[name].append(await time_batches(variant.tasks_class, func, iterations))
 
-        asyncio.run(main())
-        if provider is not None:
-            provider.shutdown()
+    asyncio.run(main())
+    close()
     return results
 
 
@@ -189,6 +200,12 @@ def report_case(title: str, results: dict[str, list[float]]) -> None:
     )
 
 
+def shut_down(provider: TracerProvider | None, meter_provider: MeterProvider) -> None:
+    if provider is not None:
+        provider.shutdown()
+    meter_provider.shutdown()
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -196,7 +213,7 @@ def rss_mb() -> float:
 
 def memory(tasks: int) -> None:
     """RSS growth over `tasks` tasks after a warm-up, with the SDK and a batch span processor."""
-    classes, provider = variants(sdk=True, folder="")
+    classes, close = variants(sdk=True, folder="")
     traced = classes["traced_tasks"].tasks_class
     classes["traced_tasks"].prepare()  # type: ignore[misc]
 
@@ -209,8 +226,7 @@ def memory(tasks: int) -> None:
         print(f"\nmemory: RSS {before:.1f} MB -> {rss_mb():.1f} MB over {tasks:,} tasks ({rss_mb() - before:+.2f} MB)")
 
     asyncio.run(main())
-    if provider is not None:
-        provider.shutdown()
+    close()
 
 
 def scrape(names: int, repeats: int) -> None:
@@ -323,8 +339,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     memory(args.memory_tasks)
     scrape(args.scrape_names, repeats=5 if args.quick else 21)
     end_to_end(args.e2e_rounds, args.e2e_seconds)
-    engines(args.engine_rounds, args.engine_iterations)
+    # The backlog first: every instrumented application of the process is read at a scrape, and the engines'
+    # applications outlive their benchmark, with their redis-server gone.
     backlog(args.backlog_rounds)
+    engines(args.engine_rounds, args.engine_iterations)
     traced_tasks.configure(registry=CollectorRegistry())
     sys.stdout.flush()
 
