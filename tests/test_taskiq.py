@@ -190,6 +190,73 @@ def test_a_retried_run_is_an_error_and_its_retry_a_new_run(telemetry: Telemetry)
     assert telemetry.value(names.EXCEPTIONS.total, task=name, exception="ConnectionError") == 1
 
 
+def test_a_retry_that_runs_while_its_first_delivery_ends_keeps_its_own_run(telemetry: Telemetry) -> None:
+    """A retry sent again under the same task ID, running while the delivery that failed is still being wound down
+    (its asyncio task ends after post_execute), is a run of its own: the failed delivery's end never ends the retry's
+    run, as lost or otherwise, and each run keeps its own outcome."""
+    from taskiq import InMemoryBroker, SimpleRetryMiddleware
+
+    import traced_tasks.taskiq
+
+    broker = InMemoryBroker().with_middlewares(
+        SimpleRetryMiddleware(default_retry_count=2), traced_tasks.taskiq.Middleware()
+    )
+    failures = [ConnectionError("partner down")]
+
+    @broker.task(task_name="unit:flaky_slow", retry_on_error=True)
+    async def flaky() -> None:
+        if failures:
+            raise failures.pop()
+        await asyncio.sleep(0.2)  # still running when the first delivery's asyncio task ends
+
+    name = f"{__name__}.test_a_retry_that_runs_while_its_first_delivery_ends_keeps_its_own_run.<locals>.flaky"
+
+    async def main() -> None:
+        await broker.startup()
+        await flaky.kiq()
+        for _ in range(1000):
+            if telemetry.value(names.DURATION.count, task=name, status="success"):
+                break
+            await asyncio.sleep(0.01)
+        await broker.shutdown()
+
+    asyncio.run(main())
+    assert telemetry.value(names.DURATION.count, task=name, status="success") == 1
+    assert telemetry.value(names.DURATION.count, task=name, status="error") == 1
+    assert telemetry.value(names.EXCEPTIONS.total, task=name, exception="ConnectionError") == 1
+    assert not telemetry.value(names.EXCEPTIONS.total, task=name, exception=names.LOST)
+
+
+def test_a_retry_run_in_place_is_counted_as_scheduled_as_its_first_delivery_was(telemetry: Telemetry) -> None:
+    """InMemoryBroker(await_inplace=True) runs a retry inside the publish of its first delivery, under the same task
+    ID: both publishes are counted as scheduled, so that scheduled = started holds."""
+    from taskiq import InMemoryBroker, SimpleRetryMiddleware
+
+    import traced_tasks.taskiq
+
+    broker = InMemoryBroker(await_inplace=True).with_middlewares(
+        SimpleRetryMiddleware(default_retry_count=2), traced_tasks.taskiq.Middleware()
+    )
+    failures = [ConnectionError("partner down")]
+
+    @broker.task(task_name="unit:flaky_in_place", retry_on_error=True)
+    async def flaky() -> None:
+        if failures:
+            raise failures.pop()
+
+    name = f"{__name__}.test_a_retry_run_in_place_is_counted_as_scheduled_as_its_first_delivery_was.<locals>.flaky"
+
+    async def main() -> None:
+        await broker.startup()
+        await flaky.kiq()
+        await broker.shutdown()
+
+    asyncio.run(main())
+    assert telemetry.value(names.WAIT.count, task=name) == 2
+    assert telemetry.value(names.SCHEDULED.total, task=name) == 2
+    assert telemetry.value(names.DURATION.count, task=name, status="success") == 1
+
+
 def test_a_failure_at_the_brokers_startup_is_contained(
     telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

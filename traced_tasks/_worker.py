@@ -118,9 +118,10 @@ _lock = threading.Lock()
 # The runs in progress by key, the latest last: a run that publishes and runs its retry in place under the same key
 # (taskiq's InMemoryBroker with await_inplace) ends before the one around it.
 _executions: dict[object, list[_Execution]] = {}
-# The direct publishes between the engine's before and after hooks, by message: counted once published, and the span
-# of a scheduler's send, ended then. A publish that fails has no after hook: the oldest are dropped past this many.
-_publishing: OrderedDict[object, tuple[_run.Ticket, Span | None]] = OrderedDict()
+# The direct publishes between the engine's before and after hooks, by message, the latest last (a retry published
+# in place, inside the publish of the same message): counted once published, and the span of a scheduler's send,
+# ended then. A publish that fails has no after hook: the oldest messages are dropped past this many.
+_publishing: OrderedDict[object, list[tuple[_run.Ticket, Span | None]]] = OrderedDict()
 _MAX_PUBLISHING = 10_000
 # The schedule this process sends, when it is a scheduler (Celery beat, taskiq's scheduler).
 _scheduler: _schedules.Watcher | None = None
@@ -148,7 +149,7 @@ def before_publish(
             if ticket is None:
                 return
             with _lock:
-                _publishing[key] = (ticket, span)
+                _publishing.setdefault(key, []).append((ticket, span))
                 while len(_publishing) > _MAX_PUBLISHING:
                     _publishing.popitem(last=False)
         metadata.update(ticket.carried(starts_at))
@@ -169,7 +170,10 @@ def _sending(config: _config.Configuration, task: Callable[..., Any]) -> Span | 
 def after_publish(key: object) -> None:
     """The message `key` left: a direct publish is counted as scheduled now; the batch's was, at add_task."""
     with _lock:
-        found = _publishing.pop(key, None)
+        pending = _publishing.get(key)
+        found = pending.pop() if pending else None
+        if pending is not None and not pending:
+            del _publishing[key]
     if found is not None:
         ticket, span = found
         ticket.count_scheduled()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -38,10 +39,13 @@ from traced_tasks import _worker as contract
 
 __all__ = ["Middleware"]
 
+logger = logging.getLogger("traced_tasks")
+
 # taskiq runs a sync task in a copy of the context from 0.11.19 on: before, its run starts when the message arrives.
 _COPIES_CONTEXT = tuple(int(part) for part in version("taskiq").split(".")[:3] if part.isdigit()) >= (0, 11, 19)
-# The message a copy of the context runs: a sync task's thread starts its run with it.
-_message: contextvars.ContextVar[str | None] = contextvars.ContextVar("traced_tasks_taskiq_message", default=None)
+# The delivery a copy of the context runs: a sync task's thread starts its run with it.
+_Delivery = tuple[str, "asyncio.Task[Any] | None"]
+_message: contextvars.ContextVar[_Delivery | None] = contextvars.ContextVar("traced_tasks_taskiq_message", default=None)
 
 
 class Middleware(TaskiqMiddleware):
@@ -63,12 +67,21 @@ class Middleware(TaskiqMiddleware):
     def set_broker(self, broker: Any) -> None:
         super().set_broker(broker)
         _engines.install(_ENGINE)
-        contract.watch_queues(contract.taskiq_reader(broker, self._queues))
+        try:
+            contract.watch_queues(contract.taskiq_reader(broker, self._queues))
+        except Exception:
+            logger.exception("traced_tasks: cannot watch the queue of %r", broker)
 
     def startup(self) -> None:
         """Every task of the broker has its series at 0 from the start; a worker process serves /metrics and the
         console on TRACED_TASKS_METRICS_PORT (the first of them to bind it, in multiprocess mode), and so does the
-        scheduler, with its schedules."""
+        scheduler, with its schedules. What fails here is logged, and the broker starts all the same."""
+        try:
+            self._startup()
+        except Exception:
+            logger.exception("traced_tasks: cannot set up as the broker starts")
+
+    def _startup(self) -> None:
         tasks = [task for _, task in sorted(self.broker.get_all_tasks().items())]
         contract.declare(tasks)
         if self.broker.is_worker_process:
@@ -107,27 +120,36 @@ class Middleware(TaskiqMiddleware):
         if task is None:
             return message
         in_thread = getattr(task.original_func, "_traced_tasks_starts", False)
-        contract.begin(task, message.task_id, message.labels, start=not in_thread)
-        _message.set(message.task_id)
+        key = _delivery(message)
+        contract.begin(task, key, message.labels, start=not in_thread)
+        _message.set(key)
         # post_execute does not come when a dependency's teardown raises, or an ack_type label is not one: the
         # asyncio task of the message then ends the run, with what it raised.
-        running = asyncio.current_task()
-        if running is not None:
-            running.add_done_callback(functools.partial(_ended, message.task_id))
+        if key[1] is not None:
+            key[1].add_done_callback(functools.partial(_ended, key))
         return message
 
     def on_error(self, message: TaskiqMessage, result: TaskiqResult[Any], exception: BaseException) -> None:
         if not isinstance(exception, NoResultError):  # the task chose to keep no result
-            contract.failed(message.task_id, exception)
+            contract.failed(_delivery(message), exception)
 
     def post_execute(self, message: TaskiqMessage, result: TaskiqResult[Any]) -> None:
         if result.is_err and not isinstance(result.error, NoResultError):
-            contract.end(message.task_id, contract.FAILURE, result.error)
+            contract.end(_delivery(message), contract.FAILURE, result.error)
         else:
-            contract.end(message.task_id, contract.SUCCESS)
+            contract.end(_delivery(message), contract.SUCCESS)
 
 
-def _ended(key: str, running: asyncio.Task[Any]) -> None:
+def _delivery(message: TaskiqMessage) -> _Delivery:
+    """One delivery of a message: its task ID, which a retry middleware sends again, and the asyncio task that runs
+    it, in which taskiq calls every hook of the delivery."""
+    try:
+        return message.task_id, asyncio.current_task()
+    except RuntimeError:  # no event loop runs here
+        return message.task_id, None
+
+
+def _ended(key: _Delivery, running: asyncio.Task[Any]) -> None:
     if running.cancelled():
         contract.end(key, contract.STOPPED, here=False)
         return
