@@ -5,6 +5,8 @@ scraped, and real workers, started once the backlog was read."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import pytest
 from tests.engines import CELERY, TASKIQ, Engine, Shop, value
 from tests.support import Collector, rabbitmq_server, redis_server, wait_until
 from traced_tasks import _conventions as names
+from traced_tasks import _queues, _sampled
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +132,69 @@ def test_a_broker_that_is_down_never_holds_metrics_up(tmp_path: Path, collector:
         assert read(shop, names.QUEUE_DEPTH, "celery") == 0
     finally:
         shop.stop()
+
+
+class _MeetingReader:
+    """A reader whose read returns only once the reads of two others have begun too: three such readers are read
+    only if a collection begins every read before it waits for any."""
+
+    def __init__(self, name: str, meeting: threading.Barrier) -> None:
+        self.engine = name
+        self.meeting = meeting
+
+    def queues(self) -> list[str]:
+        return ["work"]
+
+    def read(self, queues: list[str]) -> list[_queues.Queue]:
+        self.meeting.wait()
+        return [_queues.Queue(name, 3.0, None, None) for name in queues]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_collection_waits_for_every_brokers_read_together() -> None:
+    """Three applications' queues are read at once, not one after another: a collection begins every due read, then
+    waits for them all within one shared wait (_sampled.WAIT_SECONDS), so three brokers that hang hold a scrape up
+    for that wait once, not three times. Each read here returns only when all three have begun, within 1.5 waits:
+    read one after another, the first would give up before the third began."""
+    meeting = threading.Barrier(3, timeout=_sampled.WAIT_SECONDS * 1.5)
+    watchers = [_queues.watch(_MeetingReader(f"engine{index}", meeting)) for index in range(3)]
+    try:
+        depths = {sample.labels[0]: sample.value for sample in _sampled.collect() if sample.family is names.QUEUE_DEPTH}
+    finally:
+        for watcher in watchers:
+            _queues.unwatch(watcher)
+    assert depths == {"engine0": 3.0, "engine1": 3.0, "engine2": 3.0}
+
+
+def test_a_transport_that_a_read_would_change_is_not_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """kombu's transports other than Redis and AMQP answer a passive declare by making the queue it names (SQS,
+    Azure Service Bus): a Celery application on one of them (here the filesystem transport) has its queues left
+    unread, with no series, and a warning naming the transport, once."""
+    from celery import Celery
+
+    folder = str(tmp_path / "broker")
+    app = Celery("unread", broker="filesystem://", set_as_current=False)
+    app.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder}
+    watcher = _queues.watch(_queues.CeleryQueues(app, None))
+    try:
+        with caplog.at_level(logging.WARNING, logger="traced_tasks"):
+            first = [sample for sample in _sampled.collect() if sample.labels[:1] == ("celery",)]
+            watcher._tried = 0.0  # a read due again
+            second = [sample for sample in _sampled.collect() if sample.labels[:1] == ("celery",)]
+    finally:
+        _queues.unwatch(watcher)
+    assert first == second == []
+    assert caplog.text.count("the queues of Celery's 'filesystem' transport are not read") == 1
+
+
+def test_queues_added_to_a_taskiq_stream_brokers_own_are_all_read() -> None:
+    """`queues=` a function of the names found adds to a RedisStreamBroker's stream: both are read, the broker's own
+    and the one added, as for every other reader."""
+    from taskiq_redis import RedisStreamBroker
+
+    broker = RedisStreamBroker("redis://127.0.0.1:1/0", queue_name="taskiq")
+    reader = _queues.taskiq_reader(broker, lambda found: found | {"alerts"})
+    assert reader is not None
+    assert reader.queues() == ["alerts", "taskiq"]

@@ -3,12 +3,13 @@ consumers it has, read without taking, reordering or redelivering anything.
 
 A `Watcher` samples one engine application's queues for every metrics backend (`_sampled`): when /metrics, the
 console or an OpenTelemetry reader collects, at most every `queue_every` seconds, in a thread of its own, waited
-for READ_TIMEOUT_SECONDS at most. A broker that is down or slow never holds a scrape up and never raises: the
-queue's sample goes stale, which the time of its last read (QUEUE_SAMPLED) tells.
+for, with every other source's reads, _sampled.WAIT_SECONDS at most. A broker that is down or slow never holds a
+scrape up and never raises: the queue's sample goes stale, which the time of its last read (QUEUE_SAMPLED) tells.
 
 The readers use what the broker already answers: Redis lists (`LLEN`, `LINDEX -1`, pipelined), a Redis stream's
 consumer group (`XINFO GROUPS`, then `XRANGE` after its last delivered entry), and AMQP's passive `queue_declare`,
-through kombu, for every other transport. The time a message was scheduled is the one traced_tasks put in it.
+through kombu. kombu's other transports make a queue a passive declare names: they are not read. The time a
+message was scheduled is the one traced_tasks put in it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from traced_tasks._options import QUEUE_EVERY
 
 logger = logging.getLogger("traced_tasks")
 
-# How long a read may take before a collection goes on without it, and the socket timeout of the readers' clients.
-READ_TIMEOUT_SECONDS = 2.0
+# The socket timeout of the readers' clients: as long as a collection waits for them.
+READ_TIMEOUT_SECONDS = _sampled.WAIT_SECONDS
 # Queues read one by one, in name order; the rest are summed in one row, `__overflow__`.
 MAX_QUEUES = 100
 
@@ -105,9 +106,7 @@ class Watcher:
 
     def samples(self) -> list[_sampled.Sample]:
         if not getattr(self.reader, "alive", True):
-            unwatch(self)
             return []
-        self.refresh()
         with self._lock:
             queues, sampled_at = list(self._queues), self._sampled_at
         engine = self.reader.engine
@@ -124,17 +123,20 @@ class Watcher:
                     found.append(_sampled.Sample(family, labels, value))
         return found
 
-    def refresh(self) -> None:
-        """Read the queues when the last read is older than queue_every, waiting READ_TIMEOUT_SECONDS at most for
-        it; a collection while a read is under way takes the last samples."""
-        reading = None
+    def begin_read(self) -> threading.Thread | None:
+        """Begin reading the queues when the last read is older than queue_every, in a thread of its own, which
+        the collection waits for (with every other source's, _sampled.WAIT_SECONDS at most); a collection while a
+        read is under way takes the last samples."""
+        if not getattr(self.reader, "alive", True):
+            unwatch(self)
+            return None
         with self._lock:
-            if self._reading is None and time.monotonic() - self._tried >= _every():
-                self._tried = time.monotonic()
-                reading = self._reading = threading.Thread(target=self._read, name="traced_tasks-queues", daemon=True)
-                reading.start()
-        if reading is not None:
-            reading.join(READ_TIMEOUT_SECONDS)
+            if self._reading is not None or time.monotonic() - self._tried < _every():
+                return None
+            self._tried = time.monotonic()
+            reading = self._reading = threading.Thread(target=self._read, name="traced_tasks-queues", daemon=True)
+            reading.start()
+            return reading
 
     def _read(self) -> None:
         try:
@@ -261,15 +263,15 @@ class RedisStream:
     delivered yet (`lag`); what was delivered and not acknowledged runs now, and does not wait. Its oldest waiting
     entry is the first after the group's last delivered one; its consumers, those that read within the last minute."""
 
-    def __init__(self, engine: str, client: Callable[[], Any], stream: str, group: str) -> None:
+    def __init__(self, engine: str, client: Callable[[], Any], streams: Callable[[], list[str]], group: str) -> None:
         self.engine = engine
         self._client = client
-        self._stream = stream
+        self._streams = streams
         self._group = group
         self._made: Any = None
 
     def queues(self) -> list[str]:
-        return [self._stream]
+        return self._streams()
 
     def read(self, queues: list[str]) -> list[Queue]:
         if self._made is None:
@@ -347,9 +349,8 @@ def _bytes(value: object) -> bytes:
 
 
 class KombuQueues:
-    """Queues of any kombu transport, through AMQP's passive queue_declare: its ready messages, and its consumers
-    where the broker reports them (RabbitMQ). AMQP has no way to look at a message without taking it, so the oldest
-    is not known."""
+    """Queues of an AMQP broker (RabbitMQ), through kombu, by a passive queue_declare: its ready messages and its
+    consumers. AMQP has no way to look at a message without taking it, so the oldest is not known."""
 
     def __init__(
         self, engine: str, connection: Callable[[], Any], queues: Callable[[], list[str]], consumers: bool
@@ -529,10 +530,36 @@ class CeleryQueues:
 
             return RedisLists(self.engine, client, self.queues, lambda queue: made[0].keys(queue), celery_scheduled_at)
 
+        if transport != "amqp":
+            # kombu's other transports answer a passive declare by making the queue (SQS, Azure Service Bus): a read
+            # would change the broker. An in-memory broker has nothing that waits across processes.
+            if transport != "memory":
+                logger.warning(
+                    "traced_tasks: the queues of Celery's %r transport are not read: only Redis and AMQP brokers are",
+                    transport,
+                )
+            return _Unread(self.engine)
+
         def connection() -> Any:
             return app.connection_for_read(connect_timeout=READ_TIMEOUT_SECONDS, transport_options=_read_timeouts())
 
-        return KombuQueues(self.engine, connection, self.queues, consumers=transport == "amqp")
+        return KombuQueues(self.engine, connection, self.queues, consumers=True)
+
+
+class _Unread:
+    """The queues of a broker that cannot be read without changing it: none."""
+
+    def __init__(self, engine: str) -> None:
+        self.engine = engine
+
+    def queues(self) -> list[str]:
+        return []
+
+    def read(self, queues: list[str]) -> list[Queue]:
+        return []
+
+    def close(self) -> None:
+        pass
 
 
 def _sync_redis(pool: Any) -> Any:
@@ -556,9 +583,11 @@ def taskiq_reader(broker: Any, queues: Queues) -> Reader | None:
         import taskiq_redis
     except ImportError:
         return None
-    pool = getattr(broker, "connection_pool", None)
-    if pool is None:
+    stream = getattr(taskiq_redis, "RedisStreamBroker", None)
+    is_stream = stream is not None and isinstance(broker, stream)
+    if not is_stream and not isinstance(broker, taskiq_redis.ListQueueBroker):
         return None
+    pool = broker.connection_pool
     found = frozenset({broker.queue_name})
 
     def names() -> list[str]:
@@ -567,12 +596,6 @@ def taskiq_reader(broker: Any, queues: Queues) -> Reader | None:
     def client() -> Any:
         return _sync_redis(pool)
 
-    stream = getattr(taskiq_redis, "RedisStreamBroker", None)
-    if stream is not None and isinstance(broker, stream):
-        picked = names()
-        if not picked:
-            return None
-        return RedisStream("taskiq", client, picked[0], broker.consumer_group_name)
-    if isinstance(broker, taskiq_redis.ListQueueBroker):
-        return RedisLists("taskiq", client, names, lambda queue: [queue], taskiq_scheduled_at)
-    return None
+    if is_stream:
+        return RedisStream("taskiq", client, names, broker.consumer_group_name)
+    return RedisLists("taskiq", client, names, lambda queue: [queue], taskiq_scheduled_at)

@@ -103,6 +103,9 @@ class Watcher:
         with self._lock:
             self._dues = dues
 
+    def begin_read(self) -> None:
+        """Nothing to read at a collection: the scheduler's ticks keep the dues."""
+
     def samples(self) -> list[_sampled.Sample]:
         if not self.served:
             return []

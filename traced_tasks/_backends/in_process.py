@@ -214,7 +214,7 @@ class InProcessBackend(Backend):
         """For each set of label values with runs in progress, when the oldest of them started: one pass over the
         runs, at collection."""
         found: dict[tuple[str, ...], float] = {}
-        for activity in list(self.activities):
+        for activity in _copied(self.activities):
             for run in activity.runs():
                 known = found.get(run.values)
                 if known is None or run.started_at < known:
@@ -289,3 +289,13 @@ class InProcessBackend(Backend):
                     continue
             buckets.append((le, total))
         family.add_metric(values, buckets, histogram.sum)
+
+
+def _copied(activities: Iterable[Activity]) -> list[Activity]:
+    """A copy of `activities`, which a configure() in another thread may add to while it is copied (OpenTelemetry's
+    backend shares a set of them): copied again then."""
+    while True:
+        try:
+            return list(activities)
+        except RuntimeError:  # changed size during iteration
+            continue
