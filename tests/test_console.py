@@ -454,6 +454,9 @@ def test_every_live_process_counts_before_it_runs_a_task(tmp_path: Path) -> None
     """Under uvicorn --workers 2 in multiprocess mode, before any task ran, the console counts both worker processes,
     not only those that wrote a metric."""
     with start_workers(tmp_path) as url:
+        # Both processes up: each imported the app, and traced_tasks with it (a process that has yet to is none).
+        log = tmp_path / "uvicorn.log"
+        wait_until(lambda: log.read_text().count("Application startup complete") == 2)
         for _ in range(20):  # either process may answer: both say 2
             with httpx.Client() as client:
                 assert client.get(url + "/tasks/data.json").json()["processes"] == 2

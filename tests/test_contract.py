@@ -568,11 +568,11 @@ def eager_celery() -> InMemory:
     app.conf.task_always_eager = True
     traced_tasks.celery.instrument(app)
 
-    @app.task(name="eager.send")
+    @app.task(name="eager.send", shared=False)  # not in every later application of the process
     def send(order: int) -> None:
         pass
 
-    @app.task(name="eager.outer")
+    @app.task(name="eager.outer", shared=False)
     def outer(order: int) -> None:
         send.delay(order)
 
