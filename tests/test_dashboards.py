@@ -41,6 +41,9 @@ class EverySampledFamily:
     """A source of one sample of each family sampled from queues and schedulers, as a watched queue and a scheduler
     give them."""
 
+    def begin_read(self) -> None:
+        return None
+
     def samples(self) -> list[_sampled.Sample]:
         return [
             _sampled.Sample(family, tuple("x" for _ in family.labels or ()), 1.0) for family in names.SAMPLED_FAMILIES
