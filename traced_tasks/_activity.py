@@ -195,7 +195,6 @@ class Activity:
         # Per set of label values, its runs in progress in the order they started, the first the oldest: kept only
         # for a backend that asks at each event (index_by_values), at the cost of a lock.
         self._by_values: dict[tuple[str, ...], dict[Running, None]] | None = None
-        self.indexed = False
         self._failures: dict[tuple[str, str, str | None], Failures] = {}
         self.handed_off: dict[str, str] = {}  # one entry per task label, so as bounded as the labels
         self._lock = threading.Lock()
@@ -203,28 +202,18 @@ class Activity:
         self.on_failure: Callable[[], None] | None = None
 
     def index_by_values(self) -> None:
-        """Keep the runs of each set of label values in order too, so that index_started() and index_ended() say when
-        the oldest of them started."""
+        """Keep the runs of each set of label values in order too, so that started() and ended() say when the oldest
+        of them started."""
         with self._lock:
             if self._by_values is None:
                 self._by_values = {}
                 for run in self.running.copy():
                     self._by_values.setdefault(run.values, {})[run] = None
-                self.indexed = True
 
     def started(self, run: Running) -> float | None:
-        """Record a run that started; indexed by values, the oldest start of its label values' runs now."""
-        self.running[run] = None
-        return self.index_started(run) if self._by_values is not None else None
-
-    def ended(self, run: Running) -> float | None:
-        """Forget a run that ended; indexed by values, the oldest start of its label values' runs still in progress,
-        None if none."""
-        self.running.pop(run, None)
-        return self.index_ended(run) if self._by_values is not None else None
-
-    def index_started(self, run: Running) -> float | None:
-        """With index_by_values(), the oldest start of the runs of `run`'s label values, `run` included."""
+        """Record a run that started; indexed by values, the oldest start of its label values' runs now, `run`
+        included."""
+        self.running[run] = None  # atomic: no lock
         if self._by_values is None:
             return None
         with self._lock:
@@ -234,8 +223,10 @@ class Activity:
             runs[run] = None
             return next(iter(runs)).started_at
 
-    def index_ended(self, run: Running) -> float | None:
-        """With index_by_values(), the oldest start of the runs of `run`'s label values still in progress."""
+    def ended(self, run: Running) -> float | None:
+        """Forget a run that ended; indexed by values, the oldest start of its label values' runs still in progress,
+        None if none."""
+        self.running.pop(run, None)  # atomic: no lock
         if self._by_values is None:
             return None
         with self._lock:
@@ -245,14 +236,6 @@ class Activity:
                 if not runs:
                     del self._by_values[run.values]
             return next(iter(runs)).started_at if runs else None
-
-    def oldest(self, values: tuple[str, ...]) -> float | None:
-        """When the oldest run of these label values in progress started, None when none is."""
-        if self._by_values is not None:
-            with self._lock:
-                runs = self._by_values.get(values)
-                return next(iter(runs)).started_at if runs else None
-        return min((run.started_at for run in self.running.copy() if run.values == values), default=None)
 
     def runs(self) -> list[Running]:
         return list(self.running.copy())

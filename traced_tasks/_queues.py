@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from traced_tasks import _config, _sampled, _wire
 from traced_tasks import _conventions as names
-from traced_tasks._options import QUEUE_EVERY
+from traced_tasks._options import QUEUE_EVERY, QUEUE_EVERY_SECONDS
 
 logger = logging.getLogger("traced_tasks")
 
@@ -162,7 +162,7 @@ class Watcher:
 
 def _every() -> float:
     every = _config.current().options.queue_every
-    return every if every is not None else QUEUE_EVERY.value() or 15.0
+    return every if every is not None else QUEUE_EVERY.value() or QUEUE_EVERY_SECONDS
 
 
 def _capped(queues: list[Queue]) -> list[Queue]:
@@ -520,7 +520,8 @@ class CeleryQueues:
         app = self._app()
         if app is None:
             raise RuntimeError("the Celery application is gone")
-        transport = app.connection_for_read().transport.driver_type
+        with app.connection_for_read() as unopened:  # a connection that is never opened: its transport's kind
+            transport = unopened.transport.driver_type
         if transport == "redis":
             made: list[_Kombu] = []
 

@@ -154,10 +154,7 @@ def schedule(config: Config, func: Callable[..., Any], engine: Any = None) -> Ti
     failed (logged once)."""
     ticket = capture(config, func, None, engine)
     if ticket is not None:
-        try:
-            ticket.profile.counts.schedule()
-        except Exception:
-            config.report("metrics", ticket.profile.name)
+        ticket.count_scheduled()
     return ticket
 
 
@@ -269,8 +266,8 @@ class Run:
     def start(self, started_ns: int | None = None, scoped: bool = False, where: Any = None) -> None:
         """Start the run now, or at `started_ns` (time.perf_counter_ns()) in the past: start its span, make it current
         in this context, and count the start and its wait since the ticket was scheduled. `scoped`: this context ends
-        with the run's code (a thread's copy of it), and its end restores nothing. `where`: what runs it (see
-        waits_in())."""
+        with the run's code (a thread's copy of it), and its end restores nothing. `where`: what runs it, for where()
+        to follow: its coroutine, its asyncio task or its thread's ident (here(): the caller's)."""
         now_ns = time.perf_counter_ns()
         if started_ns is None:
             started_ns = now_ns
@@ -310,9 +307,7 @@ class Run:
                     self._token = otel_context.attach(parent)
         if scoped:
             self._token = None
-        activity = config.activity
-        activity.running[self] = None  # atomic: no lock
-        oldest = activity.index_started(self) if activity.indexed else None
+        oldest = config.activity.started(self)
         try:
             profile.counts.start((started_ns - self.ticket.scheduled_ns) / 1e9, self.started_at, oldest)
         except Exception:
@@ -347,11 +342,9 @@ class Run:
                 span_context = span.get_span_context()
                 if span_context.trace_flags.sampled and span.is_recording():
                     exemplar = span_context
-                if succeeded:
-                    pass
-                elif outcome.status == names.STATUS_CANCELLED:
+                if outcome.status == names.STATUS_CANCELLED:
                     span.set_attribute(names.ATTR_STATUS, names.STATUS_CANCELLED)
-                else:
+                elif not succeeded:
                     if outcome.exception is not None:
                         span.add_event(names.EVENT_EXCEPTION, _exception_attributes(outcome.exception))
                     span.set_attribute(names.ATTR_ERROR_TYPE, outcome.error_type or "")
@@ -363,8 +356,7 @@ class Run:
         if not succeeded and outcome.status == names.STATUS_ERROR:
             exception = config.labels.exception_name(outcome.error_type or "")
         activity = config.activity
-        activity.running.pop(self, None)  # atomic: no lock
-        oldest = activity.index_ended(self) if activity.indexed else None
+        oldest = activity.ended(self)
         try:
             if succeeded:
                 profile.counts.succeed(seconds, self.started_at, exemplar, oldest)
@@ -388,11 +380,6 @@ class Run:
         except Exception:  # a tracer other than the SDK's; the run's outcome matters more than its trace ID
             return None
 
-    def waits_in(self, where: Any = None) -> None:
-        """Say what runs it, for where() to follow: its coroutine, its thread's ident, or by default the asyncio task
-        or thread of the caller."""
-        self._where = _here() if where is None else where
-
     def where(self) -> list[str] | None:
         where = self._where
         try:
@@ -405,7 +392,7 @@ class Run:
             return None
 
 
-def _here() -> asyncio.Task[Any] | int:
+def here() -> asyncio.Task[Any] | int:
     """What runs the code that starts a run: the asyncio task of this thread's loop, else this thread."""
     loop = asyncio._get_running_loop()  # None in a thread with no loop, where current_task() would raise
     task = None if loop is None else asyncio.current_task(loop)

@@ -207,8 +207,7 @@ def begin(
         with _lock:
             _executions.setdefault(key, []).append(execution)
         if start:
-            execution.run.start()
-            execution.run.waits_in()
+            execution.run.start(where=_run.here())
     except Exception:
         logger.exception("traced_tasks: cannot begin a run of %r", task)
 
@@ -224,8 +223,7 @@ def started(key: object) -> None:
     with the run."""
     execution = _execution(key)
     if execution is not None and not execution.run.started:
-        execution.run.start(scoped=True)
-        execution.run.waits_in()
+        execution.run.start(scoped=True, where=_run.here())
 
 
 def failed(key: object, exc: BaseException) -> None:

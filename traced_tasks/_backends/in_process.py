@@ -179,7 +179,7 @@ class InProcessBackend(Backend):
     `activities` that record them.
     """
 
-    def __init__(self, options: Options, registry: CollectorRegistry | None, activities: list[Activity]) -> None:
+    def __init__(self, options: Options, registry: CollectorRegistry | None, activities: Iterable[Activity]) -> None:
         self.bounds = tuple(options.buckets)
         self.activities = activities
         self._lock = threading.Lock()
@@ -205,10 +205,6 @@ class InProcessBackend(Backend):
     def close(self) -> None:
         if self._registry is not None:
             self._registry.unregister(self)
-
-    def oldest(self, values: tuple[str, ...]) -> float | None:
-        """When the oldest run of these label values in progress started, None when none is."""
-        return self.oldest_starts().get(values)
 
     def oldest_starts(self) -> dict[tuple[str, ...], float]:
         """For each set of label values with runs in progress, when the oldest of them started: one pass over the

@@ -53,7 +53,7 @@ class _Instruments:
         self.limit = attribute_set_limit(provider, options.namespace)
         # The activity records of every configuration counting here, whose runs in progress are observed.
         self.activities: weakref.WeakSet[Activity] = weakref.WeakSet()
-        self.counts = InProcessBackend(options, None, self.activities)  # type: ignore[arg-type]
+        self.counts = InProcessBackend(options, None, self.activities)
         self._pairs: set[tuple[tuple[str, ...], str]] = set()
         self.lock = threading.Lock()
         meter = provider.get_meter(names.INSTRUMENTATION_NAME, __version__)
