@@ -125,6 +125,12 @@ from fastapi.testclient import TestClient
 from docs.examples.console_app import app
 print(TestClient(app).get("/tasks/data.json").json()["totals"]["finished"])
 """,
+    "backlog_queues": """
+import docs.examples.backlog_queues
+from traced_tasks import _queues, _sampled
+watched = [source for source in _sampled._sources if isinstance(source, _queues.Watcher)]
+print([watcher.reader.queues() for watcher in watched if watcher.reader.engine == "celery"])
+""",
     "configure": """
 import docs.examples.configure
 from traced_tasks import _config
@@ -201,6 +207,7 @@ EXPECTED = {
     "starlette_app": "[('docs.examples.starlette_app.send_welcome_email', 'success')] 200",
     "trace_context": "['4bf92f3577b34da6a3ce929d0e0e4736']",
     "console_app": "0",
+    "backlog_queues": "[['celery', 'invoices', 'reports']]",
     "configure": "shop 200",
     "declare": "0.0",
     "opentelemetry_metrics": "['background_task.duration', 'background_task.in_progress']",

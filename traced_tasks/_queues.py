@@ -385,9 +385,6 @@ class KombuQueues:
             made.release()
 
 
-_watchers: dict[int, Watcher] = {}
-
-
 def watch(reader: Reader) -> Watcher:
     """Sample `reader`'s queues from now on, in every metrics backend."""
     watcher = Watcher(reader)
