@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -161,8 +162,11 @@ def main() -> None:
     beat_port = int(os.environ.get("DEMO_BEAT_PORT", "9101"))
     delay = float(os.environ.get("DEMO_WORKER_DELAY", "20"))
     redis = shutil.which("redis-server") if os.environ.get("DEMO_WORKER", "1") != "0" else None
-    if redis is not None and (taken("127.0.0.1", worker_port) or taken("127.0.0.1", beat_port)):
-        print(f"ports {worker_port} or {beat_port} are taken: no Celery worker (set DEMO_WORKER_PORT, DEMO_BEAT_PORT)")
+    no_worker = "install redis-server to see tasks run on one" if redis is None else ""
+    if os.environ.get("DEMO_WORKER", "1") == "0":
+        no_worker = "DEMO_WORKER=0"
+    elif redis is not None and (taken("127.0.0.1", worker_port) or taken("127.0.0.1", beat_port)):
+        no_worker = f"port {worker_port} or {beat_port} is taken (set DEMO_WORKER_PORT, DEMO_BEAT_PORT)"
         redis = None
     if redis is not None:  # before the shop is imported: it hands its invoices over to this broker
         os.environ["DEMO_BROKER"] = f"redis://127.0.0.1:{free_port()}/0"
@@ -198,7 +202,7 @@ def main() -> None:
                 f"  Celery beat   http://127.0.0.1:{beat_port}/tasks/, sending a restock every 10 s\n"
                 f"                (their log: {folder}/celery.log)\n"
                 if worker
-                else "  Celery worker not started: install redis-server to see tasks run on one\n"
+                else f"  Celery worker not started: {no_worker}\n"
             )
             + f"  spans         {spans}\nCtrl-C stops it.",
             flush=True,
@@ -208,6 +212,10 @@ def main() -> None:
             (report, (base, worker, stop, float(os.environ.get("DEMO_EVERY", "5")))),
         ):
             threading.Thread(target=target, args=arguments, daemon=True).start()
+        # A SIGTERM (kill, a supervisor) or a SIGHUP (a closed terminal) stops it as Ctrl-C does, so that the worker,
+        # beat and Redis it started stop with it. uvicorn raises the signal again once it has stopped: this handler.
+        for stopping in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stopping, _interrupt)
         try:
             server.run()
         except KeyboardInterrupt:  # Ctrl-C: uvicorn stopped gracefully, then raised it again
@@ -215,6 +223,10 @@ def main() -> None:
         finally:
             stop.set()
     print("stopped", flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

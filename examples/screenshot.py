@@ -23,6 +23,7 @@ def main(target: Path) -> None:
     env = clean_environment(
         DEMO_PORT=str(port),
         DEMO_WORKER_PORT=str(free_port()),
+        DEMO_BEAT_PORT=str(free_port()),
         DEMO_HUNG_AFTER="20",
         DEMO_TRACE_URL="http://localhost:16686/trace/{trace_id}",
     )

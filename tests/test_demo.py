@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -106,3 +107,53 @@ def test_demo_on_a_port_that_is_taken_says_so_first() -> None:
     assert f"port {port} is taken" in result.stderr
     assert "DEMO_PORT" in result.stderr
     assert "task console" not in result.stdout
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_demo_stopped_by_sigterm_stops_what_it_started() -> None:
+    """A SIGTERM (kill, a supervisor, a script that stops it) ends the demo as Ctrl-C does: it says "stopped", and its
+    Redis, Celery worker and beat stop with it, none left running on their ports."""
+    port, worker_port = free_port(), free_port()
+    env = clean_environment(
+        DEMO_PORT=str(port), DEMO_WORKER_PORT=str(worker_port), DEMO_BEAT_PORT=str(free_port()), DEMO_WORKER_DELAY="0"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "examples/demo.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+
+    def worker_serves() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{worker_port}/metrics/").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_until(worker_serves, timeout=60)
+        started = _children(process.pid)
+        assert len(started) >= 3, started  # redis-server, the worker, beat
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert output.splitlines()[-1] == "stopped", output
+    wait_until(lambda: not any(_alive(pid) for pid in started), timeout=30)
