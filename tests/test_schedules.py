@@ -70,13 +70,19 @@ def test_a_periodic_runs_trace_begins_at_the_scheduler(tmp_path: Path, broker: s
         def sends() -> list[Span]:
             return [span for span in collector.spans_of("shop-beat") if span.name == names.PUBLISH_SPAN_PREFIX + AUDIT]
 
-        wait_until(lambda: shop.task_spans("audit") and sends())
-        runs = {span.parent_span_id: span for span in shop.task_spans("audit")}
-        sent = [span for span in sends() if span.span_id in runs]
-        assert sent, shop.logs()
-        assert sent[0].kind == Span.SPAN_KIND_PRODUCER
-        assert sent[0].parent_span_id == b""
-        assert runs[sent[0].span_id].trace_id == sent[0].trace_id
+        def pairs() -> list[tuple[Span, Span]]:
+            # The queue may still hold sends of an earlier beat, whose runs have no parent here: wait for a pair.
+            runs = {span.parent_span_id: span for span in shop.task_spans("audit")}
+            return [(send, runs[send.span_id]) for send in sends() if send.span_id in runs]
+
+        try:
+            wait_until(pairs)
+        except AssertionError:
+            raise AssertionError(shop.logs()) from None
+        send, run = pairs()[0]
+        assert send.kind == Span.SPAN_KIND_PRODUCER
+        assert send.parent_span_id == b""
+        assert run.trace_id == send.trace_id
     finally:
         shop.stop()
 
