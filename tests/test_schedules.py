@@ -42,8 +42,8 @@ def test_beat_serves_the_schedule_it_holds(tmp_path: Path, broker: str, collecto
     try:
         url = shop.start_scheduler()
         wait_until(lambda: (value(samples(url + "/metrics"), names.SCHEDULED.total, task=AUDIT) or 0) >= 2)
-        now = time.time()
         found = samples(url + "/metrics")
+        now = time.time()  # after the scrape, which may have taken a heartbeat later than a time taken before it
         assert value(found, names.SCHEDULE_PERIOD.name, task=AUDIT) == 2.0
         assert value(found, names.SCHEDULE_PERIOD.name, task=NIGHTLY) == 86400.0
         due = value(found, names.SCHEDULE_NEXT.name, task=AUDIT)
@@ -94,8 +94,8 @@ def test_taskiqs_scheduler_serves_a_cron_label(tmp_path: Path, broker: str, coll
     try:
         url = shop.start_scheduler()
         wait_until(lambda: value(samples(url + "/metrics"), names.SCHEDULE_PERIOD.name, task=REFRESH) is not None)
-        now = time.time()
         found = samples(url + "/metrics")
+        now = time.time()  # after the scrape, which may have taken a heartbeat later than a time taken before it
         assert value(found, names.SCHEDULE_PERIOD.name, task=REFRESH) == 300.0
         assert value(found, names.SCHEDULE_NEXT.name, task=REFRESH) == next_at(now, None, 5)
         heartbeat = value(found, names.SCHEDULER_HEARTBEAT.name, engine="taskiq")
