@@ -43,6 +43,7 @@ def panel(
     targets: list[dict[str, Any]],
     grid: tuple[int, int, int, int],
     kind: str = "timeseries",
+    overrides: list[dict[str, Any]] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     x, y, w, h = grid
@@ -52,14 +53,52 @@ def panel(
         "description": description,
         "datasource": DATASOURCE,
         "gridPos": {"x": x, "y": y, "w": w, "h": h},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["mean", "max"]}},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": overrides or []},
+        "options": (
+            {"showHeader": True}
+            if kind == "table"
+            else {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["mean", "max"]}}
+        ),
         "targets": targets,
     }
     if kind == "timeseries":
         result["fieldConfig"]["defaults"]["custom"] = {"fillOpacity": 10, "showPoints": "never"}
     result.update(extra)
     return result
+
+
+def table(
+    title: str,
+    description: str,
+    unit: str,
+    targets: list[dict[str, Any]],
+    grid: tuple[int, int, int, int],
+    columns: list[str],
+    sort_by: str,
+    overrides: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A table of instant queries merged on their labels: the values of the Nth target are the Nth of `columns`."""
+    renamed = {f"Value #{item['refId']}": column for item, column in zip(targets, columns, strict=True)}
+    return panel(
+        title,
+        description,
+        unit,
+        targets,
+        grid,
+        kind="table",
+        overrides=overrides,
+        transformations=[
+            {"id": "merge", "options": {}},
+            {
+                "id": "organize",
+                "options": {
+                    "excludeByName": {"Time": True},
+                    "renameByName": renamed,
+                },
+            },
+            {"id": "sortBy", "options": {"sort": [{"field": sort_by, "desc": True}]}},
+        ],
+    )
 
 
 def variables(extra: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -179,7 +218,7 @@ def schedules(y: int) -> dict[str, Any]:
     """Each periodic task: its period, when it is next due, its last success, and whether it is overdue."""
     period = f'max by (task) ({names.SCHEDULE_PERIOD.name}{{task=~"$task"}})'
     success = f'max by (task) ({names.LAST_SUCCESS.name}{{task=~"$task"}})'
-    table = [
+    targets = [
         target(period, "period", "A", instant=True, format="table"),
         target(
             f'max by (task) ({names.SCHEDULE_NEXT.name}{{task=~"$task"}}) - time()',
@@ -198,37 +237,20 @@ def schedules(y: int) -> dict[str, Any]:
             format="table",
         ),
     ]
-    item = panel(
+    return table(
         "Schedules",
         "Each periodic task the scheduler holds (Celery beat, taskiq's scheduler): its period, how long until it is "
         "next due, how long since it last succeeded in any job, and 1 when that is more than its period and 5 "
         "minutes (BackgroundTaskScheduleOverdue).",
         "s",
-        table,
+        targets,
         (0, y, 24, 8),
-        kind="table",
-        transformations=[
-            {"id": "merge", "options": {}},
-            {
-                "id": "organize",
-                "options": {
-                    "excludeByName": {"Time": True},
-                    "renameByName": {
-                        "Value #A": "period",
-                        "Value #B": "due in",
-                        "Value #C": "since last success",
-                        "Value #D": "overdue",
-                    },
-                },
-            },
-            {"id": "sortBy", "options": {"sort": [{"field": "overdue", "desc": True}]}},
+        columns=["period", "due in", "since last success", "overdue"],
+        sort_by="overdue",
+        overrides=[
+            {"matcher": {"id": "byName", "options": "overdue"}, "properties": [{"id": "unit", "value": "bool_yes_no"}]}
         ],
     )
-    item["options"] = {"showHeader": True}
-    item["fieldConfig"]["overrides"] = [
-        {"matcher": {"id": "byName", "options": "overdue"}, "properties": [{"id": "unit", "value": "bool_yes_no"}]}
-    ]
-    return item
 
 
 def overview() -> dict[str, Any]:
@@ -346,41 +368,23 @@ def overview() -> dict[str, Any]:
             ],
             (0, 24, 12, 8),
         ),
-        panel(
+        table(
             "Top tasks over the range",
             "The ten tasks with the most runs in the dashboard's time range, with their errors, p95 run time and "
             "p95 wait.",
             "short",
             table_targets,
             (12, 24, 12, 8),
-            kind="table",
-            transformations=[
-                {"id": "merge", "options": {}},
-                {
-                    "id": "organize",
-                    "options": {
-                        "excludeByName": {"Time": True},
-                        "renameByName": {
-                            "Value #A": "runs",
-                            "Value #B": "errors",
-                            "Value #C": "p95 run time",
-                            "Value #D": "p95 wait",
-                        },
-                    },
-                },
-                {"id": "sortBy", "options": {"sort": [{"field": "runs", "desc": True}]}},
+            columns=["runs", "errors", "p95 run time", "p95 wait"],
+            sort_by="runs",
+            overrides=[
+                {"matcher": {"id": "byRegexp", "options": "p95.*"}, "properties": [{"id": "unit", "value": "s"}]}
             ],
         ),
         longest_running((0, 32, 24, 8)),
         *waiting(40),
         schedules(48),
     ]
-    for item in panels[:-1]:
-        if item["type"] == "table":
-            item["options"] = {"showHeader": True}
-            item["fieldConfig"]["overrides"] = [
-                {"matcher": {"id": "byRegexp", "options": "p95.*"}, "properties": [{"id": "unit", "value": "s"}]}
-            ]
     return dashboard(
         "traced-tasks-overview",
         "Background tasks: overview",

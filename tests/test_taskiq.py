@@ -42,6 +42,14 @@ def task_spans(spans: list[Span], task: str) -> list[Span]:
 
 
 @pytest.mark.integration
+async def succeeded(telemetry: Telemetry, task: str) -> None:
+    """Wait, 10 s at most, for a run of `task` to succeed: the in-memory broker runs it in a task of this loop."""
+    for _ in range(1000):
+        if telemetry.value(names.DURATION.count, task=task, status="success"):
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_a_kick_to_a_broker_that_is_down_fails_in_the_web_process(shop: Shop) -> None:
     """With the broker down, the hand-off is a run of the web process that failed with taskiq's exception class: a
     PRODUCER span `publish <task>` with ERROR status, an error, started and scheduled, on the console."""
@@ -123,10 +131,7 @@ def test_a_handed_over_task_runs_in_the_worker_under_its_scheduling_span(
             tasks = BackgroundTasks()
             tasks.add_task(memory_broker.send_receipt, 7)
         await tasks()
-        for _ in range(1000):  # the in-memory broker runs it in a task of this loop
-            if telemetry.value(names.DURATION.count, task=name, status="success"):
-                break
-            await asyncio.sleep(0.01)
+        await succeeded(telemetry, name)
 
     asyncio.run(main())
     assert telemetry.value(names.DURATION.count, task=name, status="success") == 1
@@ -145,10 +150,7 @@ def test_a_task_that_keeps_no_result_succeeds(telemetry: Telemetry, memory_broke
 
     async def main() -> None:
         await memory_broker.quiet.kiq()
-        for _ in range(1000):
-            if telemetry.value(names.DURATION.count, task=name, status="success"):
-                break
-            await asyncio.sleep(0.01)
+        await succeeded(telemetry, name)
 
     asyncio.run(main())
     assert telemetry.value(names.DURATION.count, task=name, status="success") == 1
@@ -178,10 +180,7 @@ def test_a_retried_run_is_an_error_and_its_retry_a_new_run(telemetry: Telemetry)
     async def main() -> None:
         await broker.startup()
         await flaky.kiq()
-        for _ in range(1000):
-            if telemetry.value(names.DURATION.count, task=name, status="success"):
-                break
-            await asyncio.sleep(0.01)
+        await succeeded(telemetry, name)
         await broker.shutdown()
 
     asyncio.run(main())
@@ -214,10 +213,7 @@ def test_a_retry_that_runs_while_its_first_delivery_ends_keeps_its_own_run(telem
     async def main() -> None:
         await broker.startup()
         await flaky.kiq()
-        for _ in range(1000):
-            if telemetry.value(names.DURATION.count, task=name, status="success"):
-                break
-            await asyncio.sleep(0.01)
+        await succeeded(telemetry, name)
         await broker.shutdown()
 
     asyncio.run(main())
