@@ -422,6 +422,35 @@ def test_a_hung_run_shows_where_it_waits(telemetry: Telemetry) -> None:
     assert "jane@example.com" not in str(stacks)
 
 
+def test_the_metrics_ports_console_says_where_a_hung_run_waits(
+    telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console an engine's worker serves on its metrics port, a WSGI app beside prometheus_client's, reads the
+    query as the ASGI console does: data.json?stacks=1 says where a hung run waits; data.json alone does not."""
+    from traced_tasks._web import server
+
+    monkeypatch.setenv("TRACED_TASKS_HUNG_AFTER", "0.01")
+    released = threading.Event()
+
+    def reconcile_stock(secret: str) -> None:
+        released.wait(30)
+
+    async def main() -> tuple[dict[str, Any], dict[str, Any]]:
+        run = asyncio.create_task(BackgroundTask(reconcile_stock, SECRET)())
+        await asyncio.sleep(0.1)
+        with httpx.Client(transport=httpx.WSGITransport(app=server.wsgi_app()), base_url="http://worker") as client:
+            plain: dict[str, Any] = client.get("/tasks/data.json").json()
+            stacks: dict[str, Any] = client.get("/tasks/data.json?stacks=1").json()
+        released.set()
+        await run
+        return plain, stacks
+
+    plain, stacks = asyncio.run(main())
+    assert [(run["hung"], run["where"]) for run in plain["running"]] == [(True, None)]
+    (where,) = [run["where"] for run in stacks["running"]]
+    assert any(re.fullmatch(r"tests/test_console\.py:\d+ in .*reconcile_stock", frame) for frame in where), where
+
+
 def test_a_handed_off_tasks_row_links_to_its_engines_console(
     telemetry: Telemetry, monkeypatch: pytest.MonkeyPatch
 ) -> None:

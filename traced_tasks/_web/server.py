@@ -14,6 +14,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.metrics_core import Metric
+from starlette.datastructures import QueryParams
 
 from traced_tasks import _config
 from traced_tasks._options import ADDR, PORT
@@ -60,7 +61,8 @@ def wsgi_app() -> WSGIApp:
             return [console.PAGE.encode()]
         if path == "/tasks/data.json":
             headers = [("Content-Type", "application/json"), *console.JSON_HEADERS.items()]
-            body = console.data_json(None)
+            stacks = QueryParams(environ.get("QUERY_STRING", "")).get("stacks") == "1"
+            body = console.data_json(None, stacks=stacks)
             start_response("200 OK", headers)
             return [body]
         return metrics(environ, start_response)  # type: ignore[no-any-return]
