@@ -274,8 +274,8 @@ class Run:
             self.started_at = time.time()
             start_time = None
         else:
-            self.started_at = time.time() - (now_ns - started_ns) / 1e9
             start_time = time.time_ns() - (now_ns - started_ns)
+            self.started_at = start_time / 1e9
         self._started_ns = started_ns
         self._where = where  # what runs it: its coroutine, its asyncio task or its thread's ident
         self._span: Span | None = None

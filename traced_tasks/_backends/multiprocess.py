@@ -138,9 +138,8 @@ class _Counts:
 
     def start(self, wait: float, started_at: float, oldest: float | None) -> None:
         self._wait.observe(wait)
-        with self._backend.lock:
-            self._in_progress.inc()
-            self._since(oldest)
+        self._in_progress.inc()
+        self._since(oldest)
         self._backend.files.publish()  # last: what it raises leaves the counts above whole
 
     def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None, oldest: float | None) -> None:
@@ -180,12 +179,12 @@ class _Counts:
             counter.inc()
 
     def _finish(self, oldest: float | None) -> None:
-        with self._backend.lock:
-            self._in_progress.dec()
-            self._since(oldest)
+        self._in_progress.dec()
+        self._since(oldest)
 
     def _since(self, oldest: float | None) -> None:
-        # Under the lock. The oldest start of this process's runs, from the activity records that list them.
+        # The oldest start of this process's runs, from the activity records that list them. prometheus_client's
+        # values lock themselves, and labels() gives every thread the same child.
         if self._in_progress_since is None:
             if oldest is None:
                 return
@@ -307,9 +306,6 @@ class MultiprocessBackend(Backend):
                     task = found[values] = TaskTotals(values, bounds)
                 _add(task, family, sample.name, sample.labels, sample.value, bounds)
         return list(found.values())
-
-    def series_limit(self) -> int | None:
-        return None
 
     def activity(self, local: Activity, stacks_after: float | None = None) -> View:
         """The runs in progress and recent failures of every live process, this one's as they are now."""
@@ -520,7 +516,7 @@ class _ActivityFiles:
         path = self.path(os.getpid())
         with contextlib.suppress(OSError):
             if not os.path.exists(path):
-                self._write(path, json.dumps(View(pids=[os.getpid()]).to_json()).encode())
+                self._write(path, json.dumps(View().to_json()).encode())
 
     def publish(self) -> None:
         """Start this process's writer, once: the first run of a process calls it, fork or not."""
