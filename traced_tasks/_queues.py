@@ -287,19 +287,19 @@ class RedisStream:
             if not exists:
                 found.append(Queue(stream, 0.0, None, 0.0))
                 continue
-            if group is None:  # no consumer group yet: nothing was ever delivered
-                after, lag, consumers = b"-", None, 0.0
-            else:
-                after = b"(" + _bytes(group.get("last-delivered-id"))
-                lag = group.get("lag")
-                consumers = float(_live_consumers(client, stream, self._group))
+            depth: float | None
             pipeline = client.pipeline(transaction=False)
-            pipeline.xrange(stream, min=after, max="+", count=1)
-            if lag is None:
+            if group is None:  # no consumer group yet: nothing was ever delivered
+                pipeline.xrange(stream, min=b"-", max="+", count=1)
                 pipeline.xlen(stream)
-            answers = pipeline.execute()
-            first = answers[0]
-            depth = float(lag) if lag is not None else float(answers[1]) if group is None else None
+                first, length = pipeline.execute()
+                depth, consumers = float(length), 0.0
+            else:
+                pipeline.xrange(stream, min=b"(" + _bytes(group.get("last-delivered-id")), max="+", count=1)
+                pipeline.xinfo_consumers(stream, self._group)
+                first, listed = pipeline.execute()
+                lag = group.get("lag")  # Redis 7.0 or later
+                depth, consumers = (None if lag is None else float(lag)), float(_live_consumers(listed))
             found.append(Queue(stream, depth, _stream_oldest(first), consumers))
         return found
 
@@ -310,19 +310,15 @@ class RedisStream:
 
 
 def _stream_answers(pipeline: Any) -> tuple[bool, list[dict[str, Any]]]:
-    try:
-        exists, groups = pipeline.execute(raise_on_error=False)
-    except Exception:
-        raise
+    exists, groups = pipeline.execute(raise_on_error=False)
     if isinstance(groups, Exception):  # no such key: XINFO fails on a stream that does not exist
         return bool(exists) if not isinstance(exists, Exception) else False, []
     return bool(exists), list(groups)
 
 
-def _live_consumers(client: Any, stream: str, group: str) -> int:
-    """The consumers of the group that read within the last minute: a process that died stays listed. Redis 7.2
-    tells when each last tried (`inactive`); before it, when each last read something (`idle`)."""
-    consumers = client.xinfo_consumers(stream, group)
+def _live_consumers(consumers: list[dict[str, Any]]) -> int:
+    """The consumers of a group (XINFO CONSUMERS) that read within the last minute: a process that died stays
+    listed. Redis 7.2 tells when each last tried (`inactive`); before it, when each last read something (`idle`)."""
     return sum(1 for consumer in consumers if int(consumer.get("inactive", consumer.get("idle", 0)) or 0) < 60_000)
 
 
