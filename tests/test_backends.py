@@ -112,7 +112,8 @@ def in_process(
 ) -> tuple[InProcessBackend, CollectorRegistry]:
     registry = CollectorRegistry()
     options = Options(registry=registry, route_label=route_label, namespace=namespace)
-    backend = InProcessBackend(options, registry, [activity or Activity()])
+    activities = (activity or Activity(),)
+    backend = InProcessBackend(options, registry, lambda: activities)
     backend.open()
     return backend, registry
 

@@ -20,4 +20,4 @@ def choose(options: Options, activity: Activity) -> Backend:
     folder = multiprocess.directory()
     if folder is not None:
         return multiprocess.MultiprocessBackend(options, folder, activity)
-    return InProcessBackend(options, options.registry, [activity])
+    return InProcessBackend(options, options.registry, lambda: (activity,))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from opentelemetry.trace import SpanContext
@@ -176,10 +176,12 @@ class InProcessBackend(Backend):
 
     With a registry it registers there, all families at once or none; without one it only counts, for the task
     console and the observations of another backend. The oldest start of the runs in progress comes from the
-    `activities` that record them.
+    activity records `activities()` gives.
     """
 
-    def __init__(self, options: Options, registry: CollectorRegistry | None, activities: Iterable[Activity]) -> None:
+    def __init__(
+        self, options: Options, registry: CollectorRegistry | None, activities: Callable[[], Iterable[Activity]]
+    ) -> None:
         self.bounds = tuple(options.buckets)
         self.activities = activities
         self._lock = threading.Lock()
@@ -210,7 +212,7 @@ class InProcessBackend(Backend):
         """For each set of label values with runs in progress, when the oldest of them started: one pass over the
         runs, at collection."""
         found: dict[tuple[str, ...], float] = {}
-        for activity in _copied(self.activities):
+        for activity in self.activities():
             for run in activity.runs():
                 known = found.get(run.values)
                 if known is None or run.started_at < known:
@@ -285,13 +287,3 @@ class InProcessBackend(Backend):
                     continue
             buckets.append((le, total))
         family.add_metric(values, buckets, histogram.sum)
-
-
-def _copied(activities: Iterable[Activity]) -> list[Activity]:
-    """A copy of `activities`, which a configure() in another thread may add to while it is copied (OpenTelemetry's
-    backend shares a set of them): copied again then."""
-    while True:
-        try:
-            return list(activities)
-        except RuntimeError:  # changed size during iteration
-            continue

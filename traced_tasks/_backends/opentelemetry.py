@@ -53,7 +53,7 @@ class _Instruments:
         self.limit = attribute_set_limit(provider, options.namespace)
         # The activity records of every configuration counting here, whose runs in progress are observed.
         self.activities: weakref.WeakSet[Activity] = weakref.WeakSet()
-        self.counts = InProcessBackend(options, None, self.activities)
+        self.counts = InProcessBackend(options, None, self.activities_now)
         self._pairs: set[tuple[tuple[str, ...], str]] = set()
         self.lock = threading.Lock()
         meter = provider.get_meter(names.INSTRUMENTATION_NAME, __version__)
@@ -76,6 +76,11 @@ class _Instruments:
             make(kind, family, callbacks=[callback])
         for family in names.SAMPLED_FAMILIES:
             make(meter.create_observable_gauge, family, callbacks=[self._sampled(family)])
+
+    def activities_now(self) -> list[Activity]:
+        """The activity records counting here now, which a configure() in another thread may add to."""
+        with self.lock:
+            return list(self.activities)
 
     def exception(self, values: tuple[str, ...], exception: str) -> str:
         """The exception label of a failure, past the limit of (task, exception) pairs the overflow value: for each
