@@ -140,7 +140,6 @@ class View:
     by_label: dict[str, tuple[int, float]] = field(default_factory=dict)  # runs in progress, oldest start
     failures: list[Failures] = field(default_factory=list)  # latest first
     handed_off: dict[str, str] = field(default_factory=dict)  # task label: engine
-    pids: list[int] = field(default_factory=list)  # the processes it is of
 
     @property
     def running(self) -> int:
@@ -152,7 +151,6 @@ class View:
             "by_label": {label: list(entry) for label, entry in self.by_label.items()},
             "failures": [{**asdict(found), "traces": list(found.traces)} for found in self.failures],
             "handed_off": self.handed_off,
-            "pids": self.pids,
         }
 
     @classmethod
@@ -162,7 +160,6 @@ class View:
             {label: (int(count), float(oldest)) for label, (count, oldest) in data["by_label"].items()},
             [Failures(**{**found, "traces": tuple(found["traces"])}) for found in data["failures"]],
             dict(data.get("handed_off", {})),
-            [int(pid) for pid in data.get("pids", [])],
         )
 
     @classmethod
@@ -173,13 +170,11 @@ class View:
             merged.listed.extend(view.listed)
             failures.extend(view.failures)
             merged.handed_off.update(view.handed_off)
-            merged.pids.extend(view.pids)
             for label, (count, oldest) in view.by_label.items():
                 total, first = merged.by_label.get(label, (0, oldest))
                 merged.by_label[label] = (total + count, min(first, oldest))
         merged.listed = sorted(merged.listed, key=lambda run: run.started_at)[:MAX_LISTED]
         merged.failures = group(failures)
-        merged.pids = sorted(set(merged.pids))
         return merged
 
 
@@ -282,7 +277,7 @@ class Activity:
         ]
         with self._lock:
             failures = group(self._failures.values())
-        return View(listed, by_label, failures, self.handed_off.copy(), [pid])
+        return View(listed, by_label, failures, self.handed_off.copy())
 
 
 # The lists of the capture_tasks() blocks open now, in any configuration.

@@ -155,10 +155,6 @@ class Switch(Generic[T]):
 _refused: set[tuple[str, str]] = set()
 
 
-def _text(value: str) -> str:
-    return value
-
-
 def _port(value: str) -> int:
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise ValueError("it takes a TCP port number, 1 to 65535")
@@ -201,7 +197,7 @@ METRICS = Switch(
 TOKEN = Switch(
     "TRACED_TASKS_METRICS_TOKEN",
     "The bearer token `/metrics` and the task console require, read at each request. Unset: no token.",
-    _text,
+    str,
 )
 PORT = Switch(
     "TRACED_TASKS_METRICS_PORT",
@@ -212,7 +208,7 @@ PORT = Switch(
 ADDR = Switch(
     "TRACED_TASKS_METRICS_ADDR",
     "The address the metrics port listens on: `0.0.0.0` (or `::`) in a container that Prometheus scrapes from outside.",
-    _text,
+    str,
     "127.0.0.1",
 )
 HUNG_AFTER = Switch(
@@ -239,7 +235,7 @@ MULTIPROCESS_DIR = Switch(
     "PROMETHEUS_MULTIPROC_DIR",
     "prometheus_client's multiprocess mode: every process counts in files in this folder, and `/metrics` sums them. "
     "Set it, to an empty folder, before the server or worker starts.",
-    _text,
+    str,
 )
 
 SWITCHES: tuple[Switch[Any], ...] = (

@@ -107,8 +107,6 @@ class Watcher:
         """Nothing to read at a collection: the scheduler's ticks keep the dues."""
 
     def samples(self) -> list[_sampled.Sample]:
-        if not self.served:
-            return []
         with self._lock:
             dues, heartbeat = list(self._dues), self._heartbeat
         found = []
@@ -252,9 +250,9 @@ def cron_dues(cron: str, offset: object, now: datetime.datetime, count: int) -> 
     _, hour, dom, month, dow = fields
     found: list[datetime.datetime] = []
     start = now.replace(second=0, microsecond=0) + datetime.timedelta(minutes=1)
-    day = local(start).replace(hour=0, minute=0, tzinfo=None)
-    first_day = True
-    while len(found) < count and day - local(start).replace(tzinfo=None) < _HORIZON:
+    start_local = local(start).replace(tzinfo=None)
+    day = start_local.replace(hour=0, minute=0)
+    while len(found) < count and day - start_local < _HORIZON:
         if pycron.is_now(f"* * {dom} {month} {dow}", day):
             for hours in range(24):
                 at_hour = day.replace(hour=hours)
@@ -262,14 +260,13 @@ def cron_dues(cron: str, offset: object, now: datetime.datetime, count: int) -> 
                     continue
                 for minutes in range(60):
                     at = at_hour.replace(minute=minutes)
-                    if first_day and at < local(start).replace(tzinfo=None):
+                    if at < start_local:
                         continue
                     if pycron.is_now(cron, at):
                         found.append(_utc(at, offset))
                         if len(found) == count:
                             return found
         day += datetime.timedelta(days=1)
-        first_day = False
     return found
 
 

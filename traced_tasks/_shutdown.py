@@ -69,17 +69,17 @@ def flush_process() -> bool:
     those of setup_tracing()), before it ends without atexit: the forked processes of Celery's prefork pool and of
     taskiq's worker end with os._exit. It waits PROCESS_FLUSH_SECONDS at most, the exporter's timeout if shorter: its
     pool replaces a process only once it has ended. Never raises."""
-    _watch_in_use()
     return flush(timeout=min(PROCESS_FLUSH_SECONDS, _exporter_timeout()))
 
 
 def flush(abort: Callable[[], bool] = lambda: False, timeout: float | None = None) -> bool:
-    """Export what every watched provider holds, waiting no longer than `timeout`, the exporter's timeout by default;
-    `abort()` ends the wait early. Once an export did not end in time (a collector that hangs), later calls return at
-    once, so a stop waits for the exporter once. Never raises: it runs at shutdown and in a signal handler, where an
-    exception would change how the process ends."""
+    """Export what every provider in use now, or watched before, holds, waiting no longer than `timeout`, the
+    exporter's timeout by default; `abort()` ends the wait early. Once an export did not end in time (a collector
+    that hangs), later calls return at once, so a stop waits for the exporter once. Never raises: it runs at shutdown
+    and in a signal handler, where an exception would change how the process ends."""
     if _stalled.is_set():
         return False
+    _watch_in_use()
     try:
         deadline = time.monotonic() + (_exporter_timeout() if timeout is None else timeout)
         done = threading.Event()
@@ -157,7 +157,6 @@ def _wrap_uvicorn_shutdown() -> None:
             await shutdown(self, *args, **kwargs)
         finally:
             await end_runs(forced)
-            _watch_in_use()
             flush(abort=forced)
 
     flushing_shutdown._traced_tasks_flush = True  # type: ignore[attr-defined]

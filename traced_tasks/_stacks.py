@@ -35,15 +35,10 @@ def of_coroutine(awaited: Any) -> list[str] | None:
     found = []
     for _ in range(256):  # a chain that loops on itself, which no coroutine makes, still ends
         frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
-        frame = frame or getattr(awaited, "ag_frame", None)
         if frame is None:
             break
         found.append(_location(frame.f_code, frame.f_lineno))
-        awaited = (
-            getattr(awaited, "cr_await", None)
-            or getattr(awaited, "gi_yieldfrom", None)
-            or getattr(awaited, "ag_await", None)
-        )
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
     return found[-MAX_FRAMES:]
 
 

@@ -297,10 +297,12 @@ def declare(tasks: Iterable[Callable[..., Any]]) -> None:
 _metrics_server: server.MetricsServer | None = None
 
 
-def serve(engine: str, runs_in_children: bool = False) -> None:
+def serve(engine: str, runs_in_children: bool = False, each_process_serves: bool = False) -> None:
     """Serve /metrics and the console on TRACED_TASKS_METRICS_PORT, from a worker (or scheduler) process that is
     ready. `runs_in_children`: this process runs no task, its child processes do (Celery's prefork pool): it serves
-    their counts in multiprocess mode, and nothing otherwise, rather than zeros."""
+    their counts in multiprocess mode, and nothing otherwise, rather than zeros. `each_process_serves`: each of the
+    worker's processes runs tasks and tries the port (taskiq's workers), the first one serving its own counts only
+    unless in multiprocess mode."""
     global _metrics_server
     try:
         if _metrics_server is not None:
@@ -320,7 +322,7 @@ def serve(engine: str, runs_in_children: bool = False) -> None:
                     metrics_server.port,
                 )
                 return
-            if engine == "taskiq":
+            if each_process_serves:
                 logger.warning(
                     "traced_tasks: each taskiq worker process counts on its own, and the first of them serves port %s "
                     "with its own counts only: the port shows them all in multiprocess mode, with "

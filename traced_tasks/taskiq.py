@@ -90,7 +90,7 @@ class Middleware(TaskiqMiddleware):
             asyncio.get_running_loop().create_task(_awake())
             if any(task.labels.get("schedule") for task in tasks):
                 contract.know_schedule(contract.LabelSchedule(self.broker, contract.label))
-            contract.serve("taskiq")
+            contract.serve("taskiq", each_process_serves=True)
         if getattr(self.broker, "is_scheduler_process", False):
             self._schedule = contract.LabelSchedule(self.broker, contract.label)
             contract.watch_schedule(self._schedule)
