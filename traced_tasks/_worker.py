@@ -17,6 +17,7 @@ Every function here never raises: what fails is logged once, and the engine goes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -24,7 +25,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, NamedTuple
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
@@ -140,12 +140,8 @@ def before_publish(
         ticket = _engines.take_publishing(lambda ticket: _is_of(ticket, config, task))
         if ticket is None:
             span = _sending(config, task)
-            token = None if span is None else otel_context.attach(trace.set_span_in_context(span))
-            try:
+            with contextlib.nullcontext() if span is None else trace.use_span(span):
                 ticket = _run.capture(config, task, metadata.get(_wire.ROUTE))
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
             if ticket is None:
                 return
             with _lock:
