@@ -91,18 +91,6 @@ class Failures:
     def key(self) -> tuple[str, str, str | None]:
         return (self.task, self.status, self.exception)
 
-    def add(self, run: TaskRun) -> Failures:
-        traces = self.traces if run.trace_id is None else (*self.traces, run.trace_id)[-MAX_TRACES:]
-        return replace(
-            self,
-            count=self.count + 1,
-            first_at=min(self.first_at, run.finished_at),
-            last_at=max(self.last_at, run.finished_at),
-            route=run.route if run.finished_at >= self.last_at else self.route,
-            seconds=run.duration if run.finished_at >= self.last_at else self.seconds,
-            traces=traces,
-        )
-
     def merge(self, other: Failures) -> Failures:
         newer, older = (other, self) if other.last_at >= self.last_at else (self, other)
         return replace(
@@ -239,7 +227,8 @@ class Activity:
         key = (run.task, run.status, run.exception)
         with self._lock:
             known = self._failures.pop(key, None)  # popped and put back: the dict stays in order of last failure
-            self._failures[key] = Failures.of(run) if known is None else known.add(run)
+            found = Failures.of(run)
+            self._failures[key] = found if known is None else known.merge(found)
             while len(self._failures) > MAX_FAILURE_GROUPS:
                 del self._failures[next(iter(self._failures))]
         notify = self.on_failure
@@ -249,11 +238,8 @@ class Activity:
     def absorb(self, failures: Iterable[Failures]) -> None:
         """Keep the failures of a process that ended, as this process's own."""
         with self._lock:
-            for found in failures:
-                known = self._failures.pop(found.key, None)
-                self._failures[found.key] = found if known is None else known.merge(found)
-            ordered = sorted(self._failures.values(), key=lambda found: found.last_at)[-MAX_FAILURE_GROUPS:]
-            self._failures = {found.key: found for found in ordered}
+            latest_first = group([*self._failures.values(), *failures])
+            self._failures = {found.key: found for found in reversed(latest_first)}
 
     def view(self, stacks_after: float | None = None, now: float = 0.0) -> View:
         """This process's runs and failures; with `stacks_after`, where each run older than that many seconds waits."""
