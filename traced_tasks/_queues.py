@@ -209,14 +209,15 @@ def _scheduled_at(message: bytes | str | None, part: str) -> float | None:
 class RedisLists:
     """Queues that are Redis lists the producer LPUSHes to and the consumer BRPOPs from: Celery's (a queue and its
     priority lists) and taskiq's ListQueueBroker. Its depth is their lengths' sum, its oldest message the earliest
-    scheduled of their last elements. Redis tells no consumers."""
+    scheduled of their last elements. Redis tells no consumers. `keys(made, queue)`: the lists of a queue, given the
+    client `client()` made."""
 
     def __init__(
         self,
         engine: str,
         client: Callable[[], Any],
         queues: Callable[[], list[str]],
-        keys: Callable[[str], list[str]],
+        keys: Callable[[Any, str], list[str]],
         scheduled_at: Callable[[Any], float | None],
     ) -> None:
         self.engine = engine
@@ -233,7 +234,7 @@ class RedisLists:
         if self._made is None:
             self._made = self._client()
         pipeline = self._made.pipeline(transaction=False)
-        keys = {queue: self._keys(queue) for queue in queues}
+        keys = {queue: self._keys(self._made, queue) for queue in queues}
         for queue in queues:
             for key in keys[queue]:
                 pipeline.llen(key)
@@ -454,13 +455,16 @@ def _queue_name(queue: object) -> str:
     return name if isinstance(name, str) else ""
 
 
+def _reading(app: Any) -> Any:
+    """A kombu connection of a Celery application's for reading its queues, with short timeouts."""
+    return app.connection_for_read(connect_timeout=READ_TIMEOUT_SECONDS, transport_options=_read_timeouts())
+
+
 class _Kombu:
     """A kombu connection for reading, with short timeouts, and what reading a Redis broker needs of its channel."""
 
     def __init__(self, app: Any) -> None:
-        self.connection = app.connection_for_read(
-            connect_timeout=READ_TIMEOUT_SECONDS, transport_options=_read_timeouts()
-        )
+        self.connection = _reading(app)
         channel = self.connection.default_channel
         import redis
 
@@ -516,13 +520,7 @@ class CeleryQueues:
         with app.connection_for_read() as unopened:  # a connection that is never opened: its transport's kind
             transport = unopened.transport.driver_type
         if transport == "redis":
-            made: list[_Kombu] = []
-
-            def client() -> _Kombu:
-                made[:] = [_Kombu(app)]
-                return made[0]
-
-            return RedisLists(self.engine, client, self.queues, lambda queue: made[0].keys(queue), celery_scheduled_at)
+            return RedisLists(self.engine, lambda: _Kombu(app), self.queues, _Kombu.keys, celery_scheduled_at)
 
         if transport != "amqp":
             # kombu's other transports answer a passive declare by making the queue (SQS, Azure Service Bus): a read
@@ -534,10 +532,7 @@ class CeleryQueues:
                 )
             return _Unread(self.engine)
 
-        def connection() -> Any:
-            return app.connection_for_read(connect_timeout=READ_TIMEOUT_SECONDS, transport_options=_read_timeouts())
-
-        return KombuQueues(self.engine, connection, self.queues, consumers=True)
+        return KombuQueues(self.engine, lambda: _reading(app), self.queues, consumers=True)
 
 
 class _Unread:
@@ -592,4 +587,4 @@ def taskiq_reader(broker: Any, queues: Queues) -> Reader | None:
 
     if is_stream:
         return RedisStream("taskiq", client, names, broker.consumer_group_name)
-    return RedisLists("taskiq", client, names, lambda queue: [queue], taskiq_scheduled_at)
+    return RedisLists("taskiq", client, names, lambda client, queue: [queue], taskiq_scheduled_at)
