@@ -113,12 +113,12 @@ def report(base: str, worker: str | None, stop: threading.Event, every: float) -
 
 @contextlib.contextmanager
 def celery(
-    folder: Path, broker: str, worker_port: int, beat_port: int, delay: float, hung_after: float
+    redis_server: str, folder: Path, broker: str, worker_port: int, beat_port: int, delay: float, hung_after: float
 ) -> Iterator[str]:
-    """redis-server; a Celery worker with two processes, started `delay` seconds later, serving its metrics and
+    """`redis_server`; a Celery worker with two processes, started `delay` seconds later, serving its metrics and
     console on `worker_port`; and a Celery beat, on `beat_port`."""
     redis_port = broker.rsplit(":", 1)[1].split("/")[0]
-    redis = [str(shutil.which("redis-server")), "--port", redis_port, "--bind", "127.0.0.1", "--save", ""]
+    redis = [redis_server, "--port", redis_port, "--bind", "127.0.0.1", "--save", ""]
     started = [subprocess.Popen([*redis, "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)]
     metrics = folder / "worker-metrics"
     metrics.mkdir()
@@ -161,9 +161,10 @@ def main() -> None:
     worker_port = int(os.environ.get("DEMO_WORKER_PORT", "9100"))
     beat_port = int(os.environ.get("DEMO_BEAT_PORT", "9101"))
     delay = float(os.environ.get("DEMO_WORKER_DELAY", "20"))
-    redis = shutil.which("redis-server") if os.environ.get("DEMO_WORKER", "1") != "0" else None
+    wanted = os.environ.get("DEMO_WORKER", "1") != "0"
+    redis = shutil.which("redis-server") if wanted else None
     no_worker = "install redis-server to see tasks run on one" if redis is None else ""
-    if os.environ.get("DEMO_WORKER", "1") == "0":
+    if not wanted:
         no_worker = "DEMO_WORKER=0"
     elif redis is not None and (taken("127.0.0.1", worker_port) or taken("127.0.0.1", beat_port)):
         no_worker = f"port {worker_port} or {beat_port} is taken (set DEMO_WORKER_PORT, DEMO_BEAT_PORT)"
@@ -191,7 +192,9 @@ def main() -> None:
         worker = None
         if redis is not None:
             broker = os.environ["DEMO_BROKER"]
-            worker = stack.enter_context(celery(folder, broker, worker_port, beat_port, delay, demo_shop.HUNG_AFTER))
+            worker = stack.enter_context(
+                celery(redis, folder, broker, worker_port, beat_port, delay, demo_shop.HUNG_AFTER)
+            )
         print(
             f"traced_tasks demo: a small shop that sends itself orders\n"
             f"  task console  http://{host}:{port}/tasks/\n"
