@@ -223,7 +223,8 @@ def exported_runs(collector: Collector, task: str) -> int:
 def test_a_hung_task_is_flagged_on_the_workers_console(shop: Shop) -> None:
     """A run that goes on in a worker process: the worker's port serves it in the console's running list, from the
     process that runs it, flagged hung past TRACED_TASKS_HUNG_AFTER, and in /metrics as in progress since its
-    start. With Celery, the main process answers for its children."""
+    start; asked with stacks=1, it says where the run waits, as the process that runs it wrote it. With Celery, the
+    main process answers for its children."""
     web = shop.start_web()
     shop.start_worker()
     before = time.time()
@@ -248,6 +249,17 @@ def test_a_hung_task_is_flagged_on_the_workers_console(shop: Shop) -> None:
     since = value(worker, names.IN_PROGRESS_SINCE.name, task=task)
     assert since is not None
     assert before <= since <= time.time()
+
+    def waits() -> list[str] | None:
+        time.sleep(0.2)  # the process that runs it writes where it waits at its next write, within a second
+        (listed,) = httpx.get(shop.worker_url + "/tasks/data.json?stacks=1").json()["running"]
+        found: list[str] | None = listed["where"]
+        return found
+
+    wait_until(waits)
+    where = waits()
+    assert where is not None
+    assert any(frame.endswith(" in render_report") for frame in where), where
     os.kill(run["pid"], signal.SIGKILL)  # a warm shutdown would wait for it
 
 
