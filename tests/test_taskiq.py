@@ -41,7 +41,6 @@ def task_spans(spans: list[Span], task: str) -> list[Span]:
     return spans_named(spans, TASKS + task)
 
 
-@pytest.mark.integration
 async def succeeded(telemetry: Telemetry, task: str) -> None:
     """Wait, 10 s at most, for a run of `task` to succeed: the in-memory broker runs it in a task of this loop."""
     for _ in range(1000):
@@ -50,6 +49,7 @@ async def succeeded(telemetry: Telemetry, task: str) -> None:
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.integration
 def test_a_kick_to_a_broker_that_is_down_fails_in_the_web_process(shop: Shop) -> None:
     """With the broker down, the hand-off is a run of the web process that failed with taskiq's exception class: a
     PRODUCER span `publish <task>` with ERROR status, an error, started and scheduled, on the console."""
