@@ -119,7 +119,13 @@ def celery(
     console on `worker_port`; and a Celery beat, on `beat_port`."""
     redis_port = broker.rsplit(":", 1)[1].split("/")[0]
     redis = [redis_server, "--port", redis_port, "--bind", "127.0.0.1", "--save", ""]
-    started = [subprocess.Popen([*redis, "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL)]
+
+    def spawn(command: list[str], output: Any, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        # In a session of its own, out of reach of the terminal's Ctrl-C: the demo stops it itself, once the shop has
+        # stopped handing invoices over.
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+    started = [spawn([*redis, "--appendonly", "no", "--dir", str(folder)], subprocess.DEVNULL)]
     metrics = folder / "worker-metrics"
     metrics.mkdir()
     env = {
@@ -132,14 +138,12 @@ def celery(
     log = (folder / "celery.log").open("wb")
     beat = [str(bin_folder / "celery"), "-A", "demo_worker", "beat", "-s", str(folder / "beat"), "--loglevel=WARNING"]
     beat_env = {**env, "TRACED_TASKS_METRICS_PORT": str(beat_port)}
-    started.append(subprocess.Popen(beat, env=beat_env, stdout=log, stderr=subprocess.STDOUT))
+    started.append(spawn(beat, log, beat_env))
     worker = [str(bin_folder / "celery"), "-A", "demo_worker", "worker", "-P", "prefork", "-c", "2"]
     worker_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics), "TRACED_TASKS_METRICS_PORT": str(worker_port)}
 
     def start_worker() -> None:
-        started.append(
-            subprocess.Popen([*worker, "--loglevel=WARNING"], env=worker_env, stdout=log, stderr=subprocess.STDOUT)
-        )
+        started.append(spawn([*worker, "--loglevel=WARNING"], log, worker_env))
 
     timer = threading.Timer(delay, start_worker)
     timer.start()
