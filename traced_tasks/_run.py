@@ -51,7 +51,6 @@ class Config(Protocol):
 
 
 _ROOT = Context()
-_ENDING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -218,7 +217,7 @@ class Run:
     """
 
     __slots__ = (
-        "_ended",
+        "_end",
         "_span",
         "_started_ns",
         "_token",
@@ -238,7 +237,7 @@ class Run:
         self.span_kind = span_kind
         self.span_name = span_name
         self._started_ns = 0  # 0 until it starts, which sets the rest: started_at, _span, _token, _where
-        self._ended = False
+        self._end = [None]  # the one end there is, which the first end() or abandon() takes
 
     @property
     def task(self) -> str:
@@ -329,10 +328,10 @@ class Run:
 
     def finish(self, outcome: Outcome) -> None:
         """End the run with `outcome`, from anywhere, without touching the context it made current."""
-        with _ENDING:  # its own end, or abandon() at a stop: the first ends it
-            if self._ended:
-                return
-            self._ended = True
+        try:
+            self._end.pop()  # its own end, or abandon() at a stop: one atomic step, so the first ends it, unlocked
+        except IndexError:
+            return
         seconds = (time.perf_counter_ns() - self._started_ns) / 1e9  # a monotonic clock: never negative
         config, profile, span = self.config, self.profile, self._span
         succeeded = outcome is SUCCEEDED  # the one success there is
