@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
+import sys
 import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry
@@ -59,41 +64,67 @@ class Running:
         return None
 
 
-def apply(backend: Backend, activity: Activity, events: list[tuple[Any, ...]], route_label: bool) -> None:
+def apply(
+    backend: Backend,
+    activity: Activity,
+    events: list[tuple[Any, ...]],
+    route_label: bool,
+    tick: float = 1,
+    where: Callable[[int, Callable[[], None]], None] | None = None,
+) -> None:
     """Play events through a backend's TaskCounts, as runs do, with the runs in progress in the activity record: a
-    finish only for a run that started."""
+    finish only for a run that started. The clock moves `tick` seconds per event; `where(i, update)` makes the i-th
+    update, in a thread it chooses."""
     started: dict[tuple[str, ...], list[Running]] = {}
     counted: dict[tuple[str, ...], Any] = {}  # one TaskCounts per set of values, as traced_tasks asks for them
     clock = 1_700_000_000.0
-    for (task, route), event, seconds, sampled, exception in events:
+    for index, ((task, route), event, seconds, sampled, exception) in enumerate(events):
         values = (task, route) if route_label else (task,)
         if values not in counted:
             counted[values] = backend.counts(values)
-        counts = counted[values]
+        clock += tick
         running = started.setdefault(values, [])
         exemplar = EXEMPLAR if sampled else None
-        clock += 1
-        if event == "schedule":
-            counts.schedule()
-        elif event == "start":
-            running.append(Running(task, route, values, clock))
-            counts.start(seconds, clock, activity.started(running[-1]))
-        elif event == "skip":
-            counts.skip()
-        elif running:
-            run = running.pop(0)
-            oldest = activity.ended(run)
-            started_at = run.started_at
-            if event == "succeed":
-                counts.succeed(seconds, started_at, exemplar, oldest)
-            elif event == "error":
-                counts.fail(names.STATUS_ERROR, seconds, started_at, exemplar, exception, oldest)
-            else:
-                counts.fail(names.STATUS_CANCELLED, seconds, started_at, exemplar, None, oldest)
+        run = Running(task, route, values, clock)
+        update = functools.partial(_play, counted[values], activity, running, run, event, seconds, exemplar, exception)
+        if where is None:
+            update()
+        else:
+            where(index, update)
 
 
-def samples(registry: CollectorRegistry) -> set[tuple[Any, ...]]:
-    """Every sample, without the _created series (prometheus_client's only) and the clock-read values."""
+def _play(
+    counts: Any,
+    activity: Activity,
+    running: list[Running],
+    new: Running,
+    event: str,
+    seconds: float,
+    exemplar: SpanContext | None,
+    exception: str,
+) -> None:
+    """One event: `new` is the run a start begins; a finish ends the oldest of `running`."""
+    if event == "schedule":
+        counts.schedule()
+    elif event == "start":
+        running.append(new)
+        counts.start(seconds, new.started_at, activity.started(new))
+    elif event == "skip":
+        counts.skip()
+    elif running:
+        run = running.pop(0)
+        oldest = activity.ended(run)
+        if event == "succeed":
+            counts.succeed(seconds, run.started_at, exemplar, oldest)
+        elif event == "error":
+            counts.fail(names.STATUS_ERROR, seconds, run.started_at, exemplar, exception, oldest)
+        else:
+            counts.fail(names.STATUS_CANCELLED, seconds, run.started_at, exemplar, None, oldest)
+
+
+def samples(registry: CollectorRegistry, exemplar_times: bool = False) -> set[tuple[Any, ...]]:
+    """Every sample, without the _created series (prometheus_client's only) and the clock-read values: exemplars'
+    times only with `exemplar_times`."""
     found = set()
     for metric in registry.collect():
         for sample in metric.samples:
@@ -101,7 +132,13 @@ def samples(registry: CollectorRegistry) -> set[tuple[Any, ...]]:
                 continue
             value = sample.value > 0 if sample.name == names.LAST_SUCCESS.name else sample.value
             exemplar = (
-                (tuple(sorted(sample.exemplar.labels.items())), sample.exemplar.value) if sample.exemplar else None
+                (
+                    tuple(sorted(sample.exemplar.labels.items())),
+                    sample.exemplar.value,
+                    sample.exemplar.timestamp if exemplar_times else None,
+                )
+                if sample.exemplar
+                else None
             )
             found.add((sample.name, tuple(sorted(sample.labels.items())), value, exemplar))
     return found
@@ -148,6 +185,111 @@ def test_backends_expose_the_same_samples(tmp_path_factory: pytest.TempPathFacto
 def _nothing_runs(sample: tuple[Any, ...]) -> bool:
     # The multiprocess backend writes +Inf where no run is in progress; its collector leaves those out when scraped.
     return bool(sample[0] == names.IN_PROGRESS_SINCE.name and sample[2] == float("inf"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(EVENTS, st.lists(st.booleans(), min_size=40, max_size=40))
+@example(  # the later exemplar of a bucket, whichever thread kept it
+    [(("send", ""), event, 5000.0, True, "KeyError") for event in ("start", "start", "succeed", "succeed")],
+    [False, False, True, False] * 10,
+).via("the later exemplar")
+@example(
+    [(("send", ""), event, 5000.0, True, "KeyError") for event in ("start", "start", "succeed", "succeed")],
+    [False, False, False, True] * 10,
+).via("the later exemplar, from the other thread")
+def test_counts_kept_by_two_threads_read_as_by_one(events: Any, elsewhere: list[bool]) -> None:
+    """Counts updated partly by the thread that made them, without a lock, and partly by another thread, under the
+    backend's lock, expose the samples the same updates expose from one thread: counts, bucket counts, sums (but for
+    their last bit), in_progress, and each bucket's last exemplar, with its time. The clock moves more per event than
+    any run time, so that a later end is a later exemplar, as it is for real runs."""
+    one, one_registry = in_process()
+    two, two_registry = in_process()
+    apply(one, Activity(), events, route_label=False, tick=10_000)
+    with ThreadPoolExecutor(max_workers=1) as other:
+
+        def where(index: int, update: Callable[[], None]) -> None:
+            if elsewhere[index]:
+                other.submit(update).result()
+            else:
+                update()
+
+        apply(two, Activity(), events, route_label=False, tick=10_000, where=where)
+    # Sums add in another order, so they may differ in their last bit; every value played has at most four decimals.
+    assert rounded(samples(two_registry, exemplar_times=True)) == rounded(samples(one_registry, exemplar_times=True))
+
+
+def rounded(found: set[tuple[Any, ...]]) -> set[tuple[Any, ...]]:
+    return {(name, labels, float(f"{value:.12g}"), exemplar) for name, labels, value, exemplar in found}
+
+
+def test_counts_updated_from_many_threads_at_once_lose_nothing() -> None:
+    """The thread that made a set of counts and four others update it at once, switching threads as often as the
+    interpreter allows: no update is lost."""
+    backend, registry = in_process()
+    counts = backend.counts(("send",))
+    runs = 3_000
+
+    def update() -> None:
+        for number in range(runs):
+            counts.schedule()
+            counts.start(0.001, 0.0, None)
+            if number % 3:
+                counts.succeed(0.002, 0.0, None, None)
+            else:
+                counts.fail(names.STATUS_ERROR, 0.002, 0.0, None, "KeyError", None)
+
+    others = [threading.Thread(target=update) for _ in range(4)]
+    with switching_often():
+        for thread in others:
+            thread.start()
+        update()
+        for thread in others:
+            thread.join()
+    total = 5 * runs
+    assert registry.get_sample_value(names.SCHEDULED.total, {"task": "send"}) == total
+    assert registry.get_sample_value(names.WAIT.count, {"task": "send"}) == total
+    assert registry.get_sample_value(names.DURATION.count, {"task": "send", "status": "success"}) == 5 * 2_000
+    assert registry.get_sample_value(names.DURATION.count, {"task": "send", "status": "error"}) == 5 * 1_000
+    assert registry.get_sample_value(names.EXCEPTIONS.total, {"task": "send", "exception": "KeyError"}) == 5 * 1_000
+    assert registry.get_sample_value(names.IN_PROGRESS.name, {"task": "send"}) == 0
+
+
+def test_counts_read_while_their_writer_goes_on_never_contradict_themselves() -> None:
+    """A thread reads a set of counts over and over while the thread that made them, which takes no lock, schedules,
+    starts and ends runs, switching threads as often as the interpreter allows: no read shows more runs started than
+    scheduled, or more ended than started, which would be a negative number in progress."""
+    backend, _ = in_process()
+    counts = backend.counts(("send",))
+    reads: list[tuple[float, float, float]] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            for task in backend.totals():
+                reads.append((task.scheduled, task.started, sum(task.outcomes.values())))
+
+    reader = threading.Thread(target=read)
+    with switching_often():
+        reader.start()
+        for _ in range(20_000):
+            counts.schedule()
+            counts.start(0.001, 0.0, None)
+            counts.succeed(0.002, 0.0, None, None)
+        stop.set()
+        reader.join()
+    assert len(reads) > 100, "the reader hardly read"
+    assert all(scheduled >= started >= ended for scheduled, started, ended in reads)
+
+
+@contextlib.contextmanager
+def switching_often() -> Iterator[None]:
+    """Threads switch as often as the interpreter allows."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def test_error_series_exist_from_the_first_schedule(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
-"""The default metrics backend: counts kept in this process as plain numbers under one lock, and handed to
-prometheus_client as a custom collector when scraped, its documented extension point.
+"""The default metrics backend: counts kept in this process as plain numbers, and handed to prometheus_client as
+a custom collector when scraped, its documented extension point.
 
-One lock per update costs a fraction of prometheus_client's own metric objects, which lock per child and value. The
-runs in progress are the runs started and not finished, from the same counts; when the oldest of them started comes
-from the runs themselves, as the configuration's activity record holds them.
+An update from the thread that first counted a set of label values takes no lock, and one from any other thread
+takes one: a fraction of prometheus_client's own metric objects, which lock per child and value. The runs in
+progress are the runs started and not finished, from the same counts; when the oldest of them started comes from
+the runs themselves, as the configuration's activity record holds them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from threading import get_ident
 from typing import Any, NamedTuple
 
 from opentelemetry.trace import SpanContext
@@ -60,6 +62,15 @@ class _Histogram:
         copied.sum = self.sum
         return copied
 
+    def add(self, other: _Histogram) -> None:
+        """Add `other`'s observations; each bucket keeps the later of the two exemplars."""
+        self.counts = [mine + theirs for mine, theirs in zip(self.counts, other.counts, strict=True)]
+        self.exemplars = [
+            mine if theirs is None or (mine is not None and mine[2] >= theirs[2]) else theirs
+            for mine, theirs in zip(self.exemplars, other.exemplars, strict=True)
+        ]
+        self.sum += other.sum
+
 
 class Snapshot(NamedTuple):
     values: tuple[str, ...]
@@ -77,27 +88,12 @@ class Snapshot(NamedTuple):
         return sum(self.wait.counts) - finished
 
 
-class InProcessCounts:
-    """The counts of one set of label values. Every update takes the backend's one lock once."""
+class _Tally:
+    """The counts of one set of label values that one writer keeps, one thread at a time: plain numbers."""
 
-    __slots__ = (
-        "_bounds",
-        "_lock",
-        "durations",
-        "exceptions",
-        "last_success",
-        "scheduled",
-        "skipped",
-        "success",
-        "values",
-        "wait",
-    )
+    __slots__ = ("durations", "exceptions", "last_success", "scheduled", "skipped", "success", "wait")
 
-    def __init__(self, bounds: Sequence[float], lock: threading.Lock, values: tuple[str, ...]) -> None:
-        self.values = values
-        self._bounds = bounds
-        self._lock = lock
-        size = len(bounds) + 1
+    def __init__(self, size: int) -> None:
         # Floats, as prometheus_client keeps them, so the exposition reads the same (1.0, not 1).
         self.scheduled = 0.0
         self.skipped = 0.0
@@ -109,27 +105,89 @@ class InProcessCounts:
         self.durations = {names.STATUS_SUCCESS: self.success, names.STATUS_ERROR: _Histogram(size)}
         self.exceptions: dict[str, float] = {}
 
+    def start(self, index: int, wait: float) -> None:
+        histogram = self.wait
+        histogram.counts[index] += 1
+        histogram.sum += wait
+
+    def succeed(self, index: int, seconds: float, now: float, exemplar: SpanContext | None) -> None:
+        self.last_success = now
+        histogram = self.success
+        histogram.counts[index] += 1
+        histogram.sum += seconds
+        if exemplar is not None:
+            histogram.exemplars[index] = (exemplar, seconds, now)
+
+    def fail(
+        self, status: str, index: int, seconds: float, now: float, exemplar: SpanContext | None, exception: str | None
+    ) -> None:
+        histogram = self.durations.get(status)
+        if histogram is None:
+            histogram = self.durations[status] = _Histogram(len(self.wait.counts))
+        histogram.counts[index] += 1
+        histogram.sum += seconds
+        if exemplar is not None:
+            histogram.exemplars[index] = (exemplar, seconds, now)
+        if exception is not None:
+            self.exceptions[exception] = self.exceptions.get(exception, 0.0) + 1
+
+    def read(self, values: tuple[str, ...]) -> Snapshot:
+        """A copy, right while its writer goes on: each part is copied in one step, and before what must have come
+        first. Outcomes before starts, so that a run read as ended is read as started too (in_progress is never
+        negative); starts and skips before schedules."""
+        durations = {status: histogram.copy() for status, histogram in dict(self.durations).items()}
+        exceptions = dict(self.exceptions)
+        last_success = self.last_success
+        wait = self.wait.copy()
+        skipped = self.skipped
+        return Snapshot(values, self.scheduled, wait, durations, exceptions, skipped, last_success)
+
+
+class InProcessCounts:
+    """The counts of one set of label values, in two tallies. The thread that made them, a service's event loop in
+    practice, keeps the first without a lock: it is that tally's only writer, and the with statement of a lock costs
+    more than the rest of an update. Every other thread keeps the second, under the backend's lock."""
+
+    __slots__ = ("_bounds", "_lock", "_others", "_own", "_writer", "values")
+
+    def __init__(self, bounds: Sequence[float], lock: threading.Lock, values: tuple[str, ...]) -> None:
+        self.values = values
+        self._bounds = bounds
+        self._lock = lock
+        self._writer = get_ident()
+        self._own = _Tally(len(bounds) + 1)
+        self._others: _Tally | None = None  # made at another thread's first update
+
+    def _shared(self) -> _Tally:
+        # Under the backend's lock.
+        others = self._others
+        if others is None:
+            others = self._others = _Tally(len(self._bounds) + 1)
+        return others
+
     def schedule(self) -> None:
-        with self._lock:
-            self.scheduled += 1
+        if get_ident() == self._writer:
+            self._own.scheduled += 1
+        else:
+            with self._lock:
+                self._shared().scheduled += 1
 
     def start(self, wait: float, started_at: float, oldest: float | None) -> None:
         index = bisect.bisect_left(self._bounds, wait)
-        with self._lock:
-            histogram = self.wait
-            histogram.counts[index] += 1
-            histogram.sum += wait
+        if get_ident() == self._writer:
+            self._own.start(index, wait)
+        else:
+            with self._lock:
+                self._shared().start(index, wait)
 
     def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None, oldest: float | None) -> None:
         index = bisect.bisect_left(self._bounds, seconds)
         now = started_at + seconds  # the run's end, without another read of the clock
-        with self._lock:
-            self.last_success = now
-            histogram = self.success
-            histogram.counts[index] += 1
-            histogram.sum += seconds
-            if exemplar is not None:
-                histogram.exemplars[index] = (exemplar, seconds, now)
+        if get_ident() == self._writer:
+            self._own.succeed(index, seconds, now, exemplar)
+        else:
+            with self._lock:
+                self._shared().succeed(index, seconds, now, exemplar)
 
     def fail(
         self,
@@ -142,31 +200,39 @@ class InProcessCounts:
     ) -> None:
         index = bisect.bisect_left(self._bounds, seconds)
         now = started_at + seconds
-        with self._lock:
-            histogram = self.durations.get(status)
-            if histogram is None:
-                histogram = self.durations[status] = _Histogram(len(self._bounds) + 1)
-            histogram.counts[index] += 1
-            histogram.sum += seconds
-            if exemplar is not None:
-                histogram.exemplars[index] = (exemplar, seconds, now)
-            if exception is not None:
-                self.exceptions[exception] = self.exceptions.get(exception, 0.0) + 1
+        if get_ident() == self._writer:
+            self._own.fail(status, index, seconds, now, exemplar, exception)
+        else:
+            with self._lock:
+                self._shared().fail(status, index, seconds, now, exemplar, exception)
 
     def skip(self) -> None:
-        with self._lock:
-            self.skipped += 1
+        if get_ident() == self._writer:
+            self._own.skipped += 1
+        else:
+            with self._lock:
+                self._shared().skipped += 1
 
     def snapshot(self) -> Snapshot:
-        # Under the backend's lock.
-        return Snapshot(
-            self.values,
-            self.scheduled,
-            self.wait.copy(),
-            {status: histogram.copy() for status, histogram in self.durations.items()},
-            dict(self.exceptions),
-            self.skipped,
-            self.last_success,
+        """Both tallies added up. Under the backend's lock, which holds the second still."""
+        own = self._own.read(self.values)
+        if self._others is None:
+            return own
+        others = self._others.read(self.values)
+        own.wait.add(others.wait)
+        durations = own.durations
+        for status, histogram in others.durations.items():
+            if status in durations:
+                durations[status].add(histogram)
+            else:
+                durations[status] = histogram
+        exceptions = own.exceptions
+        for name, count in others.exceptions.items():
+            exceptions[name] = exceptions.get(name, 0.0) + count
+        return own._replace(
+            scheduled=own.scheduled + others.scheduled,
+            skipped=own.skipped + others.skipped,
+            last_success=max(own.last_success, others.last_success),
         )
 
 
