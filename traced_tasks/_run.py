@@ -23,7 +23,7 @@ import anyio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Status, StatusCode, Tracer
 
 from traced_tasks import _activity, _request, _stacks, _wire
 from traced_tasks import _conventions as names
@@ -292,8 +292,9 @@ class Run:
                 )
                 # The API's no-op tracer hands back the parent's own span (an invalid one, in older APIs): nothing
                 # of ours to end or annotate, and the parent context stays as it is.
-                noop = not span.is_recording() and (
-                    not span.get_span_context().is_valid or span is trace.get_current_span(parent)
+                noop = span is INVALID_SPAN or (
+                    not span.is_recording()
+                    and (not span.get_span_context().is_valid or span is trace.get_current_span(parent))
                 )
                 self._span = None if noop else span
             # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
