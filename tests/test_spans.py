@@ -335,6 +335,36 @@ def test_without_an_sdk_the_context_of_add_task_is_current_in_the_task(func: Any
     assert tenants == ["acme"]
 
 
+def test_without_an_sdk_a_context_a_task_leaves_attached_reaches_no_later_task() -> None:
+    """With the API's no-op tracer, a run whose context is current already makes nothing current; yet a task that
+    attaches a context and never detaches it changes no later task's context: each runs in the context of its own
+    add_task, baggage included."""
+    traced_tasks.configure(tracer_provider=trace.NoOpTracerProvider(), registry=CollectorRegistry())
+    tenants: list[object] = []
+
+    async def leak() -> None:
+        otel_context.attach(baggage.set_baggage("tenant", "leaked"))
+
+    async def read_baggage() -> None:
+        tenants.append(baggage.get_baggage("tenant"))
+
+    async def main() -> None:
+        tasks = BackgroundTasks()
+        tasks.add_task(read_baggage)
+        tasks.add_task(leak)
+        tasks.add_task(read_baggage)
+        token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+        tasks.add_task(read_baggage)
+        otel_context.detach(token)
+        await tasks()
+
+    try:
+        asyncio.run(main())
+    finally:
+        traced_tasks.configure(registry=CollectorRegistry())
+    assert tenants == [None, None, "acme"]
+
+
 def test_a_run_the_sampler_drops_still_has_its_own_span_current() -> None:
     """When the SDK's sampler drops a run, its span is not recorded but is still the task's own: a new span ID
     in the caller's trace is current inside the task, so what the task calls joins the trace below it."""

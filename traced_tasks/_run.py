@@ -297,9 +297,12 @@ class Run:
                     and (not span.get_span_context().is_valid or span is trace.get_current_span(parent))
                 )
                 self._span = None if noop else span
-            # The parent context, not the run-time one, so baggage set before add_task reaches the task too.
-            current = parent if self._span is None else trace.set_span_in_context(self._span, parent)
-            self._token = otel_context.attach(current)
+            # The parent context, not the run-time one, so baggage set before add_task reaches the task too. With no
+            # span of ours and the parent current already, there is nothing to make current, nor to restore.
+            if self._span is not None:
+                self._token = otel_context.attach(trace.set_span_in_context(self._span, parent))
+            elif parent is not otel_context.get_current():
+                self._token = otel_context.attach(parent)
         except Exception:
             config.report("tracing", profile.name)
             if self._token is None:
