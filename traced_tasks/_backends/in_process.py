@@ -1,8 +1,9 @@
 """The default metrics backend: counts kept in this process as plain numbers, and handed to prometheus_client as
 a custom collector when scraped, its documented extension point.
 
-An update from the thread that first counted a set of label values takes no lock, and one from any other thread
-takes one: a fraction of prometheus_client's own metric objects, which lock per child and value. The runs in
+An update from the main thread, where servers run their event loop and prefork workers their tasks, takes no lock;
+one from any other thread takes one: a fraction of prometheus_client's own metric objects, which lock per child and
+value. The runs in
 progress are the runs started and not finished, from the same counts; when the oldest of them started comes from
 the runs themselves, as the configuration's activity record holds them.
 """
@@ -123,7 +124,8 @@ class _Tally:
     ) -> None:
         histogram = self.durations.get(status)
         if histogram is None:
-            histogram = self.durations[status] = _Histogram(len(self.wait.counts))
+            # setdefault: a finalizer that the allocation sets off may count a run of this status first.
+            histogram = self.durations.setdefault(status, _Histogram(len(self.wait.counts)))
         histogram.counts[index] += 1
         histogram.sum += seconds
         if exemplar is not None:
@@ -144,9 +146,9 @@ class _Tally:
 
 
 class InProcessCounts:
-    """The counts of one set of label values, in two tallies. The thread that made them, a service's event loop in
-    practice, keeps the first without a lock: it is that tally's only writer, and the with statement of a lock costs
-    more than the rest of an update. Every other thread keeps the second, under the backend's lock."""
+    """The counts of one set of label values, in two tallies. The main thread keeps the first without a lock: it is
+    that tally's only writer, and the with statement of a lock costs more than the rest of an update. Every other
+    thread keeps the second, under the backend's lock."""
 
     __slots__ = ("_bounds", "_lock", "_others", "_own", "_writer", "values")
 
@@ -154,15 +156,13 @@ class InProcessCounts:
         self.values = values
         self._bounds = bounds
         self._lock = lock
-        self._writer = get_ident()
+        self._writer = threading.main_thread().ident  # a service's event loop, a prefork worker's tasks
         self._own = _Tally(len(bounds) + 1)
         self._others: _Tally | None = None  # made at another thread's first update
 
-    def _shared(self) -> _Tally:
-        # Under the backend's lock.
-        others = self._others
-        if others is None:
-            others = self._others = _Tally(len(self._bounds) + 1)
+    def _add_others(self) -> _Tally:
+        # Under the backend's lock, at another thread's first update.
+        others = self._others = _Tally(len(self._bounds) + 1)
         return others
 
     def schedule(self) -> None:
@@ -170,7 +170,7 @@ class InProcessCounts:
             self._own.scheduled += 1
         else:
             with self._lock:
-                self._shared().scheduled += 1
+                (self._others or self._add_others()).scheduled += 1
 
     def start(self, wait: float, started_at: float, oldest: float | None) -> None:
         index = bisect.bisect_left(self._bounds, wait)
@@ -178,7 +178,7 @@ class InProcessCounts:
             self._own.start(index, wait)
         else:
             with self._lock:
-                self._shared().start(index, wait)
+                (self._others or self._add_others()).start(index, wait)
 
     def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None, oldest: float | None) -> None:
         index = bisect.bisect_left(self._bounds, seconds)
@@ -187,7 +187,7 @@ class InProcessCounts:
             self._own.succeed(index, seconds, now, exemplar)
         else:
             with self._lock:
-                self._shared().succeed(index, seconds, now, exemplar)
+                (self._others or self._add_others()).succeed(index, seconds, now, exemplar)
 
     def fail(
         self,
@@ -204,14 +204,14 @@ class InProcessCounts:
             self._own.fail(status, index, seconds, now, exemplar, exception)
         else:
             with self._lock:
-                self._shared().fail(status, index, seconds, now, exemplar, exception)
+                (self._others or self._add_others()).fail(status, index, seconds, now, exemplar, exception)
 
     def skip(self) -> None:
         if get_ident() == self._writer:
             self._own.skipped += 1
         else:
             with self._lock:
-                self._shared().skipped += 1
+                (self._others or self._add_others()).skipped += 1
 
     def snapshot(self) -> Snapshot:
         """Both tallies added up. Under the backend's lock, which holds the second still."""
