@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
+from starlette import background
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -336,33 +337,37 @@ def test_without_an_sdk_the_context_of_add_task_is_current_in_the_task(func: Any
 
 
 def test_without_an_sdk_a_context_a_task_leaves_attached_reaches_no_later_task() -> None:
-    """With the API's no-op tracer, a run whose context is current already makes nothing current; yet a task that
-    attaches a context and never detaches it changes no later task's context: each runs in the context of its own
-    add_task, baggage included."""
+    """With the API's no-op tracer, a task that attaches a context and never detaches it changes no later task's
+    context: each runs in the context of its own add_task, baggage included. A run whose context is current already
+    makes nothing current, so what the batch leaves current is what Starlette's own tasks leave."""
     traced_tasks.configure(tracer_provider=trace.NoOpTracerProvider(), registry=CollectorRegistry())
-    tenants: list[object] = []
 
     async def leak() -> None:
         otel_context.attach(baggage.set_baggage("tenant", "leaked"))
 
-    async def read_baggage() -> None:
-        tenants.append(baggage.get_baggage("tenant"))
+    async def run(batch: background.BackgroundTasks, tenants: list[object]) -> object:
+        async def read_baggage() -> None:
+            tenants.append(baggage.get_baggage("tenant"))
 
-    async def main() -> None:
-        tasks = BackgroundTasks()
-        tasks.add_task(read_baggage)
-        tasks.add_task(leak)
-        tasks.add_task(read_baggage)
+        batch.add_task(read_baggage)
+        batch.add_task(leak)
+        batch.add_task(read_baggage)
         token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
-        tasks.add_task(read_baggage)
+        batch.add_task(read_baggage)
         otel_context.detach(token)
-        await tasks()
+        await batch()
+        return baggage.get_baggage("tenant")
 
+    ours: list[object] = []
+    theirs: list[object] = []
     try:
-        asyncio.run(main())
+        ours_after = asyncio.run(run(BackgroundTasks(), ours))
+        theirs_after = asyncio.run(run(background.BackgroundTasks(), theirs))
     finally:
         traced_tasks.configure(registry=CollectorRegistry())
-    assert tenants == [None, None, "acme"]
+    assert ours == [None, None, "acme"]
+    assert theirs == [None, "leaked", "leaked"]
+    assert ours_after == theirs_after == "leaked"
 
 
 def test_a_run_the_sampler_drops_still_has_its_own_span_current() -> None:
