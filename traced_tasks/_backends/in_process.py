@@ -11,6 +11,7 @@ the runs themselves, as the configuration's activity record holds them.
 from __future__ import annotations
 
 import bisect
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from threading import get_ident
@@ -27,6 +28,8 @@ from traced_tasks._activity import Activity
 from traced_tasks._backends.base import Backend, TaskTotals
 from traced_tasks._backends.families import label_names, metric_name, sampled
 from traced_tasks._options import Options
+
+_GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 _KINDS: dict[str, Any] = {
     "counter": CounterMetricFamily,
@@ -156,7 +159,9 @@ class InProcessCounts:
         self.values = values
         self._bounds = bounds
         self._lock = lock
-        self._writer = threading.main_thread().ident  # a service's event loop, a prefork worker's tasks
+        # The main thread runs a service's event loop, or a prefork worker's tasks. Without a GIL (a free-threaded
+        # build), a read in steps is not known to keep its order: every thread takes the lock.
+        self._writer = threading.main_thread().ident if _GIL else None
         self._own = _Tally(len(bounds) + 1)
         self._others: _Tally | None = None  # made at another thread's first update
 
