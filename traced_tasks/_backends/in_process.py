@@ -3,9 +3,8 @@ a custom collector when scraped, its documented extension point.
 
 An update from the main thread, where servers run their event loop and prefork workers their tasks, takes no lock;
 one from any other thread takes one: a fraction of prometheus_client's own metric objects, which lock per child and
-value. The runs in
-progress are the runs started and not finished, from the same counts; when the oldest of them started comes from
-the runs themselves, as the configuration's activity record holds them.
+value. The runs in progress are the runs started and not finished, from the same counts; when the oldest of them
+started comes from the runs themselves, as the configuration's activity record holds them.
 """
 
 from __future__ import annotations
