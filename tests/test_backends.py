@@ -29,6 +29,7 @@ from tests.support import wait_until
 from traced_tasks import _conventions as names
 from traced_tasks._activity import Activity, View
 from traced_tasks._backends import Backend
+from traced_tasks._backends import in_process as in_process_module
 from traced_tasks._backends.in_process import InProcessBackend
 from traced_tasks._backends.multiprocess import MultiprocessBackend, _ActivityFiles
 from traced_tasks._options import Options
@@ -287,6 +288,26 @@ def test_counts_read_while_their_writer_goes_on_never_contradict_themselves() ->
         reader.join()
     assert len(reads) > 100, "the reader hardly read"
     assert all(scheduled >= started >= ended for scheduled, started, ended in reads)
+
+
+@pytest.mark.parametrize("gil", [True, False], ids=["gil", "free-threaded"])
+def test_the_main_thread_counts_without_the_lock_whichever_thread_made_the_counts(
+    gil: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counts made in another thread (a sync endpoint's first add_task, in a threadpool) are still kept by the main
+    thread without the lock, in the first tally, and by the other thread in the second; on a build without a GIL,
+    every thread keeps the second, under the lock."""
+    monkeypatch.setattr(in_process_module, "_GIL", gil)
+    backend, registry = in_process()
+    with ThreadPoolExecutor(max_workers=1) as other:
+        counts = other.submit(backend.counts, ("send",)).result()
+        counts.schedule()
+        counts.schedule()
+        other.submit(counts.schedule).result()
+    own, others = counts._own, counts._others
+    assert others is not None
+    assert (own.scheduled, others.scheduled) == ((2, 1) if gil else (0, 3))
+    assert registry.get_sample_value(names.SCHEDULED.total, {"task": "send"}) == 3
 
 
 def test_a_count_a_finalizer_makes_in_the_middle_of_another_is_not_lost() -> None:
