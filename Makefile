@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-versions lint docs bench screenshot
+.PHONY: demo test test-versions lint docs bench bench-instructions screenshot
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-versions: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# Instructions per task, under valgrind's cachegrind (not installed here: apt install valgrind).
+bench-instructions: $(STAMP)
+	$(BIN)/python -m benchmarks.instructions $(BENCH_ARGS)
 
 screenshot: $(STAMP)
 	PYTHONPATH=. $(BIN)/python examples/screenshot.py docs/console.png
