@@ -1,12 +1,14 @@
-"""Instructions per task, counted by valgrind's cachegrind: what a variant asks of the processor, which the noise of
-a shared machine cannot move, beside the times `python -m benchmarks` measures.
+"""Instructions and data cache misses per task, counted under valgrind's cachegrind.
 
     make bench-instructions                     # needs valgrind (apt install valgrind); a few minutes
+    python -m benchmarks.instructions --few 500 --more 2500
 
-Each variant of `python -m benchmarks` runs in a process of its own under cachegrind, twice: with few batches of one
-async task and with more. The difference, divided by the batches between, is one batch's cost, with the start-up
-and warm-up that both runs share taken out. Reported: instructions, and misses of cachegrind's simulated first-level
-data cache, each as overhead over bare Starlette and as a ratio to the span wrappers' overhead.
+Counts move far less between runs than the times `python -m benchmarks` measures on a noisy machine. Each variant of
+`python -m benchmarks` runs in a process of its own under cachegrind, twice: with few batches of one async task and
+with more. The difference, divided by the difference in batches, is one batch's cost, with the start-up and warm-up
+that both runs share taken out. Reported: instructions, and misses of cachegrind's simulated first-level data cache
+(the host's geometry, as cachegrind detects it), each as overhead over bare Starlette and as a ratio to the span
+wrappers' overhead. Counts, not times: a variant can run fewer instructions and still take longer.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import NamedTuple
 from benchmarks.__main__ import ROOT, multiprocess_folder, noop_async, time_batches, variants
 
 VARIANTS = ("bare", "span-only", "span+attrs", "traced_tasks")
-WARM_UP = 500  # batches before counting starts, in both runs: caches, the span queue, the adaptive interpreter
+WARM_UP = 500  # batches run first in both runs, which the subtraction removes: caches, span queue, interpreter
 
 
 class Counts(NamedTuple):
@@ -64,17 +66,24 @@ def totals(out_file: Path) -> dict[str, int]:
 
 
 def count(valgrind: str, variant: str, sdk: bool, batches: int, folder: str) -> dict[str, int]:
+    """The totals of one child process under cachegrind. A failed run raises with what it wrote to stderr; what a run
+    that succeeded wrote there, beyond valgrind's own notes, is passed on (a span queue that dropped spans, say)."""
     out_file = Path(folder) / f"{variant}-{sdk}-{batches}.out"
-    command = [valgrind, "--tool=cachegrind", "--cache-sim=yes", f"--cachegrind-out-file={out_file}"]
+    command = [valgrind, "--tool=cachegrind", "--cache-sim=yes", "-q", f"--cachegrind-out-file={out_file}"]
     command += [sys.executable, "-m", "benchmarks.instructions", "--child", variant, str(int(sdk)), str(batches)]
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # One hash seed for every child: string hashing decides where a dict's keys go, and so some of its misses.
+    environment = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant} ({batches} batches) under cachegrind:\n{done.stderr}")
+    said = [line for line in done.stderr.splitlines() if not line.startswith(("--", "=="))]  # valgrind's: --pid--
+    if said:
+        print(f"{variant} ({batches} batches) wrote to stderr:", *said, sep="\n  ", file=sys.stderr)
     return totals(out_file)
 
 
-def per_batch(valgrind: str, variant: str, sdk: bool, few: int, more: int, pool: ThreadPoolExecutor) -> Counts:
-    with tempfile.TemporaryDirectory(prefix="traced_tasks_instructions_") as folder:
-        low, high = pool.map(lambda batches: count(valgrind, variant, sdk, batches, folder), (few, more))
-    batches = more - few
+def per_batch(low: dict[str, int], high: dict[str, int], batches: int) -> Counts:
+    """One batch's counts: the difference between a longer run's totals and a shorter one's, per batch between."""
     return Counts(
         (high["Ir"] - low["Ir"]) / batches,
         (high["D1mr"] + high["D1mw"] - low["D1mr"] - low["D1mw"]) / batches,
@@ -102,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--more", type=int, default=2500, help="batches of the longer run")
     parser.add_argument("--child", nargs=3, metavar=("VARIANT", "SDK", "BATCHES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.more <= args.few:
+        parser.error("--more must be greater than --few")
     if args.child is not None:
         variant, sdk, batches = args.child
         child(variant, sdk == "1", int(batches))
@@ -110,11 +121,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if valgrind is None:
         sys.exit("valgrind is not installed: apt install valgrind")
     print(f"python {platform.python_version()} on {platform.machine()}, cachegrind, {args.more - args.few} batches")
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for sdk, baseline in ((True, "span+attrs"), (False, "span-only")):
-            counts = {name: per_batch(valgrind, name, sdk, args.few, args.more, pool) for name in VARIANTS}
-            title = f"per async task, {'SDK + BatchSpanProcessor' if sdk else 'no SDK (API no-op tracer)'}"
-            report(title, counts, baseline)
+    runs = [(sdk, name, batches) for sdk in (True, False) for name in VARIANTS for batches in (args.few, args.more)]
+    with (
+        tempfile.TemporaryDirectory(prefix="traced_tasks_instructions_") as folder,
+        ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+    ):
+        totals_of_runs = pool.map(lambda run: count(valgrind, run[1], run[0], run[2], folder), runs)
+        found = dict(zip(runs, totals_of_runs, strict=True))
+    for sdk, baseline in ((True, "span+attrs"), (False, "span-only")):
+        counts = {
+            name: per_batch(found[sdk, name, args.few], found[sdk, name, args.more], args.more - args.few)
+            for name in VARIANTS
+        }
+        title = f"per async task, {'SDK + BatchSpanProcessor' if sdk else 'no SDK (API no-op tracer)'}"
+        report(title, counts, baseline)
 
 
 if __name__ == "__main__":
