@@ -108,6 +108,12 @@ class _Tally:
         self.durations = {names.STATUS_SUCCESS: self.success, names.STATUS_ERROR: _Histogram(size)}
         self.exceptions: dict[str, float] = {}
 
+    def schedule(self) -> None:
+        self.scheduled += 1
+
+    def skip(self) -> None:
+        self.skipped += 1
+
     def start(self, index: int, wait: float) -> None:
         histogram = self.wait
         histogram.counts[index] += 1
@@ -164,25 +170,29 @@ class InProcessCounts:
         self._own = _Tally(len(bounds) + 1)
         self._others: _Tally | None = None  # made at another thread's first update
 
-    def _add_others(self) -> _Tally:
-        # Under the backend's lock, at another thread's first update.
-        others = self._others = _Tally(len(self._bounds) + 1)
-        return others
+    def _locked(self, update: Callable[..., None], *args: Any) -> None:
+        """An update from a thread other than the main one: into the second tally, under the backend's lock, the
+        tally made at the first such update."""
+        with self._lock:
+            others = self._others
+            if others is None:
+                others = self._others = _Tally(len(self._bounds) + 1)
+            update(others, *args)
 
+    # On the main thread, schedule() and skip() add in place rather than call _Tally's method: every task a service
+    # schedules takes that path.
     def schedule(self) -> None:
         if get_ident() == self._writer:
             self._own.scheduled += 1
         else:
-            with self._lock:
-                (self._others or self._add_others()).scheduled += 1
+            self._locked(_Tally.schedule)
 
     def start(self, wait: float, started_at: float, oldest: float | None) -> None:
         index = bisect.bisect_left(self._bounds, wait)
         if get_ident() == self._writer:
             self._own.start(index, wait)
         else:
-            with self._lock:
-                (self._others or self._add_others()).start(index, wait)
+            self._locked(_Tally.start, index, wait)
 
     def succeed(self, seconds: float, started_at: float, exemplar: SpanContext | None, oldest: float | None) -> None:
         index = bisect.bisect_left(self._bounds, seconds)
@@ -190,8 +200,7 @@ class InProcessCounts:
         if get_ident() == self._writer:
             self._own.succeed(index, seconds, now, exemplar)
         else:
-            with self._lock:
-                (self._others or self._add_others()).succeed(index, seconds, now, exemplar)
+            self._locked(_Tally.succeed, index, seconds, now, exemplar)
 
     def fail(
         self,
@@ -207,15 +216,13 @@ class InProcessCounts:
         if get_ident() == self._writer:
             self._own.fail(status, index, seconds, now, exemplar, exception)
         else:
-            with self._lock:
-                (self._others or self._add_others()).fail(status, index, seconds, now, exemplar, exception)
+            self._locked(_Tally.fail, status, index, seconds, now, exemplar, exception)
 
     def skip(self) -> None:
         if get_ident() == self._writer:
             self._own.skipped += 1
         else:
-            with self._lock:
-                (self._others or self._add_others()).skipped += 1
+            self._locked(_Tally.skip)
 
     def snapshot(self) -> Snapshot:
         """Both tallies added up. Under the backend's lock, which holds the second still."""
